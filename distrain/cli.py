@@ -1,0 +1,128 @@
+"""``distrain`` command line: prepare, train, simulate, plot.
+
+Every command that runs takes ``--config <file or preset>`` and any number of
+``--section.key=value`` overrides; ``distrain <cmd> --help`` lists every key with its default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from typing import Callable
+
+from distrain.config import Config, ConfigError, load_config
+
+
+def config_keys_help() -> str:
+    lines = ["configuration keys (override with --section.key=value):"]
+
+    def walk(obj, prefix):
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if dataclasses.is_dataclass(v):
+                walk(v, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"  --{prefix}{f.name}={json.dumps(v)}")
+
+    walk(Config(), "")
+    return "\n".join(lines)
+
+
+def _load(args: argparse.Namespace, overrides: list[str], default_config: str | None) -> Config:
+    return load_config(args.config or default_config, overrides)
+
+
+def cmd_prepare(cfg: Config) -> int:
+    from distrain.runner import prepare_data
+
+    data = prepare_data(cfg, progress=cfg.logging.progress)
+    print(json.dumps({k: str(v) for k, v in dataclasses.asdict(data).items()}, indent=1))
+    return 0
+
+
+def cmd_train(cfg: Config) -> int:
+    from distrain.runner import run_simulation
+
+    summary = run_simulation(cfg)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary) -> None:
+    from distrain.metrics import human_bytes
+
+    rows = [
+        ("run directory", str(summary.run_dir)),
+        ("inner steps / rounds", f"{summary.steps} / {summary.rounds}"),
+        ("tokens (all replicas)", f"{summary.tokens:,}"),
+        ("validation loss", f"{summary.first_val_loss:.4f} -> {summary.final_val_loss:.4f}"),
+    ]
+    if summary.wire_bytes_per_replica_per_round:
+        ratio = summary.dense_fp32_bytes_per_replica_per_round / summary.wire_bytes_per_replica_per_round
+        rows += [
+            ("bytes sent / replica / round", human_bytes(summary.wire_bytes_per_replica_per_round)),
+            ("dense fp32 would be", f"{human_bytes(summary.dense_fp32_bytes_per_replica_per_round)} ({ratio:.0f}x more)"),
+            ("simulated wall-clock", f"{summary.sim_time_s:.1f} s"),
+            ("compute utilisation", f"{summary.utilisation:.1%}"),
+        ]
+    rows.append(("real wall-clock", f"{summary.wall_s:.1f} s"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+
+
+def cmd_plot(run_dir: str) -> int:
+    from distrain.plots import plot_run
+
+    for path in plot_run(run_dir):
+        print(path)
+    return 0
+
+
+COMMANDS: dict[str, tuple[str, str | None, Callable[[Config], int]]] = {
+    "prepare": ("tokenise a corpus into token shards (cached)", "default", cmd_prepare),
+    "train": ("train one replica (AdamW) on the configured data", None, cmd_train),
+    "simulate": ("simulate a multi-replica run (SparseLoCo by default) on one machine", "default", cmd_train),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, (text, default, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text, epilog=config_keys_help(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.add_argument("--config", help=f"TOML file or preset name in configs/ (default: {default or 'built-in defaults'})")
+        p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("plot", help="write PNG plots of a run directory", description="write PNG plots of a run directory")
+    p.add_argument("run_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if args.command == "plot":
+        if rest:
+            parser.error(f"unexpected arguments: {' '.join(rest)}")
+        return cmd_plot(args.run_dir)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _, default, fn = COMMANDS[args.command]
+    try:
+        cfg = _load(args, rest, default)
+    except ConfigError as e:
+        print(f"distrain: config error: {e}", file=sys.stderr)
+        return 2
+    return fn(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""PNG plots of a run directory's ``metrics.jsonl`` (loss vs steps/tokens/bytes/wall-clock)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distrain.metrics import read_metrics
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write every plot the metrics support into ``run_dir/plots``; return the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    train = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]
+    val = [r for r in records if r.get("kind") == "val" and r.get("val_loss") is not None]
+    if not train and not val:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no loss records to plot")
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+    written: list[Path] = []
+
+    def series(rows, x, y):
+        pts = [(r[x], r[y]) for r in rows if r.get(x) is not None and r.get(y) is not None]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    for x_key, label, fname in [
+        ("step", "inner step", "loss_vs_step.png"),
+        ("tokens", "tokens (all replicas)", "loss_vs_tokens.png"),
+        ("bytes_sent", "bytes sent per replica", "loss_vs_bytes.png"),
+        ("sim_time_s", "simulated wall-clock (s)", "loss_vs_sim_time.png"),
+    ]:
+        tx, ty = series(train, x_key, "loss")
+        vx, vy = series(val, x_key, "val_loss")
+        if not tx and not vx:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        if tx:
+            ax.plot(tx, ty, label="train", alpha=0.6)
+        if vx:
+            ax.plot(vx, vy, "o-", label="validation")
+        ax.set_xlabel(label)
+        ax.set_ylabel("loss")
+        if x_key == "bytes_sent" and max(tx + vx, default=0) > 0:
+            ax.set_xscale("symlog")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_title(run_dir.name)
+        fig.tight_layout()
+        path = out / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    util = [r for r in records if r.get("kind") == "round" and r.get("utilisation") is not None]
+    if util:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["round"] for r in util], [r["utilisation"] for r in util])
+        ax.set_xlabel("outer round")
+        ax.set_ylabel("compute utilisation")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = out / "utilisation.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

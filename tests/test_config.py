@@ -1,0 +1,80 @@
+import pytest
+
+from distrain.cli import main
+from distrain.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_preset_file_and_overrides(tmp_path):
+    p = write(tmp_path, '[model]\npreset = "tiny"\nn_layers = 3\n[train]\nlr = 3e-4\n[train.chunkwise]\nmode = "seco"\n')
+    cfg = load_config(p, ["--train.lr=1e-4", "--run.name=abc", "--topology.compute_speeds=[1.0, 0.5]",
+                          "--topology.replicas=2", "--train.chunkwise.chunk_len=32"])
+    assert cfg.model.dim == 192  # from the preset
+    assert cfg.model.n_layers == 3  # file beats preset
+    assert cfg.train.lr == 1e-4  # override beats file
+    assert cfg.run.name == "abc"  # bare word is a string
+    assert cfg.topology.compute_speeds == [1.0, 0.5]
+    assert cfg.train.chunkwise.mode == "seco" and cfg.train.chunkwise.chunk_len == 32
+    assert isinstance(cfg.train.lr, float)
+
+
+def test_override_preset_applies_preset_values():
+    cfg = load_config(None, ["--model.preset=20m"])
+    assert (cfg.model.dim, cfg.model.n_layers) == (384, 8)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[train]\nlrr = 1\n", "unknown key 'train.lrr'"),
+    ("[nosuch]\nx = 1\n", "unknown key 'nosuch'"),
+    ("[train]\nsteps = 'ten'\n", "'train.steps': expected an integer"),
+    ("[train]\nsteps = 1.5\n", "'train.steps': expected an integer"),
+    ("[logging]\ntensorboard = 1\n", "expected a boolean"),
+    ("[outer]\nalgorithm = 'adam'\n", "outer.algorithm"),
+    ("[model]\npreset = 'huge'\n", "unknown preset 'huge'"),
+    ("[model]\ndim = 65\n", "divisible"),
+    ("[train\n", "invalid TOML"),
+])
+def test_bad_files_name_key_and_file(tmp_path, text, needle):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert needle in str(e.value)
+    if "preset" not in needle and "divisible" not in needle and "outer.algorithm" not in needle:
+        assert str(p) in str(e.value)
+
+
+def test_bad_overrides():
+    with pytest.raises(ConfigError, match="override --train.nope=1: unknown key 'train.nope'"):
+        load_config(None, ["--train.nope=1"])
+    with pytest.raises(ConfigError, match="expected --section.key=value"):
+        load_config(None, ["--train"])
+    with pytest.raises(ConfigError, match="compute_speeds has 1 entries for 2 replicas"):
+        load_config(None, ["--topology.replicas=2", "--topology.compute_speeds=[1.0]"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("does/not/exist.toml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from distrain.config import save_config
+
+    cfg = load_config(None, ["--train.lr=2e-3", "--topology.compute_speeds=[2.0]", "--train.chunkwise.mode=spaco"])
+    save_config(cfg, tmp_path / "r.toml")
+    again = load_config(tmp_path / "r.toml")
+    assert again == cfg
+
+
+def test_cli_help_lists_keys(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--train.lr=" in out and "--outer.topk=64" in out and "--train.chunkwise.mode=" in out
+    assert main(["train", "--train.bogus=1"]) == 2
+    assert "unknown key 'train.bogus'" in capsys.readouterr().err
