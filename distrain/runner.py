@@ -7,6 +7,7 @@ network model that turns bytes into simulated seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from comm.network import NetworkModel
+from comm.network import NetworkModel, RankStats
 from comm.simulated import SimulatedHub
 from distrain.checkpoint import resolve_resume, save_checkpoint
 from distrain.config import Config, save_config
@@ -89,7 +90,7 @@ class Simulation:
                                 NetworkModel.uniform(R, net.up_mbps, net.down_mbps, net.latency_ms),
                                 timeout_s=cfg.topology.round_timeout_s)
         train_tokens = read_shard(self.data.train_path)
-        self.workers: list[Worker] = [build_worker(cfg, r, r, train_tokens, self.hub.endpoint(r)) for r in range(R)]
+        self.workers: list[Worker] = [build_worker(cfg, r, r, train_tokens, self.hub.transport(r)) for r in range(R)]
         self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard)
         self.round = 0
         self.bytes_sent = 0
@@ -102,7 +103,7 @@ class Simulation:
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"round": self.round, "bytes_sent": self.bytes_sent, "workers": [w.state_dict() for w in self.workers],
-                "hub": self.hub.state_dict(), "rng": torch.get_rng_state()}
+                "network": [dataclasses.asdict(self.hub.stats(r)) for r in range(len(self.workers))], "rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["workers"]) != len(self.workers):
@@ -111,7 +112,7 @@ class Simulation:
         self.bytes_sent = int(state["bytes_sent"])
         for w, s in zip(self.workers, state["workers"]):
             w.load_state_dict(s)
-        self.hub.load_state_dict(state["hub"])
+        self.hub.network.load_stats([RankStats(**d) for d in state["network"]])
         torch.set_rng_state(state["rng"])
 
     def save(self) -> Path:
@@ -119,6 +120,16 @@ class Simulation:
                 "config_hash": self.cfg.hash()}
         return save_checkpoint(self.ckpt_dir, self.workers[0].trainer.step, self.state_dict(), meta,
                                keep=self.cfg.checkpoint.keep)
+
+    def clock_s(self) -> float:
+        """Simulated wall-clock: the latest worker clock."""
+        return max(self.hub.stats(r).clock_s for r in range(len(self.workers)))
+
+    def utilisation(self) -> float:
+        """Fraction of worker-seconds spent computing (the rest is communication and waiting)."""
+        clock = self.clock_s()
+        busy = sum(self.hub.stats(r).compute_time_s for r in range(len(self.workers)))
+        return busy / (clock * len(self.workers)) if clock > 0 else 1.0
 
     @property
     def total_tokens(self) -> int:
@@ -174,10 +185,10 @@ class Simulation:
             from distrain.plots import plot_run
 
             plot_run(self.run_dir)
-        clock = self.hub.clock_s()
+        clock = self.clock_s()
         return RunSummary(self.run_dir, self.round, self.workers[0].trainer.step, self.total_tokens, first_val,
                           val_loss, float(np.mean(wire)) if wire else 0.0, float(np.mean(dense)) if dense else 0.0,
-                          clock, self.hub.utilisation(), time.perf_counter() - t0)
+                          clock, self.utilisation(), time.perf_counter() - t0)
 
     def _run_round(self, pool: ThreadPoolExecutor, remaining: int) -> list[RoundReport]:
         futures = [pool.submit(w.run_round, self.round, remaining) for w in self.workers]
@@ -198,7 +209,7 @@ class Simulation:
             "kind": "train", "round": self.round, "step": r0.step, "tokens": self.total_tokens,
             "loss": float(np.mean([r.train_loss for r in reports])), "lr": r0.lr,
             "tokens_per_s": sum(r.tokens for r in reports) / max(1e-9, wall * len(reports)) * len(reports),
-            "sim_time_s": self.hub.clock_s(), "utilisation": self.hub.utilisation(),
+            "sim_time_s": self.clock_s(), "utilisation": self.utilisation(),
         }
         stats = [r.outer for r in reports if r.outer is not None]
         if stats:

@@ -86,7 +86,7 @@ class Worker:
             lr = res.lr
             step_time = self.cfg.network.step_time_s or res.seconds
             compute_s += step_time / self.speed
-        self.transport.record_compute(compute_s)
+        self.transport.advance_compute(compute_s)
         self.tokens += tokens
         stats = self.outer.sync_round(round_idx)
         return RoundReport(self.rank, round_idx, steps, self.trainer.step, tokens,

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import io
 import json
 import os
-import re
 import sys
 import sysconfig
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 STDLIB_SOURCE = "stdlib"
 EOT_MARKER = "<|endoftext|>"
@@ -32,7 +33,7 @@ _STDLIB_SKIP_DIRS = frozenset({
 })
 _STDLIB_SKIP_PREFIXES = ("config-", "_sysconfigdata")  # build-machine specific files and folders
 
-_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
+_BLOCK = 1 << 20  # characters/bytes per read when streaming a large file
 
 
 class CorpusError(ValueError):
@@ -151,18 +152,66 @@ def iter_directory(path: str | Path, max_bytes: int = 0) -> Iterator[str]:
     return _read_files(directory_files(path), max_bytes)
 
 
+def _has_marker(path: Path) -> bool:
+    """Whether the file contains ``<|endoftext|>`` (scanned in blocks; stops at the first hit)."""
+    marker = EOT_MARKER.encode()
+    tail = b""
+    with open(path, "rb") as f:
+        while chunk := f.read(_BLOCK):
+            window = tail + chunk
+            if marker in window:
+                return True
+            tail = window[-(len(marker) - 1) :]
+    return False
+
+
+def _paragraphs(f: TextIO) -> Iterator[str]:
+    buf: list[str] = []
+    for line in f:
+        if line.strip():
+            buf.append(line)
+        elif buf:
+            yield "".join(buf)
+            buf = []
+    if buf:
+        yield "".join(buf)
+
+
+def _eot_parts(f: TextIO) -> Iterator[str]:
+    rest = ""
+    while chunk := f.read(_BLOCK):
+        parts = (rest + chunk).split(EOT_MARKER)
+        rest = parts.pop()  # may end in a partial marker: completed by the next block
+        yield from parts
+    yield rest
+
+
+def _split_stream(f: TextIO, eot: bool) -> Iterator[str]:
+    for part in _eot_parts(f) if eot else _paragraphs(f):
+        if part.strip():
+            yield part.strip("\r\n")
+
+
 def split_text(text: str) -> list[str]:
-    """Documents of a single text file: split on ``<|endoftext|>`` when present, else blank lines."""
-    parts = text.split(EOT_MARKER) if EOT_MARKER in text else _BLANK_LINES.split(text)
-    return [p.strip("\n") for p in parts if p.strip()]
+    """Documents of a single text file: split on ``<|endoftext|>`` when present, else on blank lines.
+
+    Surrounding line breaks are dropped; indentation and line endings inside a document are kept.
+    """
+    return list(_split_stream(io.StringIO(text, newline=""), EOT_MARKER in text))
 
 
 def iter_text_file(path: str | Path, max_bytes: int = 0) -> Iterator[str]:
-    """Documents of one text file (see :func:`split_text`); reads at most ``max_bytes`` from disk."""
+    """Documents of one text file (see :func:`split_text`), streamed: a large file is never loaded whole."""
     p = _require(path)
     if not p.is_file():
         raise CorpusError(f"data source is not a regular file: {p}")
-    return _capped(split_text(_read_text(p, max_bytes or None)), max_bytes)
+
+    def docs() -> Iterator[str]:
+        eot = _has_marker(p)
+        with open(p, encoding="utf-8", errors="replace", newline="") as f:
+            yield from _split_stream(f, eot)
+
+    return _capped(docs(), max_bytes)
 
 
 def iter_jsonl(path: str | Path, text_key: str = "text", max_bytes: int = 0) -> Iterator[str]:

@@ -57,7 +57,10 @@ class Tokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
-        """Train a byte-level BPE with ``<|endoftext|>`` as id 0 to exactly ``vocab_size`` ids at most."""
+        """Train a byte-level BPE with ``<|endoftext|>`` as id 0 and at most ``vocab_size`` ids.
+
+        A corpus too small to learn enough merges yields a smaller vocabulary; read ``vocab_size``.
+        """
         if vocab_size < _MIN_VOCAB:
             raise TokenizerError(f"vocab_size must be >= {_MIN_VOCAB} (256 bytes + end-of-text), got {vocab_size}")
         if vocab_size > 2**32:
@@ -78,7 +81,7 @@ class Tokenizer:
         """Write ``tokenizer.json`` atomically (temp file + rename) so readers never see half a file."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(self._tok.to_str())

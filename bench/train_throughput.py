@@ -1,0 +1,74 @@
+"""Inner-loop training throughput (tokens/s) of model presets on this machine.
+
+    python bench/train_throughput.py [--presets test 20m] [--steps 8] [--seq-len 256]
+
+Random tokens: throughput does not depend on the data. Writes bench/results/train_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from distrain.config import ModelConfig, TrainConfig
+from distrain.model import MODEL_PRESETS, build_model, count_parameters
+from distrain.trainer import InnerTrainer, resolve_device
+
+RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
+
+
+def machine() -> str:
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {dev}, torch {torch.__version__}"
+
+
+def measure(preset: str, vocab: int, seq_len: int, batch: int, steps: int, warmup: int) -> dict:
+    cfg = ModelConfig(**{**MODEL_PRESETS[preset], "vocab_size": vocab, "max_seq_len": max(seq_len, 256)})
+    device = resolve_device("auto")
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    gen = torch.Generator().manual_seed(0)
+
+    def batch_fn():
+        x = torch.randint(0, vocab, (batch, seq_len + 1), generator=gen)
+        return x[:, :-1], x[:, 1:]
+
+    trainer = InnerTrainer(model, TrainConfig(steps=steps + warmup, warmup_steps=1), batch_fn, device)
+    for _ in range(warmup):
+        trainer.train_step()
+    t0 = time.perf_counter()
+    tokens = sum(trainer.train_step().tokens for _ in range(steps))
+    dt = time.perf_counter() - t0
+    return {"params": count_parameters(model), "tokens_per_s": tokens / dt, "seq_len": seq_len, "batch_size": batch,
+            "vocab_size": vocab, "steps": steps}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", nargs="+", default=["test", "tiny", "20m"])
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    models = {}
+    for p in args.presets:
+        models[p] = measure(p, args.vocab, args.seq_len, args.batch, args.steps, args.warmup)
+        print(f"{p:>6}: {models[p]['params'] / 1e6:7.2f}M params  {models[p]['tokens_per_s']:10.0f} tokens/s", flush=True)
+    out = {"models": models, "machine": machine(),
+           "command": "python " + " ".join(shlex.quote(a) for a in ["bench/train_throughput.py", *sys.argv[1:]])}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

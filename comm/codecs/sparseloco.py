@@ -1,0 +1,241 @@
+"""SparseLoCo reference codec (pure PyTorch, fp32): error feedback, per-chunk top-k, 2-bit values.
+
+This module is the specification the C++/CUDA kernels must reproduce bit for bit.
+
+Encode one tensor (``sparseloco_encode_``), given its fp32 error-feedback buffer ``ef``:
+ 1. ``ef = ef * f32(β)`` then ``ef = ef + Δ`` (two fp32 operations, no FMA).
+ 2. Cut ``ef`` into chunks (``chunking.ChunkLayout``: 64×64-style blocks for 2-D, 64-element
+    runs otherwise, short last run allowed).
+ 3. Per chunk keep ``k`` elements by |value| with the tie rule **larger |v| first, then lower local
+    index**: let ``t`` be the k-th largest |v| in the chunk; keep every element with ``|v| > t``
+    and, among those with ``|v| == t``, the lowest local indices until ``k`` are kept. Selected
+    elements are emitted in ascending local index, chunks in ascending chunk id.
+ 4. Quantize the selected values with per-tensor statistics (``quantizers``), or send them as
+    fp16/fp32 with quantizer ``none``.
+ 5. ``ef[selected] = ef[selected] − dequant`` (fp32), so ``β·e_before + Δ == e_after + sent``.
+ 6. Buffers: ``indices`` = local indices packed ``index_bits`` wide (``bitpack`` layout),
+    ``codes`` = 2-bit codes packed four per byte + ``centroids`` = 4 × fp32 (decode =
+    ``centroids[code]``); or ``values`` (fp16/fp32) for quantizer ``none``.
+
+Aggregation over replicas (``decode_aggregate``): each contribution is scattered in list order
+(rank order) into an fp32 sum; ``mean_selected`` divides every coordinate by the number of
+replicas that selected it (coordinates nobody selected stay 0), ``sum_over_r`` divides by R.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from comm.codecs.base import (
+    BufferSpec,
+    Codec,
+    CodecState,
+    EncodedTensor,
+    MetaValue,
+    check_layout,
+    check_shape,
+    require_choice,
+    require_int,
+)
+from comm.codecs.bitpack import pack_bits, packed_nbytes, padding_is_zero, unpack_bits
+from comm.codecs.chunking import ChunkLayout
+from comm.codecs.quantizers import LEVELS, QUANTIZERS, quantize
+from comm.errors import IndexRangeError, NonFiniteError, SchemaError
+
+AGGREGATIONS = ("mean_selected", "sum_over_r")
+VALUE_DTYPES = {"fp16": ("f2", np.dtype("<f2"), torch.float16), "fp32": ("f4", np.dtype("<f4"), torch.float32)}
+MAX_CHUNK = 4096  # block side; keeps index fields ≤ 24 bits
+
+
+def select_topk(chunks: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask with exactly ``k`` True per row: largest |v| first, ties to the lower index."""
+    mag = chunks.abs()
+    kth = torch.topk(mag, k, dim=1, largest=True, sorted=True).values[:, k - 1 : k]
+    above = mag > kth
+    ties = mag == kth
+    room = k - above.sum(dim=1, keepdim=True)
+    return above | (ties & (torch.cumsum(ties.to(torch.int64), dim=1) <= room))
+
+
+def select_sparse(x: torch.Tensor, layout: ChunkLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k of ``x`` per chunk: (chunk ids, local indices, values), ascending (chunk, index)."""
+    full, last = layout.to_chunks(x)
+    ids, local, vals = [], [], []
+    if full.shape[0]:
+        mask = select_topk(full, layout.k_full)
+        c, l = mask.nonzero(as_tuple=True)
+        ids.append(c), local.append(l), vals.append(full[c, l])
+    if last is not None:
+        mask = select_topk(last.reshape(1, -1), layout.k_last)
+        _, l = mask.nonzero(as_tuple=True)
+        ids.append(torch.full_like(l, layout.n_chunks - 1)), local.append(l), vals.append(last[l])
+    return torch.cat(ids), torch.cat(local), torch.cat(vals)
+
+
+def sparseloco_encode_(
+    ef: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    beta: float,
+    topk: int,
+    chunk: int,
+    quantizer: str,
+    value_dtype: str = "fp16",
+) -> EncodedTensor:
+    """Fold ``delta`` into the error buffer ``ef`` (in place), select, quantize, and pack."""
+    if ef.dtype != torch.float32 or not ef.is_contiguous():
+        raise TypeError(f"error-feedback buffer must be contiguous float32, got {ef.dtype}")
+    if ef.shape != delta.shape:
+        raise ValueError(f"delta shape {tuple(delta.shape)} differs from buffer shape {tuple(ef.shape)}")
+    if not torch.isfinite(delta).all():
+        raise ValueError("pseudo-gradient contains NaN or Inf")
+    if quantizer not in QUANTIZERS or value_dtype not in VALUE_DTYPES:
+        raise ValueError(f"unknown quantizer {quantizer!r} or value dtype {value_dtype!r}")
+    layout = ChunkLayout(check_shape(tuple(ef.shape)), chunk, topk)
+    ef.mul_(beta).add_(delta.to(torch.float32))
+    flat = ef.view(-1)
+    ids, local, vals = select_sparse(ef, layout)
+    buffers: dict[str, np.ndarray] = {"indices": pack_bits(local.cpu().numpy(), layout.index_bits)}
+    if quantizer == "none":
+        _, np_dtype, t_dtype = VALUE_DTYPES[value_dtype]
+        sent_vals = vals.to(t_dtype)
+        if not torch.isfinite(sent_vals).all():
+            raise ValueError(f"selected values overflow {value_dtype}")
+        dequant = sent_vals.to(torch.float32)
+        buffers["values"] = sent_vals.cpu().numpy().astype(np_dtype, copy=False)
+    else:
+        codes, centroids = quantize(quantizer, vals)
+        dequant = centroids[codes.long()]
+        buffers["codes"] = pack_bits(codes.cpu().numpy(), 2)
+        buffers["centroids"] = centroids.cpu().numpy().astype("<f4")
+    gidx = layout.global_index(ids, local)
+    flat[gidx] = flat[gidx] - dequant
+    meta: dict[str, MetaValue] = {"chunk": layout.n_full, "k": layout.k_full, "nnz": layout.nnz}
+    return EncodedTensor(shape=layout.shape, meta=meta, buffers=buffers)
+
+
+class SparseLoCoCodec(Codec):
+    """SparseLoCo: error feedback + per-chunk top-k + 2-bit quantization + bit packing."""
+
+    kind = "sparseloco"
+
+    def __init__(
+        self,
+        topk: int = 64,
+        chunk: int = 64,
+        beta: float = 0.95,
+        quantizer: str = "reference",
+        aggregation: str = "mean_selected",
+        value_dtype: str = "fp16",
+    ) -> None:
+        self.topk = require_int("topk", topk, 1, 4096)
+        self.chunk = require_int("chunk", chunk, 1, MAX_CHUNK)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+        self.beta = float(beta)
+        self.quantizer = require_choice("quantizer", quantizer, QUANTIZERS)
+        self.aggregation = require_choice("aggregation", aggregation, AGGREGATIONS)
+        self.value_dtype = require_choice("value_dtype", value_dtype, tuple(VALUE_DTYPES))
+
+    def params(self) -> dict[str, MetaValue]:
+        return {
+            "topk": self.topk,
+            "chunk": self.chunk,
+            "beta": self.beta,
+            "quantizer": self.quantizer,
+            "aggregation": self.aggregation,
+            "value_dtype": self.value_dtype,
+        }
+
+    def layout(self, shape: tuple[int, ...]) -> ChunkLayout:
+        return ChunkLayout(check_shape(shape), self.chunk, self.topk)
+
+    def encode(self, name: str, delta: torch.Tensor, state: CodecState) -> EncodedTensor:
+        ef = state.get(name)
+        if ef is None:
+            ef = state[name] = torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)
+        return sparseloco_encode_(
+            ef,
+            delta,
+            beta=self.beta,
+            topk=self.topk,
+            chunk=self.chunk,
+            quantizer=self.quantizer,
+            value_dtype=self.value_dtype,
+        )
+
+    def expected_meta(self, shape: tuple[int, ...]) -> dict[str, MetaValue]:
+        lay = self.layout(shape)
+        return {"chunk": lay.n_full, "k": lay.k_full, "nnz": lay.nnz}
+
+    def buffer_layout(self, shape: tuple[int, ...]) -> dict[str, BufferSpec]:
+        lay = self.layout(shape)
+        specs = {"indices": BufferSpec("u1", packed_nbytes(lay.nnz, lay.index_bits))}
+        if self.quantizer == "none":
+            specs["values"] = BufferSpec(VALUE_DTYPES[self.value_dtype][0], lay.nnz)
+        else:
+            specs["codes"] = BufferSpec("u1", packed_nbytes(lay.nnz, 2))
+            specs["centroids"] = BufferSpec("f4", LEVELS)
+        return specs
+
+    def _unpack(self, et: EncodedTensor) -> tuple[ChunkLayout, torch.Tensor, torch.Tensor]:
+        """(layout, chunk ids, local indices) of a structurally valid encoding."""
+        lay = self.layout(et.shape)
+        try:
+            check_layout(et, self.buffer_layout(et.shape))
+        except ValueError as exc:
+            raise SchemaError(f"sparseloco tensor {et.shape}: {exc}") from None
+        local = torch.from_numpy(unpack_bits(et.buffers["indices"], lay.nnz, lay.index_bits))
+        ids = torch.repeat_interleave(torch.arange(lay.n_chunks), lay.chunk_ks())
+        return lay, ids, local
+
+    def _values(self, et: EncodedTensor, nnz: int) -> torch.Tensor:
+        if self.quantizer == "none":
+            return torch.from_numpy(et.buffers["values"].astype(np.float32))
+        codes = torch.from_numpy(unpack_bits(et.buffers["codes"], nnz, 2))
+        return torch.from_numpy(et.buffers["centroids"].astype(np.float32))[codes]
+
+    def validate(self, et: EncodedTensor) -> None:
+        lay, ids, local = self._unpack(et)
+        if et.meta != self.expected_meta(et.shape):
+            raise SchemaError(f"metadata {et.meta} differs from expected {self.expected_meta(et.shape)}")
+        if not padding_is_zero(et.buffers["indices"], lay.nnz, lay.index_bits):
+            raise SchemaError("non-zero padding bits after the last index")
+        if "codes" in et.buffers and not padding_is_zero(et.buffers["codes"], lay.nnz, 2):
+            raise SchemaError("non-zero padding bits after the last code")
+        limit = lay.chunk_sizes()[ids]
+        bad = local >= limit
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            raise IndexRangeError(f"index {int(local[i])} out of range for chunk {int(ids[i])} of {int(limit[i])} elements")
+        same_chunk = ids[1:] == ids[:-1]
+        if (same_chunk & (local[1:] <= local[:-1])).any():
+            raise IndexRangeError("indices within a chunk are not strictly increasing")
+        for name in ("values", "centroids"):
+            if name in et.buffers and not np.isfinite(et.buffers[name]).all():
+                raise NonFiniteError(f"buffer {name!r} contains NaN or Inf")
+
+    def decode(self, et: EncodedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One contribution as (row-major flat indices int64, fp32 values)."""
+        lay, ids, local = self._unpack(et)
+        return lay.global_index(ids, local), self._values(et, lay.nnz)
+
+    def decode_aggregate(self, parts: list[EncodedTensor], shape: tuple[int, ...]) -> torch.Tensor:
+        shape = check_shape(shape)
+        if not parts:
+            raise ValueError("decode_aggregate needs at least one contribution")
+        numel = self.layout(shape).numel
+        total = torch.zeros(numel, dtype=torch.float32)
+        count = torch.zeros(numel, dtype=torch.float32)
+        for part in parts:
+            if part.shape != shape:
+                raise ValueError(f"contribution of shape {part.shape} for a tensor of shape {shape}")
+            gidx, vals = self.decode(part)
+            total.index_add_(0, gidx, vals)
+            count.index_add_(0, gidx, torch.ones_like(vals))
+        if self.aggregation == "mean_selected":
+            total = total / count.clamp(min=1.0)
+        else:
+            total = total / float(len(parts))
+        return total.reshape(shape)

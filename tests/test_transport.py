@@ -1,0 +1,194 @@
+"""Simulated transport (thread rendezvous, absence, timeouts) and the network model's arithmetic."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+from comm.errors import (
+    CollectiveMismatchError,
+    CollectiveTimeoutError,
+    NotAMemberError,
+    RankAbsentError,
+    UnknownGroupError,
+)
+from comm.network import Link, NetworkModel
+from comm.simulated import SimulatedHub, SimulatedTransport, run_ranks
+from comm.transport import Transport
+
+GROUPS = {"stage0": [0, 2], "stage1": [3, 1]}
+
+
+def test_all_gather_returns_payloads_in_member_order_across_rounds():
+    hub = SimulatedHub(4, GROUPS, timeout_s=10)
+
+    def body(t: SimulatedTransport) -> list:
+        rng = random.Random(t.rank)
+        group = "stage0" if t.rank in (0, 2) else "stage1"
+        out = []
+        for rnd in range(5):
+            time.sleep(rng.random() * 0.01)
+            out.append(t.all_gather_bytes(group, f"r{t.rank}-{rnd}".encode()))
+            out.append(t.all_gather_bytes("world", bytes([t.rank, rnd])))
+        return out
+
+    results = run_ranks(hub, body, timeout_s=30)
+    assert hub.members("stage1") == [1, 3]
+    for rank, res in enumerate(results):
+        members = [0, 2] if rank in (0, 2) else [1, 3]
+        for rnd in range(5):
+            assert res[2 * rnd] == [f"r{m}-{rnd}".encode() for m in members]
+            assert res[2 * rnd + 1] == [bytes([r, rnd]) for r in range(4)]
+
+
+def test_broadcast_and_barrier():
+    hub = SimulatedHub(3, timeout_s=10)
+
+    def body(t: SimulatedTransport) -> bytes:
+        t.barrier("world")
+        return t.broadcast_bytes("world", b"weights" if t.rank == 1 else None, src=1)
+
+    assert run_ranks(hub, body) == [b"weights"] * 3
+    assert isinstance(hub.transport(0), Transport)
+
+
+def test_timeout_names_the_missing_rank():
+    hub = SimulatedHub(3, timeout_s=0.3)
+
+    def body(t: SimulatedTransport):
+        if t.rank == 2:
+            return None  # never shows up
+        return t.all_gather_bytes("world", b"x")
+
+    with pytest.raises(CollectiveTimeoutError, match=r"ranks \[2\] did not arrive"):
+        run_ranks(hub, body, timeout_s=10)
+
+
+def test_absent_rank_gets_none_and_can_rejoin():
+    hub = SimulatedHub(3, timeout_s=10)
+    hub.mark_absent(1)
+    t0, t1, t2 = hub.transports()
+    out: dict[int, list] = {}
+
+    def gather(t: SimulatedTransport, payload: bytes) -> None:
+        out[t.rank] = t.all_gather_bytes("world", payload)
+
+    threads = [threading.Thread(target=gather, args=(t, bytes([t.rank]))) for t in (t0, t2)]
+    [th.start() for th in threads]
+    [th.join(10) for th in threads]
+    assert out[0] == out[2] == [b"\x00", None, b"\x02"]
+    with pytest.raises(RankAbsentError):
+        t1.all_gather_bytes("world", b"late")
+    hub.mark_present(1)
+    assert run_ranks(hub, lambda t: t.all_gather_bytes("world", bytes([t.rank])), timeout_s=10) == [
+        [b"\x00", b"\x01", b"\x02"]
+    ] * 3
+
+
+def test_marking_absent_releases_a_waiting_collective():
+    hub = SimulatedHub(2, timeout_s=10)
+    result: list = []
+    th = threading.Thread(target=lambda: result.append(hub.transport(0).all_gather_bytes("world", b"a")))
+    th.start()
+    time.sleep(0.05)
+    hub.mark_absent(1)
+    th.join(5)
+    assert result == [[b"a", None]]
+
+
+def test_drop_policy_completes_without_the_straggler():
+    hub = SimulatedHub(3, timeout_s=0.2, on_timeout="drop")
+
+    def body(t: SimulatedTransport):
+        if t.rank == 1:
+            return None
+        return t.all_gather_bytes("world", bytes([t.rank]))
+
+    assert run_ranks(hub, body, timeout_s=10) == [[b"\x00", None, b"\x02"], None, [b"\x00", None, b"\x02"]]
+    assert hub.absent() == {1}
+
+
+def test_misuse_errors():
+    hub = SimulatedHub(4, GROUPS, timeout_s=1)
+    t0 = hub.transport(0)
+    with pytest.raises(UnknownGroupError, match="stage9"):
+        t0.all_gather_bytes("stage9", b"")
+    with pytest.raises(NotAMemberError):
+        t0.all_gather_bytes("stage1", b"")
+    with pytest.raises(TypeError, match="bytes"):
+        t0.all_gather_bytes("stage0", "text")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="distinct"):
+        SimulatedHub(2, {"g": [0, 0]})
+
+    def body(t: SimulatedTransport):
+        if t.rank == 0:
+            return t.all_gather_bytes("stage0", b"x")
+        if t.rank == 2:
+            return t.barrier("stage0")
+        return None
+
+    with pytest.raises(CollectiveMismatchError):
+        run_ranks(hub, body, timeout_s=10)
+
+
+# ----- network model ---------------------------------------------------------------------------
+
+
+def test_all_gather_time_is_latency_plus_bytes_over_bandwidth():
+    links = {0: Link(10, 100, 5), 1: Link(100, 50, 10), 2: Link(100, 100, 20)}
+    net = NetworkModel(3, links=links)
+    hub = SimulatedHub(3, network=net, timeout_s=10)
+    compute = [1.0, 2.5, 0.5]
+    sizes = [1000, 20000, 5000]
+
+    def body(t: SimulatedTransport) -> None:
+        t.advance_compute(compute[t.rank])
+        t.all_gather_bytes("world", b"\x00" * sizes[t.rank])
+
+    run_ranks(hub, body)
+    # Each worker: latency + max(own bytes·8/up, others' bytes·8/down); collective = slowest one.
+    t0 = 0.005 + max(1000 * 8 / 10e6, 25000 * 8 / 100e6)  # 0.007
+    t1 = 0.010 + max(20000 * 8 / 100e6, 6000 * 8 / 50e6)  # 0.0116
+    t2 = 0.020 + max(5000 * 8 / 100e6, 21000 * 8 / 100e6)  # 0.02168
+    duration = max(t0, t1, t2)
+    assert duration == pytest.approx(0.02168)
+    for r in range(3):
+        st = hub.stats(r)
+        assert st.clock_s == pytest.approx(2.5 + duration)
+        assert st.comm_time_s == pytest.approx(duration)
+        assert st.idle_time_s == pytest.approx(2.5 - compute[r])
+        assert st.compute_time_s == compute[r]
+        assert st.bytes_sent == sizes[r]
+        assert st.bytes_received == sum(sizes) - sizes[r]
+        assert st.clock_s == pytest.approx(st.compute_time_s + st.comm_time_s + st.idle_time_s)
+
+    # Broadcast of 50 kB from rank 1, then a barrier (costs the largest latency).
+    run_ranks(hub, lambda t: (t.broadcast_bytes("world", b"\x01" * 50000 if t.rank == 1 else None, 1), t.barrier("world")))
+    bcast = max(0.010 + 50000 * 8 / 100e6, 0.005 + 50000 * 8 / 100e6, 0.020 + 50000 * 8 / 100e6)
+    assert hub.stats(0).clock_s == pytest.approx(2.5 + duration + bcast + 0.020)
+    assert hub.stats(1).bytes_sent == 20000 + 50000
+    assert hub.stats(2).bytes_received == 21000 + 50000
+
+
+def test_absent_rank_is_not_charged():
+    net = NetworkModel.uniform(3, up_mbps=8, down_mbps=8, latency_ms=0)  # 1 MB/s each way
+    hub = SimulatedHub(3, network=net, timeout_s=10)
+    hub.mark_absent(2)
+
+    def body(t: SimulatedTransport):
+        if t.rank != 2:
+            t.all_gather_bytes("world", b"\x00" * 1000)
+
+    run_ranks(hub, body)
+    assert hub.stats(0).clock_s == pytest.approx(1000 / 1e6)
+    assert hub.stats(2).clock_s == 0 and hub.stats(2).bytes_received == 0
+
+
+def test_link_validation():
+    with pytest.raises(ValueError, match="positive"):
+        Link(0, 10, 1)
+    with pytest.raises(ValueError, match="outside"):
+        NetworkModel(2, links={5: Link()})
