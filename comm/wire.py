@@ -239,6 +239,8 @@ def _check_envelope(
         raise SchemaError(f"header keys {sorted(header)} differ from {sorted(_TOP_KEYS)}")
     if not isinstance(header["run"], str) or not _is_int(header["round"]) or not _is_int(header["worker"]):
         raise SchemaError("run must be a str, round and worker ints")
+    if header["worker"] < 0:
+        raise SchemaError(f"worker id {header['worker']} is negative")
     if header["run"] != run_id:
         raise RunMismatchError(f"frame is for run {header['run']!r}, not {run_id!r}")
     if header["round"] < round:

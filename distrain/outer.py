@@ -72,6 +72,9 @@ class OuterOptimizer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def flush(self) -> None:
+        """Apply anything still in flight (only delayed outer optimisers hold something)."""
+
 
 class _FrameExchange:
     """Encode named tensors into a frame, all-gather frames, decode the valid ones."""
@@ -106,26 +109,32 @@ class _FrameExchange:
 
 
 class PseudoGradientOuter(OuterOptimizer):
-    """DiLoCo and SparseLoCo: exchange θ_global − θ_local every round, then step θ_global."""
+    """DiLoCo and SparseLoCo: exchange the pseudo-gradient every round, then step θ_global.
+
+    ``apply_delay = 1`` overlaps communication with the next round's inner steps: the pseudo-
+    gradient sent is this round's local progress (anchor − θ_local), the aggregate that comes back
+    is applied one round later, and a replica keeps its own not-yet-aggregated progress on top of
+    the global weights (θ_local ← θ_global − own progress), as "eager updates" / Psyche do.
+    """
 
     def __init__(self, model: nn.Module, codec: Codec, lr: float, momentum: float, nesterov: bool,
-                 transport: Transport, group: str, run_id: str, rank: int):
+                 transport: Transport, group: str, run_id: str, rank: int, apply_delay: int = 0):
+        if apply_delay not in (0, 1):
+            raise ValueError(f"outer.apply_delay must be 0 or 1, got {apply_delay}")
         self.params = owned_parameters(model)
         self.global_params = {n: p.detach().float().clone() for n, p in self.params.items()}
         self.codec_state: dict[str, torch.Tensor] = {}
         self.momentum_buf: dict[str, torch.Tensor] = {}
         self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
+        self.apply_delay = apply_delay
+        self.anchor: dict[str, torch.Tensor] | None = None  # delayed mode: θ_local at the last send
+        self.pending: dict[str, torch.Tensor] | None = None  # delayed mode: aggregate not applied yet
         shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         self.exchange = _FrameExchange(codec, shapes, transport, group, run_id, rank)
         self.dense_bytes = sum(p.numel() * 4 for p in self.params.values())
 
-    @torch.no_grad()
-    def sync_round(self, round_idx: int) -> RoundStats:
-        t0 = time.perf_counter()
-        deltas = {n: self.global_params[n] - p.detach().float() for n, p in self.params.items()}
-        agg, wire, contributors, reasons = self.exchange.exchange(round_idx, deltas, self.codec_state)
-        for n, p in self.params.items():
-            update = agg[n]
+    def _outer_step(self, agg: dict[str, torch.Tensor], round_idx: int) -> None:
+        for n, update in agg.items():
             if not torch.isfinite(update).all():
                 raise FloatingPointError(f"round {round_idx}: non-finite aggregate for {n}")
             if self.momentum:
@@ -134,17 +143,53 @@ class PseudoGradientOuter(OuterOptimizer):
                 self.momentum_buf[n] = buf
                 update = update + self.momentum * buf if self.nesterov else buf
             self.global_params[n].sub_(update, alpha=self.lr)
-            p.copy_(self.global_params[n])
+
+    @torch.no_grad()
+    def sync_round(self, round_idx: int) -> RoundStats:
+        t0 = time.perf_counter()
+        if self.apply_delay:
+            anchor = self.anchor if self.anchor is not None else self.global_params
+            deltas = {n: anchor[n] - p.detach().float() for n, p in self.params.items()}
+        else:
+            deltas = {n: self.global_params[n] - p.detach().float() for n, p in self.params.items()}
+        agg, wire, contributors, reasons = self.exchange.exchange(round_idx, deltas, self.codec_state)
+        if self.apply_delay:
+            if self.pending is not None:
+                self._outer_step(self.pending, round_idx)
+            self.pending = agg
+            for n, p in self.params.items():
+                p.copy_(self.global_params[n] - deltas[n])
+            self.anchor = {n: p.detach().float().clone() for n, p in self.params.items()}
+        else:
+            self._outer_step(agg, round_idx)
+            for n, p in self.params.items():
+                p.copy_(self.global_params[n])
         return RoundStats(round_idx, wire, self.dense_bytes, contributors, len(reasons), reasons,
                           time.perf_counter() - t0)
 
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Delayed mode: apply the aggregate still in flight and drop local progress (end of run)."""
+        if self.pending is not None:
+            self._outer_step(self.pending, -1)
+            self.pending = None
+        for n, p in self.params.items():
+            p.copy_(self.global_params[n])
+        self.anchor = None
+
     def state_dict(self) -> dict[str, Any]:
-        return {"global": self.global_params, "codec_state": self.codec_state, "momentum": self.momentum_buf}
+        return {"global": self.global_params, "codec_state": self.codec_state, "momentum": self.momentum_buf,
+                "anchor": self.anchor, "pending": self.pending}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.global_params = {n: t.float().clone() for n, t in state["global"].items()}
-        self.codec_state = {n: t.clone() for n, t in state["codec_state"].items()}
-        self.momentum_buf = {n: t.clone() for n, t in state["momentum"].items()}
+        def clone(d):
+            return None if d is None else {n: t.float().clone() for n, t in d.items()}
+
+        self.global_params = clone(state["global"])
+        self.codec_state = clone(state["codec_state"])
+        self.momentum_buf = clone(state["momentum"])
+        self.anchor = clone(state.get("anchor"))
+        self.pending = clone(state.get("pending"))
 
 
 class DDPOuter(OuterOptimizer):
@@ -199,4 +244,4 @@ def make_outer(cfg: Config, model: nn.Module, rank: int, transport: Transport, g
     if o.algorithm == "ddp":
         return DDPOuter(model, transport, group, run_id, rank)
     return PseudoGradientOuter(model, make_codec_from_config(cfg), o.lr, o.momentum, o.nesterov,
-                               transport, group, run_id, rank)
+                               transport, group, run_id, rank, apply_delay=o.apply_delay)

@@ -7,6 +7,8 @@ worker); only the transport it is given differs.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 
 from comm.transport import Transport
-from distrain.config import Config
+from distrain.config import Config, TrainConfig
 from distrain.data import TokenSampler
 from distrain.model import Transformer, build_model
 from distrain.outer import OuterOptimizer, RoundStats, make_outer
@@ -47,6 +49,17 @@ def steps_per_round(cfg: Config, replica: int) -> int:
     return max(1, h)
 
 
+def replica_train_config(cfg: Config, spr: int) -> TrainConfig:
+    """A replica doing fewer steps per round runs its schedule over proportionally fewer steps,
+    so every replica is at the same point of warm-up and cosine decay in every round."""
+    nominal = max(1, cfg.outer.inner_steps if cfg.outer.algorithm in ("diloco", "sparseloco") else cfg.logging.log_every)
+    if spr == nominal:
+        return cfg.train
+    scale = spr / nominal
+    return dataclasses.replace(cfg.train, steps=max(1, math.ceil(cfg.train.steps * scale)),
+                               warmup_steps=math.ceil(cfg.train.warmup_steps * scale))
+
+
 def compute_speed(cfg: Config, replica: int) -> float:
     speeds = cfg.topology.compute_speeds
     return speeds[replica] if speeds else 1.0
@@ -66,9 +79,9 @@ class Worker:
         self.group = group
         self.device = next(model.parameters()).device
         self.outer: OuterOptimizer = make_outer(cfg, model, rank, transport, group)
-        self.trainer = InnerTrainer(model, cfg.train, self._next_batch, self.device,
-                                    grad_sync=self.outer.grad_sync, seed=cfg.run.seed * 1000 + replica)
         self.steps_per_round = steps_per_round(cfg, replica)
+        self.trainer = InnerTrainer(model, replica_train_config(cfg, self.steps_per_round), self._next_batch,
+                                    self.device, grad_sync=self.outer.grad_sync, seed=cfg.run.seed * 1000 + replica)
         self.speed = compute_speed(cfg, replica)
         self.tokens = 0
 

@@ -89,10 +89,13 @@ def test_round_trip_exact_when_everything_is_sent(shape):
     assert torch.count_nonzero(state["w"]) == 0
 
 
+@pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("shape", [(128, 192), (1000,), (67, 100), (3, 5, 7), (96, 40)])
-def test_topk_picks_largest_magnitudes_per_chunk(shape):
+def test_topk_picks_largest_magnitudes_per_chunk(shape, ties):
     codec = SparseLoCoCodec(topk=64, beta=0.0, quantizer="none", value_dtype="fp32")
     x = torch.randn(shape, generator=gen(2))
+    if ties:  # few distinct magnitudes: most chunks tie at the k-th place
+        x = torch.randint(-3, 4, shape, generator=gen(2)).float()
     gidx, vals = codec.decode(codec.encode("w", x, {}))
     assert set(gidx.tolist()) == brute_topk(x, 64, 64)
     assert torch.equal(vals, x.reshape(-1)[gidx])
@@ -331,3 +334,26 @@ def test_dense_fp32_mean_is_exact_and_bf16_rounds_like_torch():
     assert torch.equal(bf16.decode_aggregate(parts16, (5, 7)), want)
     assert parts16[0].nbytes() == 35 * 2
     bf16.validate(parts16[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("quantizer", ["reference", "symmetric", "none"])
+def test_cuda_reference_matches_cpu(quantizer):
+    codec = SparseLoCoCodec(quantizer=quantizer)
+    x = torch.randn(256, 192, generator=gen(30))
+    cpu_state: dict[str, torch.Tensor] = {}
+    gpu_state: dict[str, torch.Tensor] = {}
+    a = codec.encode("w", x, cpu_state)
+    b = codec.encode("w", x.cuda(), gpu_state)
+    assert all(np.array_equal(a.buffers[k], b.buffers[k]) for k in a.buffers)
+    assert torch.equal(cpu_state["w"], gpu_state["w"].cpu())
+
+
+def test_fp16_values_saturate_and_error_feedback_keeps_the_rest():
+    codec = SparseLoCoCodec(topk=4096, beta=1.0, quantizer="none", value_dtype="fp16")
+    state: dict[str, torch.Tensor] = {}
+    x = torch.tensor([1e5, -2.0])
+    gidx, vals = codec.decode(codec.encode("w", x, state))
+    assert vals.tolist() == [65504.0, -2.0]
+    assert state["w"].tolist() == [1e5 - 65504.0, 0.0]

@@ -11,7 +11,7 @@ Encode one tensor (``sparseloco_encode_``), given its fp32 error-feedback buffer
     and, among those with ``|v| == t``, the lowest local indices until ``k`` are kept. Selected
     elements are emitted in ascending local index, chunks in ascending chunk id.
  4. Quantize the selected values with per-tensor statistics (``quantizers``), or send them as
-    fp16/fp32 with quantizer ``none``.
+    fp16/fp32 with quantizer ``none`` (fp16 saturates at ±65504; EF keeps the remainder).
  5. ``ef[selected] = ef[selected] − dequant`` (fp32), so ``β·e_before + Δ == e_after + sent``.
  6. Buffers: ``indices`` = local indices packed ``index_bits`` wide (``bitpack`` layout),
     ``codes`` = 2-bit codes packed four per byte + ``centroids`` = 4 × fp32 (decode =
@@ -52,24 +52,33 @@ def select_topk(chunks: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask with exactly ``k`` True per row: largest |v| first, ties to the lower index."""
     mag = chunks.abs()
     kth = torch.topk(mag, k, dim=1, largest=True, sorted=True).values[:, k - 1 : k]
-    above = mag > kth
-    ties = mag == kth
-    room = k - above.sum(dim=1, keepdim=True)
-    return above | (ties & (torch.cumsum(ties.to(torch.int64), dim=1) <= room))
+    mask = mag >= kth
+    surplus = (mask.sum(dim=1) > k).nonzero(as_tuple=True)[0]
+    if surplus.numel():  # rows where ties at the k-th value exceed the room: lowest indices win
+        sub = mag[surplus]
+        above = sub > kth[surplus]
+        ties = sub == kth[surplus]
+        room = k - above.sum(dim=1, keepdim=True)
+        mask[surplus] = above | (ties & (torch.cumsum(ties.to(torch.int64), dim=1) <= room))
+    return mask
 
 
 def select_sparse(x: torch.Tensor, layout: ChunkLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k of ``x`` per chunk: (chunk ids, local indices, values), ascending (chunk, index)."""
     full, last = layout.to_chunks(x)
-    ids, local, vals = [], [], []
+    ids: list[torch.Tensor] = []
+    local: list[torch.Tensor] = []
+    vals: list[torch.Tensor] = []
     if full.shape[0]:
-        mask = select_topk(full, layout.k_full)
-        c, l = mask.nonzero(as_tuple=True)
-        ids.append(c), local.append(l), vals.append(full[c, l])
+        c, i = select_topk(full, layout.k_full).nonzero(as_tuple=True)
+        ids.append(c)
+        local.append(i)
+        vals.append(full[c, i])
     if last is not None:
-        mask = select_topk(last.reshape(1, -1), layout.k_last)
-        _, l = mask.nonzero(as_tuple=True)
-        ids.append(torch.full_like(l, layout.n_chunks - 1)), local.append(l), vals.append(last[l])
+        _, i = select_topk(last.reshape(1, -1), layout.k_last).nonzero(as_tuple=True)
+        ids.append(torch.full_like(i, layout.n_chunks - 1))
+        local.append(i)
+        vals.append(last[i])
     return torch.cat(ids), torch.cat(local), torch.cat(vals)
 
 
@@ -99,9 +108,9 @@ def sparseloco_encode_(
     buffers: dict[str, np.ndarray] = {"indices": pack_bits(local.cpu().numpy(), layout.index_bits)}
     if quantizer == "none":
         _, np_dtype, t_dtype = VALUE_DTYPES[value_dtype]
-        sent_vals = vals.to(t_dtype)
-        if not torch.isfinite(sent_vals).all():
-            raise ValueError(f"selected values overflow {value_dtype}")
+        # Saturate instead of overflowing to inf; error feedback keeps the clipped remainder.
+        limit = torch.finfo(t_dtype).max
+        sent_vals = vals.clamp(-limit, limit).to(t_dtype)
         dequant = sent_vals.to(torch.float32)
         buffers["values"] = sent_vals.cpu().numpy().astype(np_dtype, copy=False)
     else:

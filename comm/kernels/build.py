@@ -31,8 +31,9 @@ CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC", "-ffp-contract
              "-fvisibility=hidden", "-Wall", "-Wextra"]
 # -fmad=false: the reference rounds after every multiply and add; a fused multiply-add would
 # change the last bit of the error-feedback buffer.
+# Static cudart: the library then loads next to any torch CUDA build without a libcudart search.
 NVCC_FLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
-              "-fmad=false", "-lcudart"]
+              "-fmad=false", "--cudart=static"]
 
 
 class BuildError(RuntimeError):
@@ -46,13 +47,32 @@ class Target:
     command: tuple[str, ...]  # full compiler command line without the output path
 
     def stamp(self) -> str:
-        """Hash of sources, headers and command: changes whenever the library must be rebuilt."""
-        h = hashlib.sha256()
-        for path in sorted(self.sources) + sorted(SRC_DIR.glob("*.h")):
-            h.update(path.name.encode())
-            h.update(path.read_bytes())
-        h.update("\0".join(self.command).encode())
-        return h.hexdigest()
+        """Source hash, then a hash of the command: changes whenever the library must be rebuilt."""
+        cmd = hashlib.sha256("\0".join(self.command).encode()).hexdigest()
+        return f"{sources_hash(self.sources)}\n{cmd}"
+
+
+def sources_hash(sources: tuple[Path, ...]) -> str:
+    """Hash of the given sources and every header in ``csrc/`` (no compiler needed)."""
+    h = hashlib.sha256()
+    for path in sorted(sources) + sorted(SRC_DIR.glob("*.h")):
+        h.update(path.name.encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def kind_sources(kind: str) -> tuple[Path, ...]:
+    """Sources of the ``cpu`` (``*.cpp``) or ``cuda`` (``*.cu``) library."""
+    return tuple(sorted(SRC_DIR.glob("*.cpp" if kind == "cpu" else "*.cu")))
+
+
+def built_from_current_sources(kind: str, out_dir: Path | None = None) -> bool:
+    """True when the library's stamp records the sources now in ``csrc/`` (flags may differ)."""
+    name = CPU_LIB if kind == "cpu" else CUDA_LIB
+    stamp = (out_dir or lib_dir()) / (name + ".stamp")
+    if not stamp.exists():
+        return False
+    return stamp.read_text().split("\n", 1)[0].strip() == sources_hash(kind_sources(kind))
 
 
 def lib_dir() -> Path:
@@ -75,7 +95,7 @@ def cpu_target() -> Target:
     cxx = cxx_compiler()
     if cxx is None:
         raise BuildError("no C++ compiler found (set CXX or install g++)")
-    sources = tuple(sorted(SRC_DIR.glob("*.cpp")))
+    sources = kind_sources("cpu")
     if not sources:
         raise BuildError(f"no .cpp sources under {SRC_DIR}")
     extra = os.environ.get("DISTRAIN_KERNELS_CXXFLAGS", "").split()
@@ -86,7 +106,7 @@ def cuda_target(archs: tuple[str, ...] = CUDA_ARCHS) -> Target:
     nvcc = nvcc_compiler()
     if nvcc is None:
         raise BuildError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-    sources = tuple(sorted(SRC_DIR.glob("*.cu")))
+    sources = kind_sources("cuda")
     if not sources:
         raise BuildError(f"no .cu sources under {SRC_DIR}")
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
@@ -101,7 +121,7 @@ def is_current(target: Target, out_dir: Path | None = None) -> bool:
     out_dir = out_dir or lib_dir()
     stamp = out_dir / (target.name + ".stamp")
     return (out_dir / target.name).exists() and stamp.exists() and \
-        stamp.read_text().strip() == target.stamp()
+        stamp.read_text().strip() == target.stamp().strip()
 
 
 def build(target: Target, out_dir: Path | None = None, force: bool = False,
