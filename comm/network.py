@@ -13,6 +13,12 @@ last arrival, ``T0 − clock_i``), ``comm_time_s`` (``max_i t_i``), ``compute_ti
 ``advance_compute``); ``clock_s`` = compute + comm + idle. Broadcast: the source uploads
 ``n`` bytes, every other member downloads ``n``; a barrier moves no bytes and costs the largest
 latency.
+
+Overlapped all-gathers (``overlap=True``, used when the outer step is applied one round late):
+a worker posts its payload and keeps computing. The transfer starts when the last participant has
+posted (``T0 = max_i max(clock_i, busy_i)``) and runs in the background until ``T0 + max_i t_i``;
+clocks do not move, but the next collective of a worker first waits for its previous background
+transfer (``busy_i``) to finish, because that result is needed then.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class RankStats:
     compute_time_s: float = 0.0
     idle_time_s: float = 0.0
     clock_s: float = 0.0
+    busy_until_s: float = 0.0  # end of this rank's background (overlapped) transfer
     collectives: int = 0
 
 
@@ -107,10 +114,10 @@ class NetworkModel:
             st.compute_time_s += seconds
             st.clock_s += seconds
 
-    def all_gather(self, sizes: dict[int, int]) -> float:
+    def all_gather(self, sizes: dict[int, int], overlap: bool = False) -> float:
         """Account an all-gather among the ranks in ``sizes`` (rank → own payload bytes)."""
         total = sum(sizes.values())
-        return self._collective({r: (n, total - n) for r, n in sizes.items()})
+        return self._collective({r: (n, total - n) for r, n in sizes.items()}, overlap)
 
     def broadcast(self, participants: list[int], src: int, nbytes: int) -> float:
         """Account a broadcast of ``nbytes`` from ``src`` to the other participants."""
@@ -119,21 +126,30 @@ class NetworkModel:
     def barrier(self, participants: list[int]) -> float:
         return self._collective({r: (0, 0) for r in participants})
 
-    def _collective(self, traffic: dict[int, tuple[int, int]]) -> float:
-        """Advance the participants' clocks to the collective's end time and return it."""
+    def _collective(self, traffic: dict[int, tuple[int, int]], overlap: bool = False) -> float:
+        """Advance the participants' clocks to the collective's end time (or, overlapped, only
+        to the end of their previous background transfer) and return the end time."""
         if not traffic:
             return 0.0
         with self._lock:
             for r in traffic:
                 self._check(r)
+            for r in traffic:  # a worker needs its previous background transfer's result first
+                st = self._stats[r]
+                if st.busy_until_s > st.clock_s:
+                    st.idle_time_s += st.busy_until_s - st.clock_s
+                    st.clock_s = st.busy_until_s
             start = max(self._stats[r].clock_s for r in traffic)
             duration = max(self._links[r].transfer_s(up, down) for r, (up, down) in traffic.items())
             end = start + duration
             for r, (up, down) in traffic.items():
                 st = self._stats[r]
-                st.idle_time_s += start - st.clock_s
+                if overlap:
+                    st.busy_until_s = end
+                else:
+                    st.idle_time_s += start - st.clock_s
+                    st.clock_s = end
                 st.comm_time_s += duration
-                st.clock_s = end
                 st.bytes_sent += up
                 st.bytes_received += down
                 st.collectives += 1

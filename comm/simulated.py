@@ -63,6 +63,7 @@ class SimulatedHub:
         network: NetworkModel | None = None,
         timeout_s: float = 60.0,
         on_timeout: str = "raise",
+        overlap: bool = False,
     ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be ≥ 1, got {world_size}")
@@ -82,6 +83,7 @@ class SimulatedHub:
         if self.network.world_size != world_size:
             raise ValueError(f"network model has {self.network.world_size} ranks, hub has {world_size}")
         self.timeout_s = float(timeout_s)
+        self.overlap = overlap  # all-gathers run in the background of the next round's compute
         self.on_timeout = on_timeout
         self._absent: set[int] = set()
         self._cond = threading.Condition()
@@ -189,7 +191,7 @@ class SimulatedHub:
         arrived = sorted(col.payloads)
         if col.op == "all_gather":
             sizes = {r: len(col.payloads[r] or b"") for r in arrived}
-            self.network.all_gather(sizes)
+            self.network.all_gather(sizes, overlap=self.overlap)
             col.result = [col.payloads.get(r) for r in g.members]
         elif col.op == "broadcast":
             data = col.payloads.get(col.src) if col.src is not None else None

@@ -192,3 +192,19 @@ def test_link_validation():
         Link(0, 10, 1)
     with pytest.raises(ValueError, match="outside"):
         NetworkModel(2, links={5: Link()})
+
+
+def test_overlapped_all_gather_runs_behind_compute():
+    """Overlap: clocks do not wait for the transfer; the next collective waits for the previous one."""
+    net = NetworkModel.uniform(2, up_mbps=8.0, down_mbps=8.0, latency_ms=100.0)  # 1 MB/s
+    net.advance_compute(0, 1.0)
+    net.advance_compute(1, 2.0)
+    end = net.all_gather({0: 500_000, 1: 500_000}, overlap=True)  # each uploads 0.5 MB, downloads 0.5 MB
+    assert end == pytest.approx(2.0 + 0.1 + 0.5)
+    assert net.clock(0) == 1.0 and net.clock(1) == 2.0  # nobody waited
+    net.advance_compute(0, 0.2)  # rank 0 is back before the transfer ended: it idles until 2.6
+    net.advance_compute(1, 3.0)
+    end2 = net.all_gather({0: 0, 1: 0}, overlap=True)
+    assert end2 == pytest.approx(5.0 + 0.1)
+    assert net.stats(0).idle_time_s == pytest.approx(2.6 - 1.2)
+    assert net.stats(0).clock_s == pytest.approx(2.6)

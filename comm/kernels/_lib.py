@@ -20,7 +20,6 @@ import os
 import threading
 from dataclasses import dataclass
 
-from comm.kernels import build as _build
 
 log = logging.getLogger("comm.kernels")
 
@@ -116,12 +115,16 @@ def _warn_once(key: str, msg: str, level: int = logging.WARNING) -> None:
         log.log(level, msg)
 
 
-def _target(kind: str) -> _build.Target:
+def _target(kind: str):
+    from comm.kernels import build as _build
+
     return _build.cpu_target() if kind == "cpu" else _build.cuda_target()
 
 
 def _load(kind: str) -> tuple[ctypes.CDLL | None, str]:
     """Load one library or explain why not (the explanation is logged once by the caller)."""
+    from comm.kernels import build as _build
+
     m = mode()
     if m in ("reference", "off"):
         return None, f"DISTRAIN_KERNELS={m}"

@@ -1,0 +1,249 @@
+"""SparseLoCo encode / decode-aggregate as torch ops with reference, C++ and CUDA implementations.
+
+``torch.ops.distrain.sparseloco_encode`` and ``torch.ops.distrain.sparseloco_decode_aggregate``
+dispatch on the device of their tensor arguments. The default implementation is the PyTorch
+reference codec (``comm.codecs.sparseloco``); the ``cpu`` and ``cuda`` kernels call the ctypes
+libraries and, when those are unavailable (not built, stale, ``DISTRAIN_KERNELS=reference``),
+run the reference instead. All outputs are CPU tensors: the payload goes to the wire anyway, and
+reading the result back is where the CUDA kernels' data errors are checked.
+
+Outputs of encode: ``indices`` (uint8, packed), ``values`` (uint8 packed 2-bit codes, or fp16/fp32
+values for quantizer ``none``) and ``centroids`` (4 × fp32, empty for ``none``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import torch
+
+from comm.codecs.bitpack import packed_nbytes
+from comm.codecs.chunking import ChunkLayout
+from comm.kernels import _lib
+
+_VALUE_TORCH = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+class KernelError(RuntimeError):
+    """A kernel library rejected its arguments or a CUDA call failed (a bug, not bad data)."""
+
+
+def geometry(layout: ChunkLayout) -> _lib.Geometry:
+    """The ``dl_geometry`` of a chunk layout: 2-D tensors as they are, others flattened."""
+    if layout.is_2d:
+        rows, cols = layout.shape
+        cr, cc = layout.block
+    else:
+        rows, cols, cr, cc = 1, layout.numel, 1, layout.n_full
+    return _lib.Geometry(rows, cols, cr, cc, layout.k_full, layout.k_last, layout.index_bits, 0)
+
+
+def _raise_for(status: int, lib: ctypes.CDLL) -> None:
+    """Map a kernel status to the exception the reference raises for the same input."""
+    if status == _lib.OK:
+        return
+    msg = _lib.status_message(lib, status)
+    if status in (_lib.ERR_NONFINITE_DELTA, _lib.ERR_NONFINITE_EF):
+        raise ValueError(msg)
+    if status == _lib.ERR_VALUE_OVERFLOW:
+        raise ValueError("selected values overflow fp16")
+    if status == _lib.ERR_INDEX:
+        from comm.errors import IndexRangeError
+
+        raise IndexRangeError(msg)
+    if status == _lib.ERR_NO_MEMORY:
+        raise MemoryError(msg)
+    raise KernelError(f"kernel failed: {msg} (status {status})")
+
+
+def _encode_outputs(layout: ChunkLayout, quantizer: str, value_dtype: str,
+                    device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty output tensors of an encoding of ``layout``."""
+    nnz = layout.nnz
+    idx = torch.empty(packed_nbytes(nnz, layout.index_bits), dtype=torch.uint8, device=device)
+    if quantizer == "none":
+        vals = torch.empty(nnz, dtype=_VALUE_TORCH[value_dtype], device=device)
+        cents = torch.empty(0, dtype=torch.float32, device=device)
+    else:
+        vals = torch.empty(packed_nbytes(nnz, 2), dtype=torch.uint8, device=device)
+        cents = torch.empty(4, dtype=torch.float32, device=device)
+    return idx, vals, cents
+
+
+# ---- encode -------------------------------------------------------------------------------------
+@torch.library.custom_op("distrain::sparseloco_encode", mutates_args=("ef",))
+def sparseloco_encode(ef: torch.Tensor, delta: torch.Tensor, beta: float, topk: int, chunk: int,
+                      quantizer: str, value_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference implementation: the PyTorch codec itself."""
+    return _encode_reference(ef, delta, beta, topk, chunk, quantizer, value_dtype)
+
+
+def _encode_reference(ef: torch.Tensor, delta: torch.Tensor, beta: float, topk: int, chunk: int,
+                      quantizer: str, value_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from comm.codecs.sparseloco import sparseloco_encode_
+
+    et = sparseloco_encode_(ef, delta, beta=beta, topk=topk, chunk=chunk, quantizer=quantizer,
+                            value_dtype=value_dtype)
+    idx = torch.from_numpy(np.ascontiguousarray(et.buffers["indices"]))
+    if quantizer == "none":
+        vals = torch.from_numpy(np.ascontiguousarray(et.buffers["values"]))
+        cents = torch.empty(0, dtype=torch.float32)
+    else:
+        vals = torch.from_numpy(np.ascontiguousarray(et.buffers["codes"]))
+        cents = torch.from_numpy(np.ascontiguousarray(et.buffers["centroids"]))
+    return idx, vals, cents
+
+
+@sparseloco_encode.register_fake
+def _(ef, delta, beta, topk, chunk, quantizer, value_dtype):
+    return _encode_outputs(ChunkLayout(tuple(ef.shape), chunk, topk), quantizer, value_dtype)
+
+
+def _kernel_ready(ef: torch.Tensor, delta: torch.Tensor) -> bool:
+    return (ef.dtype == torch.float32 and delta.dtype == torch.float32 and ef.is_contiguous()
+            and delta.is_contiguous() and ef.shape == delta.shape and ef.numel() > 0)
+
+
+@sparseloco_encode.register_kernel("cpu")
+def _(ef, delta, beta, topk, chunk, quantizer, value_dtype):
+    lib = _lib.library("cpu")
+    if lib is None or not _kernel_ready(ef, delta):
+        return _encode_reference(ef, delta, beta, topk, chunk, quantizer, value_dtype)
+    layout = ChunkLayout(tuple(ef.shape), chunk, topk)
+    idx, vals, cents = _encode_outputs(layout, quantizer, value_dtype)
+    geo = geometry(layout)
+    status = lib.dl_cpu_sparseloco_encode(
+        ef.data_ptr(), delta.data_ptr(), ctypes.c_float(beta), ctypes.byref(geo),
+        _lib.QUANTIZER_CODES[quantizer], _lib.VALUE_DTYPE_CODES[value_dtype],
+        idx.data_ptr() if idx.numel() else None, vals.data_ptr() if vals.numel() else None,
+        cents.data_ptr() if cents.numel() else None, torch.get_num_threads())
+    _raise_for(status, lib)
+    return idx, vals, cents
+
+
+@sparseloco_encode.register_kernel("cuda")
+def _(ef, delta, beta, topk, chunk, quantizer, value_dtype):
+    lib = _lib.library("cuda")
+    if lib is None or not _kernel_ready(ef, delta):
+        return _encode_reference(ef, delta, beta, topk, chunk, quantizer, value_dtype)
+    layout = ChunkLayout(tuple(ef.shape), chunk, topk)
+    dev = ef.device
+    idx, vals, cents = _encode_outputs(layout, quantizer, value_dtype, dev)
+    geo = geometry(layout)
+    ws = torch.empty(int(lib.dl_cuda_encode_workspace_bytes(ctypes.byref(geo))), dtype=torch.uint8,
+                     device=dev)
+    status = torch.zeros(1, dtype=torch.int32, device=dev)
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        rc = lib.dl_cuda_sparseloco_encode(
+            ef.data_ptr(), delta.data_ptr(), ctypes.c_float(beta), ctypes.byref(geo),
+            _lib.QUANTIZER_CODES[quantizer], _lib.VALUE_DTYPE_CODES[value_dtype],
+            idx.data_ptr() if idx.numel() else None, vals.data_ptr(),
+            cents.data_ptr() if cents.numel() else None, ws.data_ptr(), ws.numel(),
+            status.data_ptr(), stream)
+    _raise_for(rc, lib)
+    _raise_for(int(status.item()), lib)  # synchronises with the stream
+    return idx.cpu(), vals.cpu(), cents.cpu()
+
+
+# ---- decode-aggregate -----------------------------------------------------------------------------
+@torch.library.custom_op("distrain::sparseloco_decode_aggregate", mutates_args=())
+def sparseloco_decode_aggregate(indices: list[torch.Tensor], values: list[torch.Tensor],
+                                centroids: list[torch.Tensor], shape: list[int], topk: int,
+                                chunk: int, quantizer: str, aggregation: str,
+                                value_dtype: str) -> torch.Tensor:
+    """Reference implementation: the codec's per-part decode and aggregation loop."""
+    return _decode_reference(indices, values, centroids, shape, topk, chunk, quantizer,
+                             aggregation, value_dtype)
+
+
+def _decode_reference(indices, values, centroids, shape, topk, chunk, quantizer, aggregation,
+                      value_dtype) -> torch.Tensor:
+    """Mirror of ``SparseLoCoCodec.decode_aggregate`` (kept here so it never dispatches back)."""
+    from comm.codecs.base import EncodedTensor
+    from comm.codecs.sparseloco import SparseLoCoCodec
+
+    codec = SparseLoCoCodec(topk=topk, chunk=chunk, quantizer=quantizer, aggregation=aggregation,
+                            value_dtype=value_dtype)
+    shape_t = tuple(int(s) for s in shape)
+    numel = codec.layout(shape_t).numel
+    total = torch.zeros(numel, dtype=torch.float32)
+    count = torch.zeros(numel, dtype=torch.float32)
+    for r in range(len(indices)):
+        bufs = {"indices": indices[r].cpu().numpy()}
+        if quantizer == "none":
+            bufs["values"] = values[r].cpu().numpy()
+        else:
+            bufs["codes"] = values[r].cpu().numpy()
+            bufs["centroids"] = centroids[r].cpu().numpy()
+        et = EncodedTensor(shape=shape_t, meta=codec.expected_meta(shape_t), buffers=bufs)
+        gidx, vals = codec.decode(et)
+        total.index_add_(0, gidx, vals)
+        count.index_add_(0, gidx, torch.ones_like(vals))
+    if aggregation == "mean_selected":
+        total = total / count.clamp(min=1.0)
+    else:
+        total = total / float(len(indices))
+    device = indices[0].device if indices else torch.device("cpu")
+    return total.reshape(shape_t).to(device)
+
+
+@sparseloco_decode_aggregate.register_fake
+def _(indices, values, centroids, shape, topk, chunk, quantizer, aggregation, value_dtype):
+    return torch.empty(list(shape), dtype=torch.float32, device=indices[0].device)
+
+
+def _ptr_array(tensors: list[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() if t.numel() else None for t in tensors])
+
+
+@sparseloco_decode_aggregate.register_kernel("cpu")
+def _(indices, values, centroids, shape, topk, chunk, quantizer, aggregation, value_dtype):
+    lib = _lib.library("cpu")
+    if lib is None:
+        return _decode_reference(indices, values, centroids, shape, topk, chunk, quantizer,
+                                 aggregation, value_dtype)
+    layout = ChunkLayout(tuple(int(s) for s in shape), chunk, topk)
+    geo = geometry(layout)
+    indices = [t.contiguous() for t in indices]
+    values = [t.contiguous() for t in values]
+    cents = torch.cat([c.reshape(-1) for c in centroids]).contiguous() if quantizer != "none" else None
+    out = torch.empty(layout.shape, dtype=torch.float32)
+    status = lib.dl_cpu_sparseloco_decode_aggregate(
+        ctypes.byref(geo), len(indices), _ptr_array(indices), _ptr_array(values),
+        cents.data_ptr() if cents is not None else None, _lib.QUANTIZER_CODES[quantizer],
+        _lib.VALUE_DTYPE_CODES[value_dtype], _lib.AGGREGATION_CODES[aggregation], out.data_ptr(),
+        torch.get_num_threads())
+    _raise_for(status, lib)
+    return out
+
+
+@sparseloco_decode_aggregate.register_kernel("cuda")
+def _(indices, values, centroids, shape, topk, chunk, quantizer, aggregation, value_dtype):
+    lib = _lib.library("cuda")
+    if lib is None:
+        return _decode_reference(indices, values, centroids, shape, topk, chunk, quantizer,
+                                 aggregation, value_dtype)
+    layout = ChunkLayout(tuple(int(s) for s in shape), chunk, topk)
+    geo = geometry(layout)
+    dev = indices[0].device
+    ptrs = torch.tensor([[t.data_ptr() for t in indices], [t.data_ptr() for t in values]],
+                        dtype=torch.int64).to(dev)
+    cents = (torch.cat([c.reshape(-1) for c in centroids]).to(dev) if quantizer != "none"
+             else None)
+    out = torch.zeros(layout.shape, dtype=torch.float32, device=dev)
+    counts = (torch.zeros(layout.numel, dtype=torch.int32, device=dev)
+              if aggregation == "mean_selected" else None)
+    status = torch.zeros(1, dtype=torch.int32, device=dev)
+    with torch.cuda.device(dev):
+        stream = torch.cuda.current_stream(dev).cuda_stream
+        rc = lib.dl_cuda_sparseloco_decode_aggregate(
+            ctypes.byref(geo), len(indices), ptrs[0].data_ptr(), ptrs[1].data_ptr(),
+            cents.data_ptr() if cents is not None else None, _lib.QUANTIZER_CODES[quantizer],
+            _lib.VALUE_DTYPE_CODES[value_dtype], _lib.AGGREGATION_CODES[aggregation],
+            out.data_ptr(), counts.data_ptr() if counts is not None else None,
+            status.data_ptr(), stream)
+    _raise_for(rc, lib)
+    _raise_for(int(status.item()), lib)
+    return out

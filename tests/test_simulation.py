@@ -1,0 +1,104 @@
+"""The in-process run end to end: resume equivalence, stragglers, simulated clock arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distrain.checkpoint import list_checkpoints
+from distrain.runner import Simulation
+
+
+def final_weights(sim: Simulation) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in sim.workers[0].model.state_dict().items()}
+
+
+def losses(run_dir) -> list[float]:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("algo,replicas", [("none", 1), ("sparseloco", 2)])
+def test_resume_gives_the_same_run(tiny_config, monkeypatch, algo, replicas):
+    common = [f"--outer.algorithm={algo}", f"--topology.replicas={replicas}", "--train.steps=12",
+              "--outer.inner_steps=3", "--logging.log_every=3", "--train.eval_every=6", "--checkpoint.every=6"]
+    straight = Simulation(tiny_config(*common, "--run.name=straight"))
+    s1 = straight.run()
+    w_straight = final_weights(straight)
+
+    first = Simulation(tiny_config(*common, "--run.name=cut"))
+    n_rounds = first.n_rounds()
+    # kill the run during its third round, after the checkpoint at step 6
+    done = {"rounds": 0}
+    original = Simulation._run_round
+
+    def crash_in_round_three(self, *args, **kwargs):
+        if done["rounds"] == 2:
+            raise RuntimeError("killed")
+        done["rounds"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Simulation, "_run_round", crash_in_round_three)
+    with pytest.raises(RuntimeError, match="killed"):
+        first.run()
+    monkeypatch.setattr(Simulation, "_run_round", original)
+    assert [p.name for p in list_checkpoints(first.ckpt_dir)][0] == "step-6"
+    resumed_cfg = tiny_config(*common, "--run.name=cut", "--checkpoint.resume=auto")
+    resumed = Simulation(resumed_cfg)
+    assert resumed.round == n_rounds // 2
+    s2 = resumed.run()
+    for k, v in w_straight.items():
+        assert torch.equal(v, resumed.workers[0].model.state_dict()[k]), k
+    assert s2.final_val_loss == s1.final_val_loss
+    assert losses(resumed.run_dir) == losses(straight.run_dir)
+    assert s2.tokens == s1.tokens
+
+
+def test_single_replica_loss_falls(tiny_config):
+    s = Simulation(tiny_config("--train.steps=40", "--train.lr=3e-3", "--train.eval_every=40")).run()
+    assert s.final_val_loss < s.first_val_loss - 1.0
+
+
+def test_simulated_clock_is_compute_plus_bytes_over_bandwidth(tiny_config):
+    """One round, 2 replicas: clock = H·step_time + latency + max(up, down) bytes / bandwidth."""
+    cfg = tiny_config("--outer.algorithm=sparseloco", "--topology.replicas=2", "--train.steps=3",
+                      "--outer.inner_steps=3", "--network.up_mbps=1.0", "--network.down_mbps=2.0",
+                      "--network.latency_ms=50.0", "--network.step_time_s=0.5")
+    sim = Simulation(cfg)
+    sim.run()
+    sent = [sim.hub.stats(r).bytes_sent for r in range(2)]
+    got = [sim.hub.stats(r).bytes_received for r in range(2)]
+    assert got == [sent[1], sent[0]]
+    expected = 3 * 0.5 + 0.05 + max(max(s * 8 / 1e6 for s in sent), max(g * 8 / 2e6 for g in got))
+    assert sim.clock_s() == pytest.approx(expected, rel=1e-12)
+    assert sim.utilisation() == pytest.approx(1.5 / expected)
+
+
+def test_straggler_policies(tiny_config):
+    common = ["--outer.algorithm=sparseloco", "--topology.replicas=2", "--topology.compute_speeds=[1.0, 0.5]",
+              "--train.steps=8", "--outer.inner_steps=4", "--network.step_time_s=1.0", "--network.latency_ms=0.0",
+              "--network.up_mbps=1000.0", "--network.down_mbps=1000.0"]
+    wait = Simulation(tiny_config(*common, "--topology.straggler_policy=wait", "--run.name=wait"))
+    wait.run()
+    fewer = Simulation(tiny_config(*common, "--topology.straggler_policy=fewer_steps", "--run.name=fewer"))
+    fewer.run()
+    assert [w.steps_per_round for w in wait.workers] == [4, 4]
+    assert [w.steps_per_round for w in fewer.workers] == [4, 2]
+    # waiting: the fast replica idles half of each round; fewer steps: both finish together
+    assert wait.utilisation() == pytest.approx(0.75, abs=0.01)
+    assert fewer.utilisation() == pytest.approx(1.0, abs=0.01)
+    assert fewer.clock_s() < wait.clock_s()
+    # the slow replica's schedule is compressed to its own step count
+    assert fewer.workers[1].trainer.cfg.steps == 4
+
+
+def test_replicas_end_rounds_on_identical_weights(tiny_config):
+    sim = Simulation(tiny_config("--outer.algorithm=diloco", "--outer.momentum=0.9", "--outer.nesterov=true",
+                                 "--outer.lr=0.7", "--topology.replicas=3", "--train.steps=6", "--outer.inner_steps=3"))
+    sim.run()
+    ref = sim.workers[0].model.state_dict()
+    for w in sim.workers[1:]:
+        for k, v in w.model.state_dict().items():
+            assert torch.equal(v, ref[k])
