@@ -98,6 +98,7 @@ class OuterConfig:
     chunk: int = 64  # block side for 2-D tensors / chunk length for 1-D
     ef_beta: float = 0.95
     quantizer: str = "reference"  # reference | symmetric | none
+    index_coding: str = "gaps"  # gaps (entropy-friendly, ~7.6 bits/index after zstd) | packed (12-bit fields)
     aggregation: str = "mean_selected"  # mean_selected | sum_over_r
     dense_dtype: str = "fp32"  # DiLoCo wire dtype: fp32 | bf16
     apply_delay: int = 0  # 1: apply each aggregate one round late (overlap)
@@ -135,6 +136,24 @@ class LoggingConfig:
     plots: bool = True
 
 
+# ---------------------------------------------------------------------------------------------
+# [runtime] — added by issue 5 (torchrun / Ray launchers); validated by distrain.layout.check_runtime.
+# How processes map onto replicas and machines. Simulation only reads ``torch_threads``.
+
+
+@dataclass
+class RuntimeConfig:
+    torch_threads: int = 0  # torch intra-op threads per worker (0: torch's default); 1 for bit-equal modes
+    backend: str = "auto"  # torchrun process group: auto (nccl with CUDA, else gloo) | gloo | nccl
+    replica_devices: list[int] = field(default_factory=list)  # processes per replica under torchrun (empty: 1 each)
+    replica_parallel: str = "ddp"  # inner steps of a multi-process replica: ddp | deepspeed
+    zero_stage: int = 2  # DeepSpeed ZeRO stage (1 or 2) when replica_parallel = "deepspeed"
+    worker_cpus: list[float] = field(default_factory=list)  # Ray: CPUs of each worker's bundle (empty: 1 each)
+    worker_gpus: list[float] = field(default_factory=list)  # Ray: GPUs of each worker's bundle (empty: 0 each)
+    worker_memory_mb: list[int] = field(default_factory=list)  # Ray: memory reserved per worker (empty: none)
+    placement_strategy: str = "PACK"  # Ray placement group: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -146,6 +165,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # issue 5
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -284,6 +304,7 @@ _CHOICES = {
     ("train", "precision"): {"auto", "fp32", "bf16"},
     ("outer", "algorithm"): {"none", "ddp", "diloco", "sparseloco"},
     ("outer", "quantizer"): {"reference", "symmetric", "none"},
+    ("outer", "index_coding"): {"gaps", "packed"},
     ("outer", "aggregation"): {"mean_selected", "sum_over_r"},
     ("outer", "dense_dtype"): {"fp32", "bf16"},
     ("topology", "straggler_policy"): {"wait", "fewer_steps"},

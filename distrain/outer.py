@@ -232,7 +232,7 @@ def make_codec_from_config(cfg: Config) -> Codec:
     o = cfg.outer
     if o.algorithm == "sparseloco":
         return make_codec("sparseloco", topk=o.topk, chunk=o.chunk, beta=o.ef_beta, quantizer=o.quantizer,
-                          aggregation=o.aggregation)
+                          aggregation=o.aggregation, index_coding=o.index_coding)
     return make_codec("dense", dtype=o.dense_dtype)
 
 

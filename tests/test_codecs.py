@@ -357,3 +357,62 @@ def test_fp16_values_saturate_and_error_feedback_keeps_the_rest():
     gidx, vals = codec.decode(codec.encode("w", x, state))
     assert vals.tolist() == [65504.0, -2.0]
     assert state["w"].tolist() == [1e5 - 65504.0, 0.0]
+
+
+# --- index coding: gaps (lossless, smaller after zstd) -------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(256, 192), (100,), (64, 64), (3, 1000), (1, 1)])
+def test_gap_index_coding_decodes_to_the_same_contribution(shape):
+    from comm.codecs import make_codec
+
+    g = torch.Generator().manual_seed(7)
+    delta = torch.randn(shape, generator=g)
+    packed = make_codec("sparseloco", index_coding="packed")
+    gaps = make_codec("sparseloco", index_coding="gaps")
+    et_p = packed.encode("t", delta, {})
+    et_g = gaps.encode("t", delta, {})
+    gaps.validate(et_g)
+    ip, vp = packed.decode(et_p)
+    ig, vg = gaps.decode(et_g)
+    assert torch.equal(ip, ig) and torch.equal(vp, vg)
+    assert et_g.buffers["indices"].nbytes == 2 * et_g.meta["nnz"]
+
+
+def test_gap_coded_frames_are_smaller_after_zstd():
+    from comm.codecs import make_codec
+    from comm.wire import FrameMeta, encode_frame
+
+    delta = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(3))
+    sizes = {}
+    for coding in ("packed", "gaps"):
+        codec = make_codec("sparseloco", index_coding=coding)
+        frame = encode_frame(FrameMeta.for_codec("r", 0, 0, codec), {"w": codec.encode("w", delta, {})})
+        sizes[coding] = len(frame)
+    nnz = 1024 * 1024 * 64 // 4096
+    assert sizes["packed"] * 8 / nnz > 13.0  # 12-bit indices + 2-bit codes (zstd gains little)
+    assert sizes["gaps"] * 8 / nnz < 10.5  # ~7.6-bit indices after zstd
+    
+
+@pytest.mark.parametrize("corrupt,error", [("zero_gap", "IndexRangeError"), ("overflow", "IndexRangeError"),
+                                           ("short", "SchemaError")])
+def test_gap_coded_bad_indices_are_rejected(corrupt, error):
+    import numpy as np
+
+    from comm import errors
+    from comm.codecs import EncodedTensor, make_codec
+
+    codec = make_codec("sparseloco", index_coding="gaps")
+    et = codec.encode("t", torch.randn(128, 128, generator=torch.Generator().manual_seed(1)), {})
+    buf = et.buffers["indices"].copy()
+    nnz = et.meta["nnz"]
+    if corrupt == "zero_gap":
+        buf[1] = 0
+        buf[nnz + 1] = 0
+    elif corrupt == "overflow":
+        buf[nnz + 3] = 0x20  # a gap of 8192+ inside a 4096-element chunk
+    else:
+        buf = buf[:-1]
+    bad = EncodedTensor(shape=et.shape, meta=et.meta, buffers={**et.buffers, "indices": buf})
+    with pytest.raises(getattr(errors, error)):
+        codec.validate(bad)

@@ -39,6 +39,7 @@ from comm.codecs.base import (
     require_int,
 )
 from comm.codecs.bitpack import pack_bits, packed_nbytes, padding_is_zero, unpack_bits
+from comm.codecs.index_coding import INDEX_CODINGS, decode_indices, encode_indices, index_nbytes
 from comm.codecs.chunking import ChunkLayout
 from comm.codecs.quantizers import LEVELS, QUANTIZERS, quantize
 from comm.errors import IndexRangeError, NonFiniteError, SchemaError
@@ -91,6 +92,7 @@ def sparseloco_encode_(
     chunk: int,
     quantizer: str,
     value_dtype: str = "fp16",
+    index_coding: str = "packed",
 ) -> EncodedTensor:
     """Fold ``delta`` into the error buffer ``ef`` (in place), select, quantize, and pack."""
     if ef.dtype != torch.float32 or not ef.is_contiguous():
@@ -105,7 +107,9 @@ def sparseloco_encode_(
     ef.mul_(beta).add_(delta.to(torch.float32))
     flat = ef.view(-1)
     ids, local, vals = select_sparse(ef, layout)
-    buffers: dict[str, np.ndarray] = {"indices": pack_bits(local.cpu().numpy(), layout.index_bits)}
+    buffers: dict[str, np.ndarray] = {
+        "indices": encode_indices(index_coding, local.cpu().numpy(), layout.chunk_ks().numpy(), layout.index_bits)
+    }
     if quantizer == "none":
         _, np_dtype, t_dtype = VALUE_DTYPES[value_dtype]
         # Saturate instead of overflowing to inf; error feedback keeps the clipped remainder.
@@ -137,6 +141,7 @@ class SparseLoCoCodec(Codec):
         quantizer: str = "reference",
         aggregation: str = "mean_selected",
         value_dtype: str = "fp16",
+        index_coding: str = "packed",
     ) -> None:
         self.topk = require_int("topk", topk, 1, 4096)
         self.chunk = require_int("chunk", chunk, 1, MAX_CHUNK)
@@ -146,6 +151,7 @@ class SparseLoCoCodec(Codec):
         self.quantizer = require_choice("quantizer", quantizer, QUANTIZERS)
         self.aggregation = require_choice("aggregation", aggregation, AGGREGATIONS)
         self.value_dtype = require_choice("value_dtype", value_dtype, tuple(VALUE_DTYPES))
+        self.index_coding = require_choice("index_coding", index_coding, INDEX_CODINGS)
 
     def params(self) -> dict[str, MetaValue]:
         return {
@@ -155,6 +161,7 @@ class SparseLoCoCodec(Codec):
             "quantizer": self.quantizer,
             "aggregation": self.aggregation,
             "value_dtype": self.value_dtype,
+            "index_coding": self.index_coding,
         }
 
     def layout(self, shape: tuple[int, ...]) -> ChunkLayout:
@@ -172,6 +179,7 @@ class SparseLoCoCodec(Codec):
             chunk=self.chunk,
             quantizer=self.quantizer,
             value_dtype=self.value_dtype,
+            index_coding=self.index_coding,
         )
 
     def expected_meta(self, shape: tuple[int, ...]) -> dict[str, MetaValue]:
@@ -180,7 +188,7 @@ class SparseLoCoCodec(Codec):
 
     def buffer_layout(self, shape: tuple[int, ...]) -> dict[str, BufferSpec]:
         lay = self.layout(shape)
-        specs = {"indices": BufferSpec("u1", packed_nbytes(lay.nnz, lay.index_bits))}
+        specs = {"indices": BufferSpec("u1", index_nbytes(self.index_coding, lay.nnz, lay.index_bits))}
         if self.quantizer == "none":
             specs["values"] = BufferSpec(VALUE_DTYPES[self.value_dtype][0], lay.nnz)
         else:
@@ -195,8 +203,9 @@ class SparseLoCoCodec(Codec):
             check_layout(et, self.buffer_layout(et.shape))
         except ValueError as exc:
             raise SchemaError(f"sparseloco tensor {et.shape}: {exc}") from None
-        local = torch.from_numpy(unpack_bits(et.buffers["indices"], lay.nnz, lay.index_bits))
-        ids = torch.repeat_interleave(torch.arange(lay.n_chunks), lay.chunk_ks())
+        ks = lay.chunk_ks()
+        local = torch.from_numpy(decode_indices(self.index_coding, et.buffers["indices"], ks.numpy(), lay.index_bits))
+        ids = torch.repeat_interleave(torch.arange(lay.n_chunks), ks)
         return lay, ids, local
 
     def _values(self, et: EncodedTensor, nnz: int) -> torch.Tensor:
@@ -209,8 +218,6 @@ class SparseLoCoCodec(Codec):
         lay, ids, local = self._unpack(et)
         if et.meta != self.expected_meta(et.shape):
             raise SchemaError(f"metadata {et.meta} differs from expected {self.expected_meta(et.shape)}")
-        if not padding_is_zero(et.buffers["indices"], lay.nnz, lay.index_bits):
-            raise SchemaError("non-zero padding bits after the last index")
         if "codes" in et.buffers and not padding_is_zero(et.buffers["codes"], lay.nnz, 2):
             raise SchemaError("non-zero padding bits after the last code")
         limit = lay.chunk_sizes()[ids]
