@@ -5,10 +5,13 @@ training comparison of exact vs sparse gradients.
 Peak memory: every (method, length) runs in a fresh subprocess; the figure is the process's
 resident-set high-water mark (getrusage ru_maxrss) minus its resident set just before the step,
 with the model and its .grad already allocated — i.e. activations, caches and temporaries.
-(tracemalloc does not see torch's CPU allocations.) Time: the fastest of --reps steps; the cores
-are shared, so compare methods by their ratios within one run.
+(tracemalloc does not see torch's CPU allocations.)
+Time: the cores of the machine this was written on are shared with other jobs (load average 5-10
+on 2 cores), where multi-threaded wall time varied 2-3x between identical steps. So by default each
+worker runs torch single-threaded and `step_s` is the process CPU time (user + sys) of one step,
+the fastest of --reps: on an idle core that equals wall time. `wall_s` is recorded too.
 
-    python bench/chunkwise.py                      # the recorded run (~10 min on 2 busy cores)
+    python bench/chunkwise.py                      # the recorded run (~10 min)
     python bench/chunkwise.py --lengths 1024,2048 --reps 1 --train-steps 50 --no-write   # quick
 """
 
@@ -80,7 +83,8 @@ def _step(method: str, model: Transformer, x: torch.Tensor, y: torch.Tensor, chu
     raise ValueError(f"unknown method {method!r}")
 
 
-def measure(method: str, seq_len: int, reps: int, chunks: int, spec: dict) -> dict:
+def measure(method: str, seq_len: int, reps: int, chunks: int, spec: dict, threads: int) -> dict:
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = _model(spec, seq_len)
     for p in model.parameters():
@@ -89,19 +93,21 @@ def measure(method: str, seq_len: int, reps: int, chunks: int, spec: dict) -> di
     x = torch.randint(0, spec["vocab"], (1, seq_len), generator=g)
     y = torch.randint(0, spec["vocab"], (1, seq_len), generator=g)
     base = _rss_mb()
-    times, n_bp = [], 0
+    cpu, wall, n_bp = [], [], 0
     for rep in range(reps):
-        t0 = time.perf_counter()
+        c0, w0 = time.process_time(), time.perf_counter()
         n_bp = _step(method, model, x, y, chunks, rep)
-        times.append(time.perf_counter() - t0)
-    return {"peak_mem_mb": round(max(_maxrss_mb() - base, 0.0), 1), "step_s": round(min(times), 3),
-            "step_s_all": [round(t, 3) for t in times], "backprop_chunks": n_bp}
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return {"peak_mem_mb": round(max(_maxrss_mb() - base, 0.0), 1), "step_s": round(min(cpu), 3),
+            "wall_s": round(min(wall), 3), "step_s_all": [round(t, 3) for t in cpu], "backprop_chunks": n_bp}
 
 
-def measure_in_subprocess(method: str, seq_len: int, reps: int, chunks: int, spec: dict) -> dict:
-    job = json.dumps(dict(method=method, seq_len=seq_len, reps=reps, chunks=chunks, spec=spec))
+def measure_in_subprocess(method: str, seq_len: int, reps: int, chunks: int, spec: dict, threads: int) -> dict:
+    job = json.dumps(dict(method=method, seq_len=seq_len, reps=reps, chunks=chunks, spec=spec, threads=threads))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     out = subprocess.run([sys.executable, __file__, "--worker", job], capture_output=True, text=True, cwd=ROOT,
-                         timeout=1800)
+                         timeout=1800, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{method} at {seq_len} tokens failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -127,7 +133,7 @@ def train(variant: dict, steps: int, spec: dict, seed: int = 0) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.95), weight_decay=0.0)
     cfg = ChunkwiseConfig(mode=variant["mode"], chunk_len=c, sparse_chunks=variant.get("t", 0), cap=variant.get("cap", 0.0))
     data_g, chunk_g = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2)
-    t0, curve = time.perf_counter(), []
+    t0, curve = time.process_time(), []
     for step in range(steps):
         x, y = periodic_batch(data_g, spec["batch"], T, period, vocab)
         opt.zero_grad(set_to_none=True)
@@ -135,7 +141,7 @@ def train(variant: dict, steps: int, spec: dict, seed: int = 0) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         curve.append(res.loss)
-    elapsed = time.perf_counter() - t0
+    elapsed = time.process_time() - t0
     x, y = periodic_batch(torch.Generator().manual_seed(10_000), 32, T, period, vocab)
     with torch.no_grad():
         logits = model(x)
@@ -143,7 +149,7 @@ def train(variant: dict, steps: int, spec: dict, seed: int = 0) -> dict:
     tail = curve[-max(1, steps // 10):]
     return {"eval_loss": round(per_tok.mean().item(), 4),
             "eval_loss_after_first_period": round(per_tok[:, period:].mean().item(), 4),
-            "train_loss_last10pct": round(sum(tail) / len(tail), 4), "train_s": round(elapsed, 1),
+            "train_loss_last10pct": round(sum(tail) / len(tail), 4), "train_cpu_s": round(elapsed, 1),
             "tokens": steps * spec["batch"] * T}
 
 
@@ -159,8 +165,9 @@ def markdown(result: dict) -> str:
         f"({s['model']['kv_heads']} K/V heads), vocab {s['model']['vocab']}; batch 1; {s['chunks']} chunks per "
         f"sequence (chunk length = tokens/{s['chunks']}); SpaCO t = {max(1, s['chunks'] // 4)} (n/4). "
         f"Peak memory = RSS high-water mark minus RSS before the step (fresh process per cell; model and "
-        f"grads excluded). Time = fastest of {s['reps']} steps on {result['machine']}; cores shared with "
-        "other jobs, so read ratios within a row.",
+        f"grads excluded). Time = CPU seconds of one step with {s['threads']} torch thread(s), fastest of "
+        f"{s['reps']}, on {result['machine']}; the cores were shared with other jobs, so read ratios "
+        "within a row (wall times are in the JSON).",
         "",
         "| tokens | full MB | ckpt MB | SeCO MB | SpaCO MB | full s | ckpt s | SeCO s | SpaCO s | SeCO/full mem | SeCO/full time | SeCO/SpaCO time |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -183,11 +190,11 @@ def markdown(result: dict) -> str:
                   f"model dim {ts['dim']}, {ts['layers']} layers; AdamW lr {ts['lr']}). "
                   "Loss after the first period is the learnable part (0 is perfect, ln V = "
                   f"{math.log(ts['vocab']):.2f} is chance).", "",
-                  "| variant | eval loss | eval loss after 1st period | train loss (last 10%) | train s |",
+                  "| variant | eval loss | eval loss after 1st period | train loss (last 10%) | train CPU s |",
                   "|---|---:|---:|---:|---:|"]
         for name, r in tr["runs"].items():
             lines.append(f"| {name} | {r['eval_loss']:.3f} | {r['eval_loss_after_first_period']:.3f} | "
-                         f"{r['train_loss_last10pct']:.3f} | {r['train_s']:.0f} |")
+                         f"{r['train_loss_last10pct']:.3f} | {r['train_cpu_s']:.0f} |")
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 
@@ -213,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--reps", type=int, default=2, help="timed steps per cell (fastest is reported)")
     ap.add_argument("--chunks", type=int, default=16, help="chunks per sequence for SeCO/SpaCO")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per measurement (see module doc)")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
@@ -227,9 +235,10 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker:
         job = json.loads(args.worker)
-        print(json.dumps(measure(job["method"], job["seq_len"], job["reps"], job["chunks"], job["spec"])))
+        print(json.dumps(measure(job["method"], job["seq_len"], job["reps"], job["chunks"], job["spec"], job["threads"])))
         return
 
+    torch.set_num_threads(args.threads)  # the training comparison runs in this process
     spec = dict(dim=args.dim, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab)
     methods = [m for m in args.methods.split(",") if m]
     for m in methods:
@@ -241,9 +250,10 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"length {T} is not a multiple of --chunks {args.chunks}")
         lengths[str(T)] = {}
         for m in methods:
-            r = measure_in_subprocess(m, T, args.reps, args.chunks, spec)
+            r = measure_in_subprocess(m, T, args.reps, args.chunks, spec, args.threads)
             lengths[str(T)][m] = r
-            print(f"{T:>6} {m:<10} peak {r['peak_mem_mb']:8.1f} MB  step {r['step_s']:7.2f} s  {r['step_s_all']}", flush=True)
+            print(f"{T:>6} {m:<10} peak {r['peak_mem_mb']:8.1f} MB  step {r['step_s']:7.2f} s cpu "
+                  f"({r['wall_s']:.2f} s wall)  {r['step_s_all']}", flush=True)
 
     training = {}
     if args.train_steps > 0:
@@ -268,9 +278,10 @@ def main(argv: list[str] | None = None) -> None:
         "lengths": lengths,
         "training": training,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
+                   f"load average {os.getloadavg()[0]:.1f} at the end",
         "command": cmd,
-        "settings": {"model": spec, "chunks": args.chunks, "reps": args.reps,
+        "settings": {"model": spec, "chunks": args.chunks, "reps": args.reps, "threads": args.threads,
+                     "step_s": "process CPU time (user+sys) of one step, fastest of reps; wall_s: wall time",
                      "memory": "ru_maxrss high-water mark minus RSS before the step, fresh process per cell",
                      "spaco_sampling_for_timing": "uniform (exactly t chunks)"},
         "targets": targets(lengths),

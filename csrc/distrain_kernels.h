@@ -36,7 +36,7 @@ enum dl_status {
   DL_ERR_INVALID = 1,          /* bad geometry, enum or pointer */
   DL_ERR_NONFINITE_DELTA = 2,  /* the pseudo-gradient holds NaN/Inf (nothing was modified) */
   DL_ERR_NONFINITE_EF = 3,     /* beta*ef + delta is NaN/Inf (ef was updated, nothing sent) */
-  DL_ERR_VALUE_OVERFLOW = 4,   /* quantizer "none", fp16: a selected value overflows fp16 */
+  DL_ERR_INDEX_ORDER = 4,      /* decode, gap coding: a gap of 0 (indices not increasing) */
   DL_ERR_INDEX = 5,            /* decode: a local index is outside its chunk */
   DL_ERR_NO_MEMORY = 6,
   DL_ERR_CUDA = 7              /* a CUDA runtime call or kernel launch failed */
@@ -45,6 +45,10 @@ enum dl_status {
 enum dl_quantizer { DL_Q_REFERENCE = 0, DL_Q_SYMMETRIC = 1, DL_Q_NONE = 2 };
 enum dl_value_dtype { DL_V_FP16 = 0, DL_V_FP32 = 1 };
 enum dl_aggregation { DL_AGG_MEAN_SELECTED = 0, DL_AGG_SUM_OVER_R = 1 };
+/* Index buffer layout (comm/codecs/index_coding.py): fixed-width bit fields, or per-chunk gaps
+ * (first = the index, then differences) as uint16 in two byte planes (all low bytes, then all
+ * high bytes; 2*nnz bytes). */
+enum dl_index_coding { DL_IDX_PACKED = 0, DL_IDX_GAPS = 1 };
 
 typedef struct dl_geometry {
   int64_t rows, cols; /* row-major view of the tensor */
@@ -63,14 +67,15 @@ DL_API int64_t dl_nnz(const dl_geometry* geo);
 
 /* ---- CPU (csrc/sparseloco_cpu.cpp) --------------------------------------------------------
  * encode: ef = ef*f32(beta) + delta (in place), per-chunk top-k, quantize, ef -= dequant, pack.
- *   out_indices:   packed_nbytes(nnz, index_bits) bytes
+ *   out_indices:   packed: packed_nbytes(nnz, index_bits) bytes; gaps: 2*nnz bytes
  *   out_values:    quantizer reference/symmetric: packed 2-bit codes, packed_nbytes(nnz, 2) bytes;
- *                  quantizer none: nnz fp16 (as uint16 bits) or fp32 values
+ *                  quantizer none: nnz fp16 (as uint16 bits; saturated at +-65504) or fp32 values
  *   out_centroids: 4 floats (ignored, may be NULL, for quantizer none)
  * num_threads <= 0 uses the OpenMP default. */
 DL_API int32_t dl_cpu_sparseloco_encode(float* ef, const float* delta, float beta,
                                         const dl_geometry* geo, int32_t quantizer,
-                                        int32_t value_dtype, uint8_t* out_indices,
+                                        int32_t value_dtype, int32_t index_coding,
+                                        uint8_t* out_indices,
                                         void* out_values, float* out_centroids,
                                         int32_t num_threads);
 
@@ -82,14 +87,15 @@ DL_API int32_t dl_cpu_sparseloco_decode_aggregate(const dl_geometry* geo, int64_
                                                   const uint8_t* const* indices,
                                                   const void* const* values,
                                                   const float* centroids, int32_t quantizer,
-                                                  int32_t value_dtype, int32_t aggregation,
-                                                  float* out, int32_t num_threads);
+                                                  int32_t value_dtype, int32_t index_coding,
+                                                  int32_t aggregation, float* out,
+                                                  int32_t num_threads);
 
 /* ---- CUDA (csrc/sparseloco_cuda.cu) -------------------------------------------------------
  * Same semantics; every pointer is device memory except geo. Work is enqueued on `stream`
  * (a cudaStream_t; NULL = legacy default stream) and the call returns without synchronising:
  * the return value reports invalid arguments and launch failures only, while data errors
- * (non-finite input, fp16 overflow, bad index) land in *status (a device int32 the caller zeroes
+ * (non-finite input, bad index) land in *status (a device int32 the caller zeroes
  * first and reads after the stream work completes). Once *status is non-zero the remaining
  * kernels leave ef and the outputs untouched, so the error semantics equal the CPU ones.
  *
@@ -100,16 +106,17 @@ DL_API int32_t dl_cpu_sparseloco_decode_aggregate(const dl_geometry* geo, int64_
 DL_API int64_t dl_cuda_encode_workspace_bytes(const dl_geometry* geo);
 DL_API int32_t dl_cuda_sparseloco_encode(float* ef, const float* delta, float beta,
                                          const dl_geometry* geo, int32_t quantizer,
-                                         int32_t value_dtype, uint8_t* out_indices,
-                                         void* out_values, float* out_centroids, void* workspace,
+                                         int32_t value_dtype, int32_t index_coding,
+                                         uint8_t* out_indices, void* out_values,
+                                         float* out_centroids, void* workspace,
                                          int64_t workspace_bytes, int32_t* status, void* stream);
 DL_API int32_t dl_cuda_sparseloco_decode_aggregate(const dl_geometry* geo, int64_t n_parts,
                                                    const uint8_t* const* indices,
                                                    const void* const* values,
                                                    const float* centroids, int32_t quantizer,
-                                                   int32_t value_dtype, int32_t aggregation,
-                                                   float* out, int32_t* counts, int32_t* status,
-                                                   void* stream);
+                                                   int32_t value_dtype, int32_t index_coding,
+                                                   int32_t aggregation, float* out,
+                                                   int32_t* counts, int32_t* status, void* stream);
 
 #ifdef __cplusplus
 }

@@ -27,7 +27,7 @@ inline const char* status_string(int32_t status) {
     case DL_ERR_INVALID: return "invalid argument";
     case DL_ERR_NONFINITE_DELTA: return "pseudo-gradient contains NaN or Inf";
     case DL_ERR_NONFINITE_EF: return "error-feedback buffer became NaN or Inf";
-    case DL_ERR_VALUE_OVERFLOW: return "selected values overflow fp16";
+    case DL_ERR_INDEX_ORDER: return "indices within a chunk are not strictly increasing (a gap is 0)";
     case DL_ERR_INDEX: return "index out of range for its chunk";
     case DL_ERR_NO_MEMORY: return "out of memory";
     case DL_ERR_CUDA: return "CUDA error";
@@ -139,7 +139,11 @@ DL_HD float f16_to_f32(uint16_t h) {
   memcpy(&f, &x, 4);
   return f;
 }
-DL_HD bool f16_is_finite(uint16_t h) { return (h & 0x7c00u) != 0x7c00u; }
+/* What the reference sends for quantizer none / fp16: clamp to ±65504, then round. */
+DL_HD uint16_t f32_to_f16_saturated(float f) {
+  const float lim = 65504.0f;
+  return f32_to_f16(f > lim ? lim : (f < -lim ? -lim : f));
+}
 
 /* Reference quantizer code of one value: clamp(round_half_even((v - shift) / scale + 2), 0, 3),
  * three fp32 operations in this order (callers compile without FMA contraction). */
@@ -170,6 +174,12 @@ DL_HD uint32_t read_field(const uint8_t* buf, int64_t nbytes, int64_t i, int bit
   for (int t = 0; t < need; ++t)
     if (byte + t < nbytes) w |= (uint32_t)buf[byte + t] << (8 * t);
   return (w >> shift) & ((bits == 32) ? 0xffffffffu : ((1u << bits) - 1u));
+}
+
+/* Gap of field i (index coding "gaps"): the index itself at a chunk's first field, else the
+ * difference to the previous field's index; stored as uint16 (wraps like numpy's astype). */
+DL_HD uint32_t gap_of(const uint32_t* idx, int64_t i, int64_t f0) {
+  return (i == f0 ? idx[i] : idx[i] - idx[i - 1]) & 0xffffu;
 }
 
 /* Pack fields [8*g, min(8*g + 8, count)) into their `bits` bytes (the group is byte aligned:
@@ -203,7 +213,13 @@ DL_HD void pack_group(int64_t g, int64_t count, int bits, uint8_t* out, Get get)
 DL_HD float ref_shift(double sum, int64_t m) { return (float)(sum / (double)m); }
 /* sq = Σ (f64(v) - f64(shift))²; sigma = (sq / (m - 1)) ** 0.5 (Python pow), scale = f32(1.5σ). */
 DL_HD float ref_scale(double sq, int64_t m) {
+#ifdef __CUDA_ARCH__
+  // Device pow is not correctly rounded; sqrt is, and glibc's pow(x, 0.5) (what Python's ** 0.5
+  // calls) agrees with the correctly rounded root. Either way σ is rounded to fp32 afterwards.
+  const double sigma = m >= 2 ? sqrt(sq / (double)(m - 1)) : 0.0;
+#else
   const double sigma = m >= 2 ? pow(sq / (double)(m - 1), 0.5) : 0.0;
+#endif
   const float scale = (float)(1.5 * sigma);
   return (scale > 0.0f && scale < INFINITY) ? scale : 1.0f;
 }

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
 #include <new>
 #include <vector>
 
@@ -40,84 +41,80 @@ inline uint64_t composite(uint32_t key, int64_t l) {
 }
 inline int64_t composite_index(uint64_t c) { return (int64_t)(0xffffffffu - (uint32_t)c); }
 
-inline void sift_down(uint64_t* h, int64_t n, int64_t i) {
-  const uint64_t x = h[i];
-  for (;;) {
-    int64_t c = 2 * i + 1;
-    if (c >= n) break;
-    if (c + 1 < n && h[c + 1] < h[c]) ++c;
-    if (h[c] >= x) break;
-    h[i] = h[c];
-    i = c;
-  }
-  h[i] = x;
-}
+// Per-chunk candidate buffer of capacity 2k. Candidates whose key beats the current threshold are
+// appended; a full buffer is cut back to its k best with nth_element, and the k-th best key
+// becomes the threshold. Elements arrive in ascending local index, so a newcomer whose |v| equals
+// the threshold key never beats the k-th best (its index is higher): comparing keys alone
+// implements the tie rule, and the buffer always holds the chunk's top k so far.
+struct Candidates {
+  uint64_t* buf;
+  int64_t k, size;
+  uint32_t thr;
+  bool has_thr;
 
-inline void heapify(uint64_t* h, int64_t n) {
-  for (int64_t i = n / 2 - 1; i >= 0; --i) sift_down(h, n, i);
-}
-
-// Offer the elements e[0..w) with local indices base..base+w-1 to a chunk's min-heap of
-// capacity k holding `filled` candidates. Elements arrive in ascending local index, so a newcomer
-// whose |v| equals the heap minimum's never beats it (its index is higher): comparing keys alone
-// implements the tie rule.
-inline void offer_row(const float* e, int64_t w, int64_t base, uint64_t* h, int64_t k,
-                      int64_t& filled) {
-  int64_t j = 0;
-  if (filled < k) {
-    const int64_t take = std::min(k - filled, w);
-    for (; j < take; ++j) h[filled++] = composite(dl::abs_key(e[j]), base + j);
-    if (filled == k) heapify(h, k);
-    if (j == w) return;
+  void compact() {
+    std::nth_element(buf, buf + (k - 1), buf + size, std::greater<uint64_t>());
+    size = k;
+    thr = (uint32_t)(buf[k - 1] >> 32);
+    has_thr = true;
   }
-  uint32_t thr = (uint32_t)(h[0] >> 32);
-  constexpr int64_t B = 16;
-  for (; j + B <= w; j += B) {
-    // Vectorisable screen: does any of the next B keys beat the current minimum?
-    int32_t any = 0;
-    for (int64_t t = 0; t < B; ++t) any |= (int32_t)dl::abs_key(e[j + t]) > (int32_t)thr;
-    if (!any) continue;
-    for (int64_t t = 0; t < B; ++t) {
-      const uint32_t key = dl::abs_key(e[j + t]);
-      if (key > thr) {
-        h[0] = composite(key, base + j + t);
-        sift_down(h, k, 0);
-        thr = (uint32_t)(h[0] >> 32);
+  void push(uint32_t key, int64_t l) {
+    buf[size++] = composite(key, l);
+    if (size == 2 * k) compact();
+  }
+  // Offer e[0..w), local indices base..base+w-1.
+  void offer_row(const float* e, int64_t w, int64_t base) {
+    int64_t j = 0;
+    for (; j < w && !has_thr; ++j) push(dl::abs_key(e[j]), base + j);
+    constexpr int64_t B = 16;
+    for (; j + B <= w; j += B) {
+      // Vectorisable screen: does any of the next B keys beat the threshold?
+      int32_t any = 0;
+      for (int64_t t = 0; t < B; ++t) any |= (int32_t)dl::abs_key(e[j + t]) > (int32_t)thr;
+      if (!any) continue;
+      for (int64_t t = 0; t < B; ++t) {
+        const uint32_t key = dl::abs_key(e[j + t]);
+        if (key > thr) push(key, base + j + t);  // thr may rise inside the block
       }
     }
-  }
-  for (; j < w; ++j) {
-    const uint32_t key = dl::abs_key(e[j]);
-    if (key > thr) {
-      h[0] = composite(key, base + j);
-      sift_down(h, k, 0);
-      thr = (uint32_t)(h[0] >> 32);
+    for (; j < w; ++j) {
+      const uint32_t key = dl::abs_key(e[j]);
+      if (!has_thr || key > thr) push(key, base + j);
     }
   }
-}
+  // The k selected local indices, ascending.
+  void finish(uint32_t* out) {
+    if (size > k) compact();
+    for (int64_t j = 0; j < k; ++j) out[j] = (uint32_t)composite_index(buf[j]);
+    std::sort(out, out + k);
+  }
+};
 
 // EF update and per-chunk top-k. Writes the selected local indices (ascending per chunk) and the
 // updated values to idx/val at each chunk's field offset. Returns false if ef became non-finite.
 bool update_and_select(float* ef, const float* delta, float beta, const Geo& g, int T,
-                       uint32_t* idx, float* val, std::vector<uint64_t>& heaps,
-                       std::vector<int64_t>& fills) {
+                       uint32_t* idx, float* val, std::vector<uint64_t>& buffers,
+                       std::vector<Candidates>& states) {
   const int64_t group = std::max<int64_t>(1, std::min(g.nbj, kGroupCols / g.cc));
   const int64_t ngroups = (g.nbj + group - 1) / group;
   const int64_t items = (g.rows / g.cr) * ngroups;
-  const int64_t heap_stride = group * g.k_full;
+  const int64_t buf_stride = group * 2 * g.k_full;
   uint32_t nonfinite = 0;
 #pragma omp parallel num_threads(T) reduction(| : nonfinite)
   {
     const int t = omp_get_thread_num();
-    uint64_t* heap = heaps.data() + (size_t)t * heap_stride;
-    int64_t* filled = fills.data() + (size_t)t * group;
+    uint64_t* bufs = buffers.data() + (size_t)t * buf_stride;
+    Candidates* cand = states.data() + (size_t)t * group;
     const int64_t lo = part_lo(items, t, T), hi = part_lo(items, t + 1, T);
     for (int64_t it = lo; it < hi; ++it) {
       const int64_t bi = it / ngroups;
       const int64_t bj0 = (it % ngroups) * group;
       const int64_t bj1 = std::min(g.nbj, bj0 + group);
       const int64_t c0 = bj0 * g.cc, c1 = std::min(g.cols, bj1 * g.cc);
-      std::fill(filled, filled + (bj1 - bj0), 0);
+      for (int64_t bj = bj0; bj < bj1; ++bj) {
+        const int64_t c = bi * g.nbj + bj;
+        cand[bj - bj0] = Candidates{bufs + (bj - bj0) * 2 * g.k_full, g.k_of(c), 0, 0, false};
+      }
       for (int64_t r = 0; r < g.cr; ++r) {
         const int64_t row = bi * g.cr + r;
         float* e = ef + row * g.cols;
@@ -133,17 +130,14 @@ bool update_and_select(float* ef, const float* delta, float beta, const Geo& g, 
         for (int64_t bj = bj0; bj < bj1; ++bj) {
           const int64_t c = bi * g.nbj + bj;
           const int64_t w = g.width(c);
-          offer_row(e + bj * g.cc, w, r * w, heap + (bj - bj0) * g.k_full, g.k_of(c),
-                    filled[bj - bj0]);
+          cand[bj - bj0].offer_row(e + bj * g.cc, w, r * w);
         }
       }
       for (int64_t bj = bj0; bj < bj1; ++bj) {
         const int64_t c = bi * g.nbj + bj;
         const int64_t k = g.k_of(c), w = g.width(c), f0 = g.field0(c);
-        uint64_t* h = heap + (bj - bj0) * g.k_full;
         uint32_t* out = idx + f0;
-        for (int64_t j = 0; j < k; ++j) out[j] = (uint32_t)composite_index(h[j]);
-        std::sort(out, out + k);
+        cand[bj - bj0].finish(out);
         for (int64_t j = 0; j < k; ++j) val[f0 + j] = ef[g.global(c, out[j], w)];
       }
     }
@@ -226,7 +220,8 @@ void quantize_symmetric(const float* v, int64_t m, int T, uint8_t* codes, float*
 // indices and codes (each group is byte aligned in both streams, so groups never share a byte).
 template <typename Dequant>
 void subtract_and_pack(float* ef, const Geo& g, int T, const uint32_t* idx, const uint8_t* codes,
-                       Dequant dq, uint8_t* out_indices, uint8_t* out_codes) {
+                       Dequant dq, int32_t index_coding, uint8_t* out_indices,
+                       uint8_t* out_codes) {
   const int64_t ngroups = (g.nnz + 7) / 8;
 #pragma omp parallel for num_threads(T) schedule(static)
   for (int64_t grp = 0; grp < ngroups; ++grp) {
@@ -235,16 +230,22 @@ void subtract_and_pack(float* ef, const Geo& g, int T, const uint32_t* idx, cons
       const int64_t c = g.chunk_of_field(i);
       const int64_t gi = g.global(c, idx[i], g.width(c));
       ef[gi] = ef[gi] - dq(i);
+      if (index_coding == DL_IDX_GAPS) {
+        const uint32_t gap = dl::gap_of(idx, i, g.field0(c));
+        out_indices[i] = (uint8_t)(gap & 0xffu);
+        out_indices[g.nnz + i] = (uint8_t)(gap >> 8);
+      }
     }
-    dl::pack_group(grp, g.nnz, g.bits, out_indices, [idx](int64_t i) { return idx[i]; });
+    if (index_coding == DL_IDX_PACKED)
+      dl::pack_group(grp, g.nnz, g.bits, out_indices, [idx](int64_t i) { return idx[i]; });
     if (out_codes != nullptr)
       dl::pack_group(grp, g.nnz, 2, out_codes, [codes](int64_t i) { return (uint32_t)codes[i]; });
   }
 }
 
 int32_t encode(float* ef, const float* delta, float beta, const Geo& g, int32_t quantizer,
-               int32_t value_dtype, uint8_t* out_indices, void* out_values, float* out_centroids,
-               int32_t num_threads) {
+               int32_t value_dtype, int32_t index_coding, uint8_t* out_indices, void* out_values,
+               float* out_centroids, int32_t num_threads) {
   const int T = thread_count(num_threads, g.numel());
   // 1. Reject a non-finite pseudo-gradient before touching ef (the reference raises first).
   uint32_t bad = 0;
@@ -255,13 +256,13 @@ int32_t encode(float* ef, const float* delta, float beta, const Geo& g, int32_t 
 
   // 2. EF update + top-k (the only pass over the dense data).
   const int64_t group = std::max<int64_t>(1, std::min(g.nbj, kGroupCols / g.cc));
-  std::vector<uint64_t> heaps((size_t)T * group * g.k_full);
-  std::vector<int64_t> fills((size_t)T * group);
+  std::vector<uint64_t> buffers((size_t)T * group * 2 * g.k_full);
+  std::vector<Candidates> states((size_t)T * group);
   std::vector<uint32_t> idx((size_t)g.nnz);
   std::vector<float> val((size_t)g.nnz);
-  if (!update_and_select(ef, delta, beta, g, T, idx.data(), val.data(), heaps, fills))
+  if (!update_and_select(ef, delta, beta, g, T, idx.data(), val.data(), buffers, states))
     return DL_ERR_NONFINITE_EF;
-  heaps = std::vector<uint64_t>();
+  buffers = std::vector<uint64_t>();
 
   // 3.-5. Quantize the selected values, subtract what is sent, pack.
   const int Ts = thread_count(num_threads, g.nnz);
@@ -271,19 +272,15 @@ int32_t encode(float* ef, const float* delta, float beta, const Geo& g, int32_t 
       float* outv = static_cast<float*>(out_values);
       std::memcpy(outv, v, sizeof(float) * (size_t)g.nnz);
       subtract_and_pack(ef, g, Ts, idx.data(), nullptr, [v](int64_t i) { return v[i]; },
-                        out_indices, nullptr);
+                        index_coding, out_indices, nullptr);
       return DL_OK;
     }
     uint16_t* outh = static_cast<uint16_t*>(out_values);
-    uint32_t overflow = 0;
-#pragma omp parallel for num_threads(Ts) reduction(| : overflow) schedule(static)
-    for (int64_t i = 0; i < g.nnz; ++i) {
-      outh[i] = dl::f32_to_f16(v[i]);
-      overflow |= (uint32_t)!dl::f16_is_finite(outh[i]);
-    }
-    if (overflow) return DL_ERR_VALUE_OVERFLOW;  // before the subtraction, like the reference
+#pragma omp parallel for num_threads(Ts) schedule(static)
+    for (int64_t i = 0; i < g.nnz; ++i) outh[i] = dl::f32_to_f16_saturated(v[i]);
     subtract_and_pack(ef, g, Ts, idx.data(), nullptr,
-                      [outh](int64_t i) { return dl::f16_to_f32(outh[i]); }, out_indices, nullptr);
+                      [outh](int64_t i) { return dl::f16_to_f32(outh[i]); }, index_coding,
+                      out_indices, nullptr);
     return DL_OK;
   }
   std::vector<uint8_t> codes((size_t)g.nnz);
@@ -293,8 +290,8 @@ int32_t encode(float* ef, const float* delta, float beta, const Geo& g, int32_t 
     quantize_symmetric(v, g.nnz, Ts, codes.data(), out_centroids);
   const uint8_t* cd = codes.data();
   subtract_and_pack(ef, g, Ts, idx.data(), cd,
-                    [cd, out_centroids](int64_t i) { return out_centroids[cd[i]]; }, out_indices,
-                    static_cast<uint8_t*>(out_values));
+                    [cd, out_centroids](int64_t i) { return out_centroids[cd[i]]; },
+                    index_coding, out_indices, static_cast<uint8_t*>(out_values));
   return DL_OK;
 }
 
@@ -303,16 +300,16 @@ int32_t encode(float* ef, const float* delta, float beta, const Geo& g, int32_t 
 // (count per coordinate alongside), then write the chunk's block of the output once.
 int32_t decode_aggregate(const Geo& g, int64_t R, const uint8_t* const* indices,
                          const void* const* values, const float* centroids, int32_t quantizer,
-                         int32_t value_dtype, int32_t aggregation, float* out,
-                         int32_t num_threads) {
+                         int32_t value_dtype, int32_t index_coding, int32_t aggregation,
+                         float* out, int32_t num_threads) {
   const int T = thread_count(num_threads, g.numel());
   const int64_t ibytes = dl::packed_nbytes(g.nnz, g.bits);
   const int64_t cbytes = dl::packed_nbytes(g.nnz, 2);
   const float r_f32 = (float)R;  // reference: total / float(R)
   std::vector<float> acc_all((size_t)T * g.n_full);
   std::vector<float> cnt_all((size_t)T * g.n_full);
-  uint32_t bad_index = 0;
-#pragma omp parallel num_threads(T) reduction(| : bad_index)
+  uint32_t bad_index = 0, bad_order = 0;
+#pragma omp parallel num_threads(T) reduction(| : bad_index, bad_order)
   {
     const int t = omp_get_thread_num();
     float* acc = acc_all.data() + (size_t)t * g.n_full;
@@ -323,10 +320,17 @@ int32_t decode_aggregate(const Geo& g, int64_t R, const uint8_t* const* indices,
       std::fill(cnt, cnt + n, 0.0f);
       for (int64_t r = 0; r < R; ++r) {
         const uint8_t* ib = indices[r];
+        int64_t l = 0;
         for (int64_t j = 0; j < k; ++j) {
           const int64_t i = f0 + j;
-          const uint32_t l = dl::read_field(ib, ibytes, i, g.bits);
-          if ((int64_t)l >= n) {
+          if (index_coding == DL_IDX_PACKED) {
+            l = dl::read_field(ib, ibytes, i, g.bits);
+          } else {
+            const int64_t gap = (int64_t)ib[i] | ((int64_t)ib[g.nnz + i] << 8);
+            if (j > 0 && gap == 0) bad_order = 1;
+            l = j == 0 ? gap : l + gap;
+          }
+          if (l >= n) {
             bad_index = 1;
             continue;
           }
@@ -352,12 +356,13 @@ int32_t decode_aggregate(const Geo& g, int64_t R, const uint8_t* const* indices,
       }
     }
   }
-  return bad_index ? DL_ERR_INDEX : DL_OK;
+  return bad_order ? DL_ERR_INDEX_ORDER : (bad_index ? DL_ERR_INDEX : DL_OK);
 }
 
-bool valid_enums(int32_t quantizer, int32_t value_dtype) {
+bool valid_enums(int32_t quantizer, int32_t value_dtype, int32_t index_coding) {
   return quantizer >= DL_Q_REFERENCE && quantizer <= DL_Q_NONE &&
-         (value_dtype == DL_V_FP16 || value_dtype == DL_V_FP32);
+         (value_dtype == DL_V_FP16 || value_dtype == DL_V_FP32) &&
+         (index_coding == DL_IDX_PACKED || index_coding == DL_IDX_GAPS);
 }
 
 }  // namespace
@@ -375,18 +380,18 @@ DL_API int64_t dl_nnz(const dl_geometry* geo) {
 
 DL_API int32_t dl_cpu_sparseloco_encode(float* ef, const float* delta, float beta,
                                         const dl_geometry* geo, int32_t quantizer,
-                                        int32_t value_dtype, uint8_t* out_indices,
-                                        void* out_values, float* out_centroids,
-                                        int32_t num_threads) {
+                                        int32_t value_dtype, int32_t index_coding,
+                                        uint8_t* out_indices, void* out_values,
+                                        float* out_centroids, int32_t num_threads) {
   Geo g;
-  if (!dl::make_geo(geo, &g) || !valid_enums(quantizer, value_dtype) || ef == nullptr ||
-      delta == nullptr || out_values == nullptr ||
-      (out_indices == nullptr && g.bits > 0) ||
+  if (!dl::make_geo(geo, &g) || !valid_enums(quantizer, value_dtype, index_coding) ||
+      ef == nullptr || delta == nullptr || out_values == nullptr ||
+      (out_indices == nullptr && (g.bits > 0 || index_coding == DL_IDX_GAPS)) ||
       (quantizer != DL_Q_NONE && out_centroids == nullptr))
     return DL_ERR_INVALID;
   try {
-    return encode(ef, delta, beta, g, quantizer, value_dtype, out_indices, out_values,
-                  out_centroids, num_threads);
+    return encode(ef, delta, beta, g, quantizer, value_dtype, index_coding, out_indices,
+                  out_values, out_centroids, num_threads);
   } catch (const std::bad_alloc&) {
     return DL_ERR_NO_MEMORY;
   }
@@ -396,19 +401,23 @@ DL_API int32_t dl_cpu_sparseloco_decode_aggregate(const dl_geometry* geo, int64_
                                                   const uint8_t* const* indices,
                                                   const void* const* values,
                                                   const float* centroids, int32_t quantizer,
-                                                  int32_t value_dtype, int32_t aggregation,
-                                                  float* out, int32_t num_threads) {
+                                                  int32_t value_dtype, int32_t index_coding,
+                                                  int32_t aggregation, float* out,
+                                                  int32_t num_threads) {
   Geo g;
-  if (!dl::make_geo(geo, &g) || !valid_enums(quantizer, value_dtype) || n_parts < 1 ||
+  if (!dl::make_geo(geo, &g) || !valid_enums(quantizer, value_dtype, index_coding) ||
+      n_parts < 1 ||
       indices == nullptr || values == nullptr || out == nullptr ||
       (quantizer != DL_Q_NONE && centroids == nullptr) ||
       (aggregation != DL_AGG_MEAN_SELECTED && aggregation != DL_AGG_SUM_OVER_R))
     return DL_ERR_INVALID;
   for (int64_t r = 0; r < n_parts; ++r)
-    if ((indices[r] == nullptr && g.bits > 0) || values[r] == nullptr) return DL_ERR_INVALID;
+    if ((indices[r] == nullptr && (g.bits > 0 || index_coding == DL_IDX_GAPS)) ||
+        values[r] == nullptr)
+      return DL_ERR_INVALID;
   try {
     return decode_aggregate(g, n_parts, indices, values, centroids, quantizer, value_dtype,
-                            aggregation, out, num_threads);
+                            index_coding, aggregation, out, num_threads);
   } catch (const std::bad_alloc&) {
     return DL_ERR_NO_MEMORY;
   }

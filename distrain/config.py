@@ -152,6 +152,7 @@ class RuntimeConfig:
     worker_gpus: list[float] = field(default_factory=list)  # Ray: GPUs of each worker's bundle (empty: 0 each)
     worker_memory_mb: list[int] = field(default_factory=list)  # Ray: memory reserved per worker (empty: none)
     placement_strategy: str = "PACK"  # Ray placement group: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    max_restarts: int = 3  # Ray: how often a worker actor that died is restarted (then it catches up)
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""The in-process run: R workers as threads over the simulated transport.
+"""The round loop's shared parts, and the in-process run: R workers as threads over the simulated transport.
 
 ``distrain train`` is the R = 1 case (no outer round); ``distrain simulate`` runs several
 replicas through the very same ``Worker.run_round`` the multi-process launchers use, with a
-network model that turns bytes into simulated seconds.
+network model that turns bytes into simulated seconds. The torchrun and Ray launchers reuse
+``RoundLogger`` (metrics records, evaluation and checkpoint schedule, progress) and the per-rank
+checkpoint helpers below, so every mode logs the same records and rounds the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from comm.network import NetworkModel, RankStats
 from comm.simulated import SimulatedHub
-from distrain.checkpoint import resolve_resume, save_checkpoint
+from distrain.checkpoint import LoadedCheckpoint, list_checkpoints, read_checkpoint, resolve_resume, save_checkpoint
 from distrain.config import Config, save_config
 from distrain.data import PreparedData, TokenSampler, prepare, read_shard
 from distrain.metrics import MetricsLogger, Progress, human_bytes
@@ -40,7 +42,7 @@ class RunSummary:
     final_val_loss: float
     wire_bytes_per_replica_per_round: float
     dense_fp32_bytes_per_replica_per_round: float
-    sim_time_s: float
+    sim_time_s: float  # simulation: simulated wall-clock; real modes: the real round-loop wall-clock
     utilisation: float
     wall_s: float
 
@@ -72,6 +74,149 @@ def validation_batches(cfg: Config, data: PreparedData) -> list[tuple[torch.Tens
     return val.val_batches(cfg.train.eval_batches)
 
 
+def apply_torch_threads(cfg: Config) -> None:
+    """``runtime.torch_threads`` > 0 pins torch's intra-op threads: results depend on it bit-wise."""
+    if cfg.runtime.torch_threads > 0:
+        torch.set_num_threads(cfg.runtime.torch_threads)
+
+
+def n_rounds(cfg: Config, steps_per_round: int) -> int:
+    """Rounds of a run whose first replica does ``steps_per_round`` inner steps per round."""
+    return math.ceil(cfg.train.steps / steps_per_round)
+
+
+def crossed(step: int, steps: int, every: int) -> bool:
+    """Did the last ``steps`` inner steps, ending at ``step``, cross a multiple of ``every``?"""
+    return bool(every) and step // every > (step - steps) // every
+
+
+# ----- metrics: one schedule and one record format for every mode ---------------------------------
+def round_record(round_idx: int, reports: list[RoundReport], total_tokens: int, bytes_sent: int,
+                 clock_s: float, utilisation: float, wall_s: float | None = None) -> dict[str, Any]:
+    """The ``kind = "train"`` record of one round, from the replicas' reports (leaders only).
+
+    ``bytes_sent`` is the running total before this round; the record carries the new total.
+    ``wall_s``: real seconds of the round (real modes) — tokens/s is then measured, not simulated.
+    """
+    r0 = reports[0]
+    wall = sum(r.compute_s for r in reports) / len(reports)
+    tokens_per_s = sum(r.tokens for r in reports) / max(1e-9, wall * len(reports)) * len(reports)
+    if wall_s is not None:
+        tokens_per_s = sum(r.tokens for r in reports) / max(1e-9, wall_s)
+    rec: dict[str, Any] = {
+        "kind": "train", "round": round_idx, "step": r0.step, "tokens": total_tokens,
+        "loss": float(np.mean([r.train_loss for r in reports])), "lr": r0.lr,
+        "tokens_per_s": tokens_per_s, "sim_time_s": clock_s, "utilisation": utilisation,
+    }
+    stats = [r.outer for r in reports if r.outer is not None]
+    if stats:
+        sent = float(np.mean([s.wire_bytes for s in stats]))
+        dense = float(np.mean([s.dense_bytes for s in stats]))
+        bytes_sent += int(sent)
+        rec.update(wire_bytes=sent, dense_bytes=dense, compression=dense / max(1.0, sent),
+                   rejected=sum(s.rejected for s in stats), contributors=min(s.contributors for s in stats))
+    rec["bytes_sent"] = bytes_sent
+    return rec
+
+
+class RoundLogger:
+    """Rank 0's account of a run: metrics.jsonl records, the progress bar, the summary's averages."""
+
+    def __init__(self, cfg: Config, run_dir: Path, total_rounds: int, start_round: int = 0, bytes_sent: int = 0):
+        self.cfg = cfg
+        self.metrics = MetricsLogger(run_dir, cfg.logging.tensorboard)
+        self.progress = Progress(total_rounds, cfg.logging.progress, desc=cfg.outer.algorithm, initial=start_round)
+        self.total_rounds = total_rounds
+        self.bytes_sent = bytes_sent
+        self.wire: list[float] = []
+        self.dense: list[float] = []
+        self.first_val = float("nan")
+        self.val_loss = float("nan")
+
+    def initial_val(self, val_loss: float) -> None:
+        self.first_val = self.val_loss = val_loss
+        self.metrics.log({"kind": "val", "step": 0, "round": 0, "tokens": 0, "bytes_sent": 0,
+                          "sim_time_s": 0.0, "val_loss": val_loss}, step=0)
+
+    def train(self, round_idx: int, reports: list[RoundReport], total_tokens: int, clock_s: float,
+              utilisation: float, wall_s: float | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        rec = round_record(round_idx, reports, total_tokens, self.bytes_sent, clock_s, utilisation, wall_s)
+        rec.update(extra or {})
+        self.bytes_sent = rec["bytes_sent"]
+        self.wire.append(rec.get("wire_bytes", 0.0))
+        self.dense.append(rec.get("dense_bytes", 0.0))
+        self.metrics.log(rec, step=rec["step"])
+        return rec
+
+    def eval_due(self, rec: dict[str, Any], steps: int) -> bool:
+        return rec["round"] == self.total_rounds or crossed(rec["step"], steps, self.cfg.train.eval_every)
+
+    def checkpoint_due(self, rec: dict[str, Any], steps: int) -> bool:
+        return rec["round"] == self.total_rounds or crossed(rec["step"], steps, self.cfg.checkpoint.every)
+
+    def val(self, rec: dict[str, Any], val_loss: float) -> None:
+        self.val_loss = val_loss
+        self.metrics.log({"kind": "val", "step": rec["step"], "round": rec["round"], "tokens": rec["tokens"],
+                          "bytes_sent": rec["bytes_sent"], "sim_time_s": rec["sim_time_s"], "val_loss": val_loss},
+                         step=rec["step"])
+        rec["val_loss"] = val_loss
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Any other record (e.g. ``kind = "event"``: a worker dropped, a resume)."""
+        self.metrics.log(record, step=record.get("step"))
+
+    def show(self, rec: dict[str, Any], clock: str = "sim") -> None:
+        self.progress.update(1, loss=rec["loss"], val=self.val_loss, tok_s=rec["tokens_per_s"],
+                             sent=human_bytes(rec["bytes_sent"]), ratio=rec.get("compression", 1.0))
+        if self.cfg.outer.algorithm in ("diloco", "sparseloco"):
+            self.progress.write(round_line(rec, clock))
+
+    def summary(self, run_dir: Path, rounds: int, steps: int, tokens: int, clock_s: float, utilisation: float,
+                wall_s: float) -> RunSummary:
+        return RunSummary(run_dir, rounds, steps, tokens, self.first_val, self.val_loss,
+                          float(np.mean(self.wire)) if self.wire else 0.0,
+                          float(np.mean(self.dense)) if self.dense else 0.0, clock_s, utilisation, wall_s)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.metrics.close()
+
+
+def round_line(rec: dict[str, Any], clock: str = "sim") -> str:
+    return (f"round {rec['round']:4d} step {rec['step']:5d} loss {rec['loss']:.4f} "
+            f"sent {human_bytes(rec.get('wire_bytes', 0))}/replica ({rec.get('compression', 1):.0f}x < fp32) "
+            f"{clock} {rec['sim_time_s']:.1f}s util {rec['utilisation']:.2f}")
+
+
+# ----- per-rank checkpoints (torchrun, Ray): checkpoints/rank-K/step-N -----------------------------
+def rank_checkpoint_dir(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"rank-{rank}"
+
+
+def save_rank_checkpoint(run_dir: Path, rank: int, step: int, state: dict[str, Any], meta: dict[str, Any],
+                         keep: int) -> Path:
+    return save_checkpoint(rank_checkpoint_dir(run_dir, rank), step, state, {**meta, "rank": rank}, keep=keep)
+
+
+def rank_checkpoint_steps(run_dir: Path, rank: int) -> list[int]:
+    """Steps this rank has a checkpoint directory for, newest first (not yet verified)."""
+    return [int(p.name.split("-", 1)[1]) for p in list_checkpoints(rank_checkpoint_dir(run_dir, rank))]
+
+
+def read_rank_checkpoint(run_dir: Path, rank: int, step: int) -> LoadedCheckpoint:
+    """One rank's checkpoint at ``step``, verified (size, checksum, format) before loading."""
+    return read_checkpoint(rank_checkpoint_dir(run_dir, rank) / f"step-{step}")
+
+
+def newest_common_step(steps_per_rank: list[list[int]], exclude: set[int] = frozenset()) -> int | None:
+    """The newest step every rank has a checkpoint for (the agreed resume point), or None."""
+    if not steps_per_rank:
+        return None
+    common = set(steps_per_rank[0]).intersection(*map(set, steps_per_rank[1:])) - set(exclude)
+    return max(common) if common else None
+
+
+# ----- the simulation ------------------------------------------------------------------------------
 class Simulation:
     """Drives rounds over R in-process workers; rank 0's view is what gets logged."""
 
@@ -80,6 +225,7 @@ class Simulation:
             raise ValueError("outer.algorithm = 'none' trains one replica; set topology.replicas = 1 "
                              "or pick ddp, diloco or sparseloco")
         self.cfg = cfg
+        apply_torch_threads(cfg)
         self.run_dir = setup_run_dir(cfg)
         self.data = prepare_data(cfg, progress=cfg.logging.progress)
         save_config(cfg, self.run_dir / "config.toml")  # now with the resolved vocabulary size
@@ -91,7 +237,6 @@ class Simulation:
                                 timeout_s=cfg.topology.round_timeout_s)
         train_tokens = read_shard(self.data.train_path)
         self.workers: list[Worker] = [build_worker(cfg, r, r, train_tokens, self.hub.transport(r)) for r in range(R)]
-        self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard)
         self.round = 0
         self.bytes_sent = 0
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -137,7 +282,7 @@ class Simulation:
 
     # -- running -------------------------------------------------------------------------------
     def n_rounds(self) -> int:
-        return math.ceil(self.cfg.train.steps / self.workers[0].steps_per_round)
+        return n_rounds(self.cfg, self.workers[0].steps_per_round)
 
     def evaluate(self) -> float:
         return self.workers[0].trainer.evaluate(self.val_batches)
@@ -145,50 +290,35 @@ class Simulation:
     def run(self) -> RunSummary:
         cfg = self.cfg
         t0 = time.perf_counter()
-        n_rounds = self.n_rounds()
-        progress = Progress(n_rounds, cfg.logging.progress, desc=cfg.outer.algorithm, initial=self.round)
-        first_val = self.evaluate() if self.round == 0 else float("nan")
+        total = self.n_rounds()
+        logger = RoundLogger(cfg, self.run_dir, total, self.round, self.bytes_sent)
         if self.round == 0:
-            self.metrics.log({"kind": "val", "step": 0, "round": 0, "tokens": 0, "bytes_sent": 0,
-                              "sim_time_s": 0.0, "val_loss": first_val}, step=0)
-        wire, dense, val_loss = [], [], first_val
-        every = cfg.checkpoint.every
+            logger.initial_val(self.evaluate())
         pool = ThreadPoolExecutor(max_workers=len(self.workers), thread_name_prefix="worker")
         try:
-            while self.round < n_rounds:
+            while self.round < total:
                 remaining = cfg.train.steps - self.workers[0].trainer.step
                 reports = self._run_round(pool, remaining)
                 self.round += 1
-                rec = self._round_record(reports)
-                wire.append(rec.get("wire_bytes", 0.0))
-                dense.append(rec.get("dense_bytes", 0.0))
-                step = rec["step"]
-                self.metrics.log(rec, step=step)
-                last = self.round == n_rounds
-                if last or step // cfg.train.eval_every > (step - reports[0].steps) // cfg.train.eval_every:
-                    val_loss = self.evaluate()
-                    self.metrics.log({"kind": "val", "step": step, "round": self.round, "tokens": rec["tokens"],
-                                      "bytes_sent": rec["bytes_sent"], "sim_time_s": rec["sim_time_s"],
-                                      "val_loss": val_loss}, step=step)
-                    rec["val_loss"] = val_loss
-                progress.update(1, loss=rec["loss"], val=val_loss, tok_s=rec["tokens_per_s"],
-                                sent=human_bytes(rec["bytes_sent"]), ratio=rec.get("compression", 1.0))
-                if cfg.outer.algorithm in ("diloco", "sparseloco"):
-                    progress.write(self._round_line(rec))
-                if last or (every and step // every > (step - reports[0].steps) // every):
+                if self.round == total:
+                    for w in self.workers:
+                        w.finish()
+                rec = logger.train(self.round, reports, self.total_tokens, self.clock_s(), self.utilisation())
+                self.bytes_sent = logger.bytes_sent
+                if logger.eval_due(rec, reports[0].steps):
+                    logger.val(rec, self.evaluate())
+                logger.show(rec)
+                if logger.checkpoint_due(rec, reports[0].steps):
                     self.save()
         finally:
             pool.shutdown(wait=True)
-            progress.close()
-            self.metrics.close()
+            logger.close()
         if cfg.logging.plots:
             from distrain.plots import plot_run
 
             plot_run(self.run_dir)
-        clock = self.clock_s()
-        return RunSummary(self.run_dir, self.round, self.workers[0].trainer.step, self.total_tokens, first_val,
-                          val_loss, float(np.mean(wire)) if wire else 0.0, float(np.mean(dense)) if dense else 0.0,
-                          clock, self.utilisation(), time.perf_counter() - t0)
+        return logger.summary(self.run_dir, self.round, self.workers[0].trainer.step, self.total_tokens,
+                              self.clock_s(), self.utilisation(), time.perf_counter() - t0)
 
     def _run_round(self, pool: ThreadPoolExecutor, remaining: int) -> list[RoundReport]:
         futures = [pool.submit(w.run_round, self.round, remaining) for w in self.workers]
@@ -202,30 +332,43 @@ class Simulation:
             raise errors[0]
         return reports
 
-    def _round_record(self, reports: list[RoundReport]) -> dict[str, Any]:
-        r0 = reports[0]
-        wall = sum(r.compute_s for r in reports) / len(reports)
-        rec: dict[str, Any] = {
-            "kind": "train", "round": self.round, "step": r0.step, "tokens": self.total_tokens,
-            "loss": float(np.mean([r.train_loss for r in reports])), "lr": r0.lr,
-            "tokens_per_s": sum(r.tokens for r in reports) / max(1e-9, wall * len(reports)) * len(reports),
-            "sim_time_s": self.clock_s(), "utilisation": self.utilisation(),
-        }
-        stats = [r.outer for r in reports if r.outer is not None]
-        if stats:
-            sent = float(np.mean([s.wire_bytes for s in stats]))
-            dense = float(np.mean([s.dense_bytes for s in stats]))
-            self.bytes_sent += int(sent)
-            rec.update(wire_bytes=sent, dense_bytes=dense, compression=dense / max(1.0, sent),
-                       rejected=sum(s.rejected for s in stats), contributors=min(s.contributors for s in stats))
-        rec["bytes_sent"] = self.bytes_sent
-        return rec
-
-    def _round_line(self, rec: dict[str, Any]) -> str:
-        return (f"round {rec['round']:4d} step {rec['step']:5d} loss {rec['loss']:.4f} "
-                f"sent {human_bytes(rec.get('wire_bytes', 0))}/replica ({rec.get('compression', 1):.0f}x < fp32) "
-                f"sim {rec['sim_time_s']:.1f}s util {rec['utilisation']:.2f}")
-
 
 def run_simulation(cfg: Config) -> RunSummary:
     return Simulation(cfg).run()
+
+
+# ----- fault injection for the launchers' tests and demos ----------------------------------------
+@dataclass(frozen=True)
+class Fault:
+    """``KIND:rank=R,round=N[,delay=S]`` — what to break, where, and when.
+
+    - ``exit`` (torchrun): rank R exits at the start of round N, on the first attempt only, so
+      torchrun's elastic restart has something to resume;
+    - ``kill`` (Ray): the driver kills worker R's actor S seconds into round N (Ray restarts it);
+    - ``stale`` (Ray): worker R re-sends its previous round's frame in round N.
+    """
+
+    kind: str
+    rank: int
+    round: int
+    delay: float = 0.0
+
+    KINDS = ("exit", "kill", "stale")
+
+    @classmethod
+    def parse(cls, spec: str) -> "Fault":
+        kind, _, rest = spec.partition(":")
+        if kind not in cls.KINDS:
+            raise ValueError(f"fault {spec!r}: kind must be one of {', '.join(cls.KINDS)}")
+        fields: dict[str, str] = {}
+        for part in filter(None, rest.split(",")):
+            k, eq, v = part.partition("=")
+            if not eq or k not in ("rank", "round", "delay"):
+                raise ValueError(f"fault {spec!r}: expected rank=R,round=N[,delay=S], got {part!r}")
+            fields[k] = v
+        if "rank" not in fields or "round" not in fields:
+            raise ValueError(f"fault {spec!r}: rank and round are required")
+        try:
+            return cls(kind, int(fields["rank"]), int(fields["round"]), float(fields.get("delay", 0.0)))
+        except ValueError:
+            raise ValueError(f"fault {spec!r}: rank and round must be integers, delay a number") from None

@@ -60,6 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from parallel.chunkwise_attention import RouteChunkAttention
+
 MODES = ("off", "seco", "spaco")
 SAMPLINGS = ("bernoulli", "uniform")
 DEFAULT_SAMPLING = "bernoulli"
@@ -286,6 +288,8 @@ def chunkwise_backward(
 
     amp = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
+    # The model attends over [prefix; chunk] with an explicit mask, slow on CPU: use the split kernel.
+    route = RouteChunkAttention() if x.device.type == "cpu" else contextlib.nullcontext()
     loss_sum = 0.0
 
     # Pass 1 (no grad): K/V of every chunk a back-propagated chunk reads, plus the loss of chunks
@@ -295,7 +299,7 @@ def chunkwise_backward(
     n_fwd = max(last_sel, max(skipped, default=-1) + 1)
     kbuf: list[Tensor | None] = [None] * len(layers)
     vbuf: list[Tensor | None] = [None] * len(layers)
-    with torch.no_grad(), amp:
+    with torch.no_grad(), amp, route:
         for i in range(n_fwd):
             sl = slice(i * c, (i + 1) * c)
             h = model.embed(x[:, sl]) if model.is_first else x[:, sl]
@@ -326,7 +330,7 @@ def chunkwise_backward(
     input_grad = torch.zeros_like(x) if not model.is_first else None
     seed = loss_scale * loss_factor / count if count else 0.0
     # Pass 2: chunks n-1 → 0, each chunk's graph alone.
-    with torch.enable_grad(), amp:
+    with torch.enable_grad(), amp, route:
         for i in reversed(selected):
             sl = slice(i * c, (i + 1) * c)
             xin = x[:, sl] if model.is_first else x[:, sl].detach().requires_grad_(True)

@@ -11,6 +11,7 @@ import distrain.model as dm
 from distrain.config import ChunkwiseConfig, ModelConfig
 from distrain.model import Transformer
 from parallel.chunkwise import chunkwise_backward, factors, plan_chunks, select_chunks
+from parallel.chunkwise_attention import RouteChunkAttention, _PrefixCausal, prefix_causal_attention
 
 V = 61
 
@@ -397,3 +398,49 @@ def test_autocast_bf16_close_to_fp32():
     for k in ref:
         cos = F.cosine_similarity(got[k].flatten(), ref[k].flatten(), dim=0)
         assert cos > 0.98, (k, cos)
+
+
+# --------------------------------------------------------------------------------------------
+# The split attention kernel used for [prefix; chunk]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("T, S", [(8, 8), (8, 29), (1, 5), (16, 48)])
+def test_prefix_causal_attention_equals_masked_sdpa(dtype, tol, T, S):
+    g = torch.Generator().manual_seed(T * 100 + S)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+               for n in (T, S, S))
+    do = torch.randn(2, 3, T, 16, generator=g, dtype=torch.float64).to(dtype)
+    mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    want_g = torch.autograd.grad(want, (q, k, v), do)
+    got = prefix_causal_attention(q, k, v)
+    got_g = torch.autograd.grad(got, (q, k, v), do)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_router_takes_only_the_bottom_right_causal_mask():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 2, 4, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g), torch.randn(1, 2, 12, 8, generator=g)
+    causal = torch.ones(4, 12, dtype=torch.bool).tril(diagonal=8)
+    other = torch.rand(4, 12, generator=g) > 0.3
+    q.requires_grad_(True)
+    with RouteChunkAttention():
+        routed = F.scaled_dot_product_attention(q, k, v, attn_mask=causal)
+        kept = F.scaled_dot_product_attention(q, k, v, attn_mask=other)
+    assert type(routed.grad_fn).__name__ == "_PrefixCausalBackward"
+    assert type(kept.grad_fn).__name__ != "_PrefixCausalBackward"
+    torch.testing.assert_close(kept, F.scaled_dot_product_attention(q, k, v, attn_mask=other))
+
+
+def test_chunkwise_uses_the_split_kernel(monkeypatch):
+    calls = []
+    real = _PrefixCausal.apply
+    monkeypatch.setattr(_PrefixCausal, "apply", lambda *a: calls.append(1) or real(*a))
+    m = Transformer(model_cfg(n_layers=2))
+    x, y = data(16)
+    chunkwise_backward(m, x, y, ChunkwiseConfig(mode="seco", chunk_len=4))
+    # pass 1 runs chunks 1..2 with a prefix, pass 2 chunks 1..3; 2 layers each
+    assert len(calls) == 2 * (2 + 3)

@@ -49,25 +49,28 @@ def forced_mode(m: str) -> Iterator[None]:
 
 
 def encode(ef: torch.Tensor, delta: torch.Tensor, *, beta: float, topk: int, chunk: int,
-           quantizer: str, value_dtype: str = "fp16"):
+           quantizer: str, value_dtype: str = "fp16", index_coding: str = "packed"):
     """Drop-in for ``comm.codecs.sparseloco.sparseloco_encode_`` (same arguments and result)."""
     from comm.codecs.base import EncodedTensor, check_shape
-    from comm.codecs.chunking import ChunkLayout
+    from comm.codecs.index_coding import INDEX_CODINGS
     from comm.codecs.quantizers import QUANTIZERS
     from comm.codecs.sparseloco import VALUE_DTYPES
 
-    if ef.dtype != torch.float32:
-        raise TypeError(f"error-feedback buffer must be float32, got {ef.dtype}")
+    if ef.dtype != torch.float32 or not ef.is_contiguous():
+        raise TypeError(f"error-feedback buffer must be contiguous float32, got {ef.dtype}")
     if ef.shape != delta.shape:
         raise ValueError(f"delta shape {tuple(delta.shape)} differs from buffer shape {tuple(ef.shape)}")
     if quantizer not in QUANTIZERS or value_dtype not in VALUE_DTYPES:
         raise ValueError(f"unknown quantizer {quantizer!r} or value dtype {value_dtype!r}")
+    if index_coding not in INDEX_CODINGS:
+        raise ValueError(f"unknown index coding {index_coding!r} ({', '.join(INDEX_CODINGS)})")
     if delta.device != ef.device:
         raise ValueError(f"delta is on {delta.device} but the error-feedback buffer on {ef.device}")
-    layout = ChunkLayout(check_shape(tuple(ef.shape)), chunk, topk)
+    layout = _ops.chunk_layout(check_shape(tuple(ef.shape)), int(chunk), int(topk))
     delta = delta.to(torch.float32).contiguous()
     idx, vals, cents = torch.ops.distrain.sparseloco_encode(ef, delta, float(beta), int(topk),
-                                                            int(chunk), quantizer, value_dtype)
+                                                            int(chunk), quantizer, value_dtype,
+                                                            index_coding)
     buffers = {"indices": idx.numpy()}
     if quantizer == "none":
         buffers["values"] = vals.numpy().astype(VALUE_DTYPES[value_dtype][1], copy=False)
@@ -80,7 +83,7 @@ def encode(ef: torch.Tensor, delta: torch.Tensor, *, beta: float, topk: int, chu
 
 def decode_aggregate(parts: list, shape: tuple[int, ...], *, topk: int, chunk: int,
                      quantizer: str, aggregation: str, value_dtype: str = "fp16",
-                     beta: float | None = None,
+                     index_coding: str = "packed", beta: float | None = None,
                      device: torch.device | str | None = None) -> torch.Tensor:
     """Same result as ``SparseLoCoCodec(...).decode_aggregate(parts, shape)``, on ``device``.
 
@@ -88,6 +91,7 @@ def decode_aggregate(parts: list, shape: tuple[int, ...], *, topk: int, chunk: i
     CPU tensor like the reference; a CUDA device uploads the payloads once and aggregates there.
     """
     from comm.codecs.base import check_layout, check_shape
+    from comm.codecs.bitpack import padding_is_zero
     from comm.codecs.sparseloco import SparseLoCoCodec
     from comm.errors import SchemaError
 
@@ -96,15 +100,19 @@ def decode_aggregate(parts: list, shape: tuple[int, ...], *, topk: int, chunk: i
     if not parts:
         raise ValueError("decode_aggregate needs at least one contribution")
     codec = SparseLoCoCodec(topk=topk, chunk=chunk, quantizer=quantizer, aggregation=aggregation,
-                            value_dtype=value_dtype)
+                            value_dtype=value_dtype, index_coding=index_coding)
     layout = codec.buffer_layout(shape)
-    for part in parts:
+    chunks = codec.layout(shape)
+    for part in parts:  # the checks (and messages) of the reference's decode, in its order
         if part.shape != shape:
             raise ValueError(f"contribution of shape {part.shape} for a tensor of shape {shape}")
         try:
             check_layout(part, layout)
         except ValueError as exc:
             raise SchemaError(f"sparseloco tensor {part.shape}: {exc}") from None
+        if index_coding == "packed" and not padding_is_zero(part.buffers["indices"], chunks.nnz,
+                                                            chunks.index_bits):
+            raise SchemaError("non-zero padding bits after the last index")
     vname = "values" if quantizer == "none" else "codes"
     arrays = [(p.buffers["indices"], p.buffers[vname]) for p in parts]
     cents = [p.buffers["centroids"] for p in parts] if quantizer != "none" else []
@@ -116,7 +124,8 @@ def decode_aggregate(parts: list, shape: tuple[int, ...], *, topk: int, chunk: i
     else:
         idx, val, cen = _upload([a for a, _ in arrays], [v for _, v in arrays], cents, dev)
     return torch.ops.distrain.sparseloco_decode_aggregate(
-        idx, val, cen, list(shape), int(topk), int(chunk), quantizer, aggregation, value_dtype)
+        idx, val, cen, list(shape), int(topk), int(chunk), quantizer, aggregation, value_dtype,
+        index_coding)
 
 
 def _upload(indices: list[np.ndarray], values: list[np.ndarray], cents: list[np.ndarray],

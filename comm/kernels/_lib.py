@@ -27,11 +27,12 @@ ABI_VERSION = 1  # must equal DL_ABI_VERSION in csrc/distrain_kernels.h
 MODES = ("auto", "build", "reference", "off")
 
 # Status codes (enum dl_status).
-OK, ERR_INVALID, ERR_NONFINITE_DELTA, ERR_NONFINITE_EF, ERR_VALUE_OVERFLOW, ERR_INDEX, \
+OK, ERR_INVALID, ERR_NONFINITE_DELTA, ERR_NONFINITE_EF, ERR_INDEX_ORDER, ERR_INDEX, \
     ERR_NO_MEMORY, ERR_CUDA = range(8)
 QUANTIZER_CODES = {"reference": 0, "symmetric": 1, "none": 2}
 VALUE_DTYPE_CODES = {"fp16": 0, "fp32": 1}
 AGGREGATION_CODES = {"mean_selected": 0, "sum_over_r": 1}
+INDEX_CODING_CODES = {"packed": 0, "gaps": 1}
 
 
 class Geometry(ctypes.Structure):
@@ -57,18 +58,19 @@ _SIGNATURES: dict[str, dict[str, tuple]] = {
         "dl_abi_version": (_I32, ()),
         "dl_status_string": (ctypes.c_char_p, (_I32,)),
         "dl_nnz": (_I64, (_GEO,)),
-        "dl_cpu_sparseloco_encode": (_I32, (_P, _P, _F32, _GEO, _I32, _I32, _P, _P, _P, _I32)),
+        "dl_cpu_sparseloco_encode": (_I32, (_P, _P, _F32, _GEO, _I32, _I32, _I32, _P, _P, _P,
+                                            _I32)),
         "dl_cpu_sparseloco_decode_aggregate": (_I32, (_GEO, _I64, _P, _P, _P, _I32, _I32, _I32,
-                                                      _P, _I32)),
+                                                      _I32, _P, _I32)),
     },
     "cuda": {
         "dl_abi_version": (_I32, ()),
         "dl_status_string": (ctypes.c_char_p, (_I32,)),
         "dl_cuda_encode_workspace_bytes": (_I64, (_GEO,)),
-        "dl_cuda_sparseloco_encode": (_I32, (_P, _P, _F32, _GEO, _I32, _I32, _P, _P, _P, _P, _I64,
-                                             _P, _P)),
+        "dl_cuda_sparseloco_encode": (_I32, (_P, _P, _F32, _GEO, _I32, _I32, _I32, _P, _P, _P, _P,
+                                             _I64, _P, _P)),
         "dl_cuda_sparseloco_decode_aggregate": (_I32, (_GEO, _I64, _P, _P, _P, _I32, _I32, _I32,
-                                                       _P, _P, _P, _P)),
+                                                       _I32, _P, _P, _P, _P)),
     },
 }
 

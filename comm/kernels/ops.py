@@ -1,10 +1,13 @@
 """SparseLoCo encode / decode-aggregate as torch ops with reference, C++ and CUDA implementations.
 
 ``torch.ops.distrain.sparseloco_encode`` and ``torch.ops.distrain.sparseloco_decode_aggregate``
-dispatch on the device of their tensor arguments. The default implementation is the PyTorch
-reference codec (``comm.codecs.sparseloco``); the ``cpu`` and ``cuda`` kernels call the ctypes
-libraries and, when those are unavailable (not built, stale, ``DISTRAIN_KERNELS=reference``),
-run the reference instead. All outputs are CPU tensors: the payload goes to the wire anyway, and
+dispatch on the device of their tensor arguments. The default implementation
+(CompositeExplicitAutograd) is the PyTorch reference codec (``comm.codecs.sparseloco``); the
+``CPU`` and ``CUDA`` kernels call the ctypes libraries and, when those are unavailable (not
+built, stale, ``DISTRAIN_KERNELS=reference``), run the reference instead. Registered with the
+low-level ``torch.library.Library`` API rather than ``custom_op``: the latter's Python wrapper
+layers cost ~0.3 ms per call, more than the whole kernel on a small tensor. Fake (meta)
+implementations let the ops appear in traced graphs. All outputs are CPU tensors: the payload goes to the wire anyway, and
 reading the result back is where the CUDA kernels' data errors are checked.
 
 Outputs of encode: ``indices`` (uint8, packed), ``values`` (uint8 packed 2-bit codes, or fp16/fp32
@@ -14,12 +17,14 @@ values for quantizer ``none``) and ``centroids`` (4 × fp32, empty for ``none``)
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import numpy as np
 import torch
 
 from comm.codecs.bitpack import packed_nbytes
 from comm.codecs.chunking import ChunkLayout
+from comm.codecs.index_coding import index_nbytes
 from comm.kernels import _lib
 
 _VALUE_TORCH = {"fp16": torch.float16, "fp32": torch.float32}
@@ -27,6 +32,14 @@ _VALUE_TORCH = {"fp16": torch.float16, "fp32": torch.float32}
 
 class KernelError(RuntimeError):
     """A kernel library rejected its arguments or a CUDA call failed (a bug, not bad data)."""
+
+
+@functools.lru_cache(maxsize=4096)
+def chunk_layout(shape: tuple[int, ...], chunk: int, topk: int) -> ChunkLayout:
+    """Cached: a model has few distinct shapes, and the layout's properties are recomputed."""
+    lay = ChunkLayout(shape, chunk, topk)
+    lay.numel, lay.block  # noqa: B018 - fill the cached properties
+    return lay
 
 
 def geometry(layout: ChunkLayout) -> _lib.Geometry:
@@ -46,9 +59,7 @@ def _raise_for(status: int, lib: ctypes.CDLL) -> None:
     msg = _lib.status_message(lib, status)
     if status in (_lib.ERR_NONFINITE_DELTA, _lib.ERR_NONFINITE_EF):
         raise ValueError(msg)
-    if status == _lib.ERR_VALUE_OVERFLOW:
-        raise ValueError("selected values overflow fp16")
-    if status == _lib.ERR_INDEX:
+    if status in (_lib.ERR_INDEX, _lib.ERR_INDEX_ORDER):
         from comm.errors import IndexRangeError
 
         raise IndexRangeError(msg)
@@ -57,11 +68,12 @@ def _raise_for(status: int, lib: ctypes.CDLL) -> None:
     raise KernelError(f"kernel failed: {msg} (status {status})")
 
 
-def _encode_outputs(layout: ChunkLayout, quantizer: str, value_dtype: str,
+def _encode_outputs(layout: ChunkLayout, quantizer: str, value_dtype: str, index_coding: str,
                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Empty output tensors of an encoding of ``layout``."""
     nnz = layout.nnz
-    idx = torch.empty(packed_nbytes(nnz, layout.index_bits), dtype=torch.uint8, device=device)
+    idx = torch.empty(index_nbytes(index_coding, nnz, layout.index_bits), dtype=torch.uint8,
+                      device=device)
     if quantizer == "none":
         vals = torch.empty(nnz, dtype=_VALUE_TORCH[value_dtype], device=device)
         cents = torch.empty(0, dtype=torch.float32, device=device)
@@ -71,20 +83,23 @@ def _encode_outputs(layout: ChunkLayout, quantizer: str, value_dtype: str,
     return idx, vals, cents
 
 
-# ---- encode -------------------------------------------------------------------------------------
-@torch.library.custom_op("distrain::sparseloco_encode", mutates_args=("ef",))
-def sparseloco_encode(ef: torch.Tensor, delta: torch.Tensor, beta: float, topk: int, chunk: int,
-                      quantizer: str, value_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference implementation: the PyTorch codec itself."""
-    return _encode_reference(ef, delta, beta, topk, chunk, quantizer, value_dtype)
+_LIB = torch.library.Library("distrain", "DEF")
+_LIB.define("sparseloco_encode(Tensor(a!) ef, Tensor delta, float beta, int topk, int chunk, "
+            "str quantizer, str value_dtype, str index_coding) -> (Tensor, Tensor, Tensor)")
+_LIB.define("sparseloco_decode_aggregate(Tensor[] indices, Tensor[] values, Tensor[] centroids, "
+            "int[] shape, int topk, int chunk, str quantizer, str aggregation, str value_dtype, "
+            "str index_coding) -> Tensor")
 
+
+# ---- encode -------------------------------------------------------------------------------------
 
 def _encode_reference(ef: torch.Tensor, delta: torch.Tensor, beta: float, topk: int, chunk: int,
-                      quantizer: str, value_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      quantizer: str, value_dtype: str,
+                      index_coding: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from comm.codecs.sparseloco import sparseloco_encode_
 
     et = sparseloco_encode_(ef, delta, beta=beta, topk=topk, chunk=chunk, quantizer=quantizer,
-                            value_dtype=value_dtype)
+                            value_dtype=value_dtype, index_coding=index_coding)
     idx = torch.from_numpy(np.ascontiguousarray(et.buffers["indices"]))
     if quantizer == "none":
         vals = torch.from_numpy(np.ascontiguousarray(et.buffers["values"]))
@@ -95,9 +110,10 @@ def _encode_reference(ef: torch.Tensor, delta: torch.Tensor, beta: float, topk: 
     return idx, vals, cents
 
 
-@sparseloco_encode.register_fake
-def _(ef, delta, beta, topk, chunk, quantizer, value_dtype):
-    return _encode_outputs(ChunkLayout(tuple(ef.shape), chunk, topk), quantizer, value_dtype)
+@torch.library.register_fake("distrain::sparseloco_encode")
+def _encode_fake(ef, delta, beta, topk, chunk, quantizer, value_dtype, index_coding):
+    return _encode_outputs(chunk_layout(tuple(ef.shape), chunk, topk), quantizer, value_dtype,
+                           index_coding)
 
 
 def _kernel_ready(ef: torch.Tensor, delta: torch.Tensor) -> bool:
@@ -105,31 +121,30 @@ def _kernel_ready(ef: torch.Tensor, delta: torch.Tensor) -> bool:
             and delta.is_contiguous() and ef.shape == delta.shape and ef.numel() > 0)
 
 
-@sparseloco_encode.register_kernel("cpu")
-def _(ef, delta, beta, topk, chunk, quantizer, value_dtype):
+def _encode_cpu(ef, delta, beta, topk, chunk, quantizer, value_dtype, index_coding):
     lib = _lib.library("cpu")
     if lib is None or not _kernel_ready(ef, delta):
-        return _encode_reference(ef, delta, beta, topk, chunk, quantizer, value_dtype)
-    layout = ChunkLayout(tuple(ef.shape), chunk, topk)
-    idx, vals, cents = _encode_outputs(layout, quantizer, value_dtype)
+        return _encode_reference(ef, delta, beta, topk, chunk, quantizer, value_dtype, index_coding)
+    layout = chunk_layout(tuple(ef.shape), chunk, topk)
+    idx, vals, cents = _encode_outputs(layout, quantizer, value_dtype, index_coding)
     geo = geometry(layout)
     status = lib.dl_cpu_sparseloco_encode(
         ef.data_ptr(), delta.data_ptr(), ctypes.c_float(beta), ctypes.byref(geo),
         _lib.QUANTIZER_CODES[quantizer], _lib.VALUE_DTYPE_CODES[value_dtype],
-        idx.data_ptr() if idx.numel() else None, vals.data_ptr() if vals.numel() else None,
-        cents.data_ptr() if cents.numel() else None, torch.get_num_threads())
+        _lib.INDEX_CODING_CODES[index_coding], idx.data_ptr() if idx.numel() else None,
+        vals.data_ptr() if vals.numel() else None, cents.data_ptr() if cents.numel() else None,
+        torch.get_num_threads())
     _raise_for(status, lib)
     return idx, vals, cents
 
 
-@sparseloco_encode.register_kernel("cuda")
-def _(ef, delta, beta, topk, chunk, quantizer, value_dtype):
+def _encode_cuda(ef, delta, beta, topk, chunk, quantizer, value_dtype, index_coding):
     lib = _lib.library("cuda")
     if lib is None or not _kernel_ready(ef, delta):
-        return _encode_reference(ef, delta, beta, topk, chunk, quantizer, value_dtype)
-    layout = ChunkLayout(tuple(ef.shape), chunk, topk)
+        return _encode_reference(ef, delta, beta, topk, chunk, quantizer, value_dtype, index_coding)
+    layout = chunk_layout(tuple(ef.shape), chunk, topk)
     dev = ef.device
-    idx, vals, cents = _encode_outputs(layout, quantizer, value_dtype, dev)
+    idx, vals, cents = _encode_outputs(layout, quantizer, value_dtype, index_coding, dev)
     geo = geometry(layout)
     ws = torch.empty(int(lib.dl_cuda_encode_workspace_bytes(ctypes.byref(geo))), dtype=torch.uint8,
                      device=dev)
@@ -139,7 +154,8 @@ def _(ef, delta, beta, topk, chunk, quantizer, value_dtype):
         rc = lib.dl_cuda_sparseloco_encode(
             ef.data_ptr(), delta.data_ptr(), ctypes.c_float(beta), ctypes.byref(geo),
             _lib.QUANTIZER_CODES[quantizer], _lib.VALUE_DTYPE_CODES[value_dtype],
-            idx.data_ptr() if idx.numel() else None, vals.data_ptr(),
+            _lib.INDEX_CODING_CODES[index_coding], idx.data_ptr() if idx.numel() else None,
+            vals.data_ptr(),
             cents.data_ptr() if cents.numel() else None, ws.data_ptr(), ws.numel(),
             status.data_ptr(), stream)
     _raise_for(rc, lib)
@@ -148,24 +164,14 @@ def _(ef, delta, beta, topk, chunk, quantizer, value_dtype):
 
 
 # ---- decode-aggregate -----------------------------------------------------------------------------
-@torch.library.custom_op("distrain::sparseloco_decode_aggregate", mutates_args=())
-def sparseloco_decode_aggregate(indices: list[torch.Tensor], values: list[torch.Tensor],
-                                centroids: list[torch.Tensor], shape: list[int], topk: int,
-                                chunk: int, quantizer: str, aggregation: str,
-                                value_dtype: str) -> torch.Tensor:
-    """Reference implementation: the codec's per-part decode and aggregation loop."""
-    return _decode_reference(indices, values, centroids, shape, topk, chunk, quantizer,
-                             aggregation, value_dtype)
-
-
 def _decode_reference(indices, values, centroids, shape, topk, chunk, quantizer, aggregation,
-                      value_dtype) -> torch.Tensor:
+                      value_dtype, index_coding) -> torch.Tensor:
     """Mirror of ``SparseLoCoCodec.decode_aggregate`` (kept here so it never dispatches back)."""
     from comm.codecs.base import EncodedTensor
     from comm.codecs.sparseloco import SparseLoCoCodec
 
     codec = SparseLoCoCodec(topk=topk, chunk=chunk, quantizer=quantizer, aggregation=aggregation,
-                            value_dtype=value_dtype)
+                            value_dtype=value_dtype, index_coding=index_coding)
     shape_t = tuple(int(s) for s in shape)
     numel = codec.layout(shape_t).numel
     total = torch.zeros(numel, dtype=torch.float32)
@@ -189,8 +195,9 @@ def _decode_reference(indices, values, centroids, shape, topk, chunk, quantizer,
     return total.reshape(shape_t).to(device)
 
 
-@sparseloco_decode_aggregate.register_fake
-def _(indices, values, centroids, shape, topk, chunk, quantizer, aggregation, value_dtype):
+@torch.library.register_fake("distrain::sparseloco_decode_aggregate")
+def _decode_fake(indices, values, centroids, shape, topk, chunk, quantizer, aggregation,
+                 value_dtype, index_coding):
     return torch.empty(list(shape), dtype=torch.float32, device=indices[0].device)
 
 
@@ -198,13 +205,13 @@ def _ptr_array(tensors: list[torch.Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() if t.numel() else None for t in tensors])
 
 
-@sparseloco_decode_aggregate.register_kernel("cpu")
-def _(indices, values, centroids, shape, topk, chunk, quantizer, aggregation, value_dtype):
+def _decode_cpu(indices, values, centroids, shape, topk, chunk, quantizer, aggregation, value_dtype,
+      index_coding):
     lib = _lib.library("cpu")
     if lib is None:
         return _decode_reference(indices, values, centroids, shape, topk, chunk, quantizer,
-                                 aggregation, value_dtype)
-    layout = ChunkLayout(tuple(int(s) for s in shape), chunk, topk)
+                                 aggregation, value_dtype, index_coding)
+    layout = chunk_layout(tuple(int(s) for s in shape), chunk, topk)
     geo = geometry(layout)
     indices = [t.contiguous() for t in indices]
     values = [t.contiguous() for t in values]
@@ -213,19 +220,19 @@ def _(indices, values, centroids, shape, topk, chunk, quantizer, aggregation, va
     status = lib.dl_cpu_sparseloco_decode_aggregate(
         ctypes.byref(geo), len(indices), _ptr_array(indices), _ptr_array(values),
         cents.data_ptr() if cents is not None else None, _lib.QUANTIZER_CODES[quantizer],
-        _lib.VALUE_DTYPE_CODES[value_dtype], _lib.AGGREGATION_CODES[aggregation], out.data_ptr(),
-        torch.get_num_threads())
+        _lib.VALUE_DTYPE_CODES[value_dtype], _lib.INDEX_CODING_CODES[index_coding],
+        _lib.AGGREGATION_CODES[aggregation], out.data_ptr(), torch.get_num_threads())
     _raise_for(status, lib)
     return out
 
 
-@sparseloco_decode_aggregate.register_kernel("cuda")
-def _(indices, values, centroids, shape, topk, chunk, quantizer, aggregation, value_dtype):
+def _decode_cuda(indices, values, centroids, shape, topk, chunk, quantizer, aggregation, value_dtype,
+      index_coding):
     lib = _lib.library("cuda")
     if lib is None:
         return _decode_reference(indices, values, centroids, shape, topk, chunk, quantizer,
-                                 aggregation, value_dtype)
-    layout = ChunkLayout(tuple(int(s) for s in shape), chunk, topk)
+                                 aggregation, value_dtype, index_coding)
+    layout = chunk_layout(tuple(int(s) for s in shape), chunk, topk)
     geo = geometry(layout)
     dev = indices[0].device
     ptrs = torch.tensor([[t.data_ptr() for t in indices], [t.data_ptr() for t in values]],
@@ -241,9 +248,17 @@ def _(indices, values, centroids, shape, topk, chunk, quantizer, aggregation, va
         rc = lib.dl_cuda_sparseloco_decode_aggregate(
             ctypes.byref(geo), len(indices), ptrs[0].data_ptr(), ptrs[1].data_ptr(),
             cents.data_ptr() if cents is not None else None, _lib.QUANTIZER_CODES[quantizer],
-            _lib.VALUE_DTYPE_CODES[value_dtype], _lib.AGGREGATION_CODES[aggregation],
-            out.data_ptr(), counts.data_ptr() if counts is not None else None,
+            _lib.VALUE_DTYPE_CODES[value_dtype], _lib.INDEX_CODING_CODES[index_coding],
+            _lib.AGGREGATION_CODES[aggregation], out.data_ptr(), counts.data_ptr() if counts is not None else None,
             status.data_ptr(), stream)
     _raise_for(rc, lib)
     _raise_for(int(status.item()), lib)
     return out
+
+
+_LIB.impl("sparseloco_encode", _encode_reference, "CompositeExplicitAutograd")
+_LIB.impl("sparseloco_encode", _encode_cpu, "CPU")
+_LIB.impl("sparseloco_encode", _encode_cuda, "CUDA")
+_LIB.impl("sparseloco_decode_aggregate", _decode_reference, "CompositeExplicitAutograd")
+_LIB.impl("sparseloco_decode_aggregate", _decode_cpu, "CPU")
+_LIB.impl("sparseloco_decode_aggregate", _decode_cuda, "CUDA")

@@ -1,0 +1,65 @@
+"""Ray entry point: the driver of a Ray job (see ``distrain.ray_runtime``).
+
+    export RAY_AUTH_MODE=token
+    ray start --head --node-ip-address=127.0.0.1 --num-cpus=4 --object-store-memory=200000000
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python -m launch.ray --config configs/ray_local.toml --run.out_dir=$PWD/runs
+
+Without ``ray job submit`` it also runs as a plain driver against a running cluster
+(``--address auto``, the default) or a private local one (``--address local``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from distrain.config import ConfigError, load_config
+from distrain.layout import check_runtime
+from distrain.runner import Fault
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="python -m launch.ray", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="ray_local", help="TOML file or preset name in configs/")
+    p.add_argument("--address", default="auto", help="Ray cluster address: auto (the running cluster / job), "
+                   "local (start a private one), or host:port")
+    p.add_argument("--fault", action="append", default=[], help="fault injection (repeatable): "
+                   "kill:rank=R,round=N[,delay=S] or stale:rank=R,round=N (tests and demos)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, overrides)
+        check_runtime(cfg)
+        faults = [Fault.parse(f) for f in args.fault]
+    except (ConfigError, ValueError) as e:
+        print(f"launch.ray: config error: {e}", file=sys.stderr)
+        return 2
+    import ray
+
+    from distrain.ray_runtime import RayJob
+
+    ray.init(address=None if args.address == "local" else args.address, log_to_driver=True)
+    job = None
+    try:
+        job = RayJob(cfg, faults)
+        summary = job.run()
+        print(json.dumps(summary.to_dict()), flush=True)
+    finally:
+        if job is not None:
+            job.close()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
