@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -32,8 +33,9 @@ from comm.codecs.sparseloco import SparseLoCoCodec, sparseloco_encode_  # noqa: 
 from comm.kernels import build  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.json"
+# distrain's defaults (distrain/config.py OuterConfig); --index-coding / --quantizer override.
 CODEC = dict(topk=64, chunk=64, beta=0.95, quantizer="reference", aggregation="mean_selected",
-             value_dtype="fp16", index_coding="packed")
+             value_dtype="fp16", index_coding="gaps")
 
 
 def model_shapes(params: float) -> list[tuple[int, ...]]:
@@ -131,14 +133,16 @@ def per_1e8(res: dict[str, float], n: int, key: str) -> dict[str, float]:
 
 
 def markdown(result: dict) -> str:
-    cpu = result["cpu"]
     lines = [
         "## Compression kernels (SparseLoCo encode / decode-aggregate)",
         "",
         f"Command: `{result['command']}`  ",
-        f"Machine: {result['machine']}  ",
+        f"Machine: {result['machine']}; 1-minute load average {result['load_average'][0]} before, "
+        f"{result['load_average'][1]} after (other jobs share the cores: absolute times are "
+        "inflated, the interleaved ratios less so)  ",
         f"Workload: {result['params']:,} parameters in {result['tensors']} LLaMA-like tensors "
-        f"(topk 64 per 4096, 64×64 blocks, reference 2-bit quantizer, packed 12-bit indices); "
+        f"(topk 64 per 4096, 64×64 blocks, {CODEC['quantizer']} 2-bit quantizer, "
+        f"{CODEC['index_coding']} index coding); "
         f"decode-aggregate over {result['replicas']} replicas, mean over selecting replicas. "
         f"Median of {result['repeats']} interleaved runs, scaled to seconds per 10^8 parameters; "
         "every kernel output checked bit for bit against the PyTorch reference.",
@@ -156,7 +160,6 @@ def markdown(result: dict) -> str:
             lines.append(f"| {dev_key} ({kern}) | {op} | {ref:.3f} | {k:.3f} | {ref / k:.1f}× |")
     if result.get("gpu") is None:
         lines += ["", "GPU: not measured (no CUDA device on the benchmark machine)."]
-    del cpu
     return "\n".join(lines) + "\n"
 
 
@@ -167,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--markdown", type=Path, default=None, help="also write a markdown section here")
+    p.add_argument("--index-coding", choices=("gaps", "packed"), default=CODEC["index_coding"])
+    p.add_argument("--quantizer", choices=("reference", "symmetric", "none"), default=CODEC["quantizer"])
     args = p.parse_args(argv)
+    CODEC.update(index_coding=args.index_coding, quantizer=args.quantizer)
 
     build.build_cpu()  # no-op when current
     kernels.set_mode("auto")
@@ -177,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeats} repeats, {torch.get_num_threads()} threads", flush=True)
 
     result: dict = {"cpu": None, "gpu": None}
+    load_before = os.getloadavg()[0]
     enc = bench_encode(shapes, args.repeats, "cpu", "cpp")
     dec = bench_decode(shapes, args.replicas, args.repeats, "cpu")
     result["cpu"] = {"encode": per_1e8(enc, n, "cpp"), "decode_aggregate": per_1e8(dec, n, "cpp")}
@@ -189,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             result["gpu"] = {"encode": per_1e8(enc, n, "cuda"),
                              "decode_aggregate": per_1e8(dec, n, "cuda")}
     result.update(machine=machine(), command="python " + shlex.join(["bench/kernels.py", *(argv or sys.argv[1:])]),
-                  params=n, tensors=len(shapes), replicas=args.replicas, repeats=args.repeats)
+                  params=n, tensors=len(shapes), replicas=args.replicas, repeats=args.repeats,
+                  load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)],
+                  codec=dict(CODEC))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)

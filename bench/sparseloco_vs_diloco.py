@@ -31,6 +31,8 @@ RUNS: dict[str, list[str]] = {
     "diloco": ["--outer.algorithm=diloco", "--outer.lr=0.7", "--outer.momentum=0.9", "--outer.nesterov=true"],
     "sparseloco": ["--outer.algorithm=sparseloco", "--outer.lr=1.0", "--outer.quantizer=reference",
                    "--outer.aggregation=mean_selected"],
+    "sparseloco_packed": ["--outer.algorithm=sparseloco", "--outer.lr=1.0", "--outer.quantizer=reference",
+                          "--outer.aggregation=mean_selected", "--outer.index_coding=packed"],
     "sparseloco_symmetric": ["--outer.algorithm=sparseloco", "--outer.lr=1.0", "--outer.quantizer=symmetric",
                              "--outer.aggregation=mean_selected"],
     "sparseloco_sum_over_r": ["--outer.algorithm=sparseloco", "--outer.lr=1.0", "--outer.quantizer=reference",
@@ -50,6 +52,7 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     ap.add_argument("--out-dir", default="/tmp/distrain-bench")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--merge", action="store_true", help="keep the other runs already in --out")
     args = ap.parse_args()
 
     common = [
@@ -61,7 +64,7 @@ def main() -> None:
         f"--logging.log_every={args.inner_steps}", "--logging.progress=false", "--logging.tensorboard=false",
         "--logging.plots=false", f"--run.out_dir={args.out_dir}", "--network.step_time_s=0.25",
     ]
-    results = {}
+    results = json.loads(args.out.read_text())["runs"] if args.merge and args.out.is_file() else {}
     for name in args.runs:
         cfg = load_config(None, common + RUNS[name] + [f"--run.name={name}"])
         t0 = time.perf_counter()
@@ -79,8 +82,10 @@ def main() -> None:
         print(f"{name:>24}: val {s.final_val_loss:.4f}  wire/round {s.wire_bytes_per_replica_per_round:,.0f} B  "
               f"({results[name]['compression_vs_dense_fp32']:.1f}x < fp32)  {time.perf_counter() - t0:.0f} s", flush=True)
 
-    out = {"runs": results, "machine": machine(),
-           "command": "python " + " ".join(shlex.quote(a) for a in ["bench/sparseloco_vs_diloco.py", *sys.argv[1:]])}
+    command = "python " + " ".join(shlex.quote(a) for a in ["bench/sparseloco_vs_diloco.py", *sys.argv[1:]])
+    for name in args.runs:
+        results[name]["command"] = command
+    out = {"runs": results, "machine": machine(), "command": command}
     if "diloco" in results:
         base = results["diloco"]
         for r in results.values():

@@ -29,4 +29,3 @@ fi
 
 echo "== CPU library =="
 "$PY" -m comm.kernels.build --cpu=yes --cuda=no --force --verbose
-"$PY" -m pytest tests/test_kernels.py -q

@@ -1,10 +1,13 @@
 // CPU (OpenMP) SparseLoCo kernels: fused encode and decode-aggregate. See distrain_kernels.h.
 //
-// Encode is one pass over the dense data (EF update fused with a bounded-heap top-k that walks
+// Encode is one pass over the dense data (EF update fused with a threshold-filtered top-k that walks
 // the tensor row by row, so memory is streamed once) followed by short passes over the selected
 // values only (about k/4096 of the data): statistics, codes, EF subtraction and packing.
-// Every reduction uses a fixed static partition combined in thread order, so results depend only
-// on the thread count, and float64 sums are rounded to float32 exactly where the reference does.
+// Every floating-point reduction uses a fixed static partition combined in thread order, so
+// results depend only on the thread count, and float64 sums are rounded to float32 exactly where
+// the reference does. Loops whose iterations are independent (top-k work items, packing groups,
+// decode chunks) are scheduled dynamically: on a shared machine a preempted thread then does not
+// stall the others, and the result cannot depend on which thread ran which item.
 // Must be compiled with -ffp-contract=off: the reference rounds after every fp32 operation.
 
 #include <omp.h>
@@ -22,7 +25,7 @@ namespace {
 using dl::Geo;
 
 constexpr int64_t kMinWorkPerThread = 1 << 15;  // elements; below this a thread costs more than it saves
-constexpr int64_t kGroupCols = 2048;            // columns a top-k work item spans (streaming run)
+constexpr int64_t kGroupCols = 1024;            // columns a top-k work item spans (streaming run)
 
 int thread_count(int32_t requested, int64_t work) {
   int64_t t = requested > 0 ? requested : omp_get_max_threads();
@@ -105,8 +108,8 @@ bool update_and_select(float* ef, const float* delta, float beta, const Geo& g, 
     const int t = omp_get_thread_num();
     uint64_t* bufs = buffers.data() + (size_t)t * buf_stride;
     Candidates* cand = states.data() + (size_t)t * group;
-    const int64_t lo = part_lo(items, t, T), hi = part_lo(items, t + 1, T);
-    for (int64_t it = lo; it < hi; ++it) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
       const int64_t bi = it / ngroups;
       const int64_t bj0 = (it % ngroups) * group;
       const int64_t bj1 = std::min(g.nbj, bj0 + group);
@@ -223,7 +226,7 @@ void subtract_and_pack(float* ef, const Geo& g, int T, const uint32_t* idx, cons
                        Dequant dq, int32_t index_coding, uint8_t* out_indices,
                        uint8_t* out_codes) {
   const int64_t ngroups = (g.nnz + 7) / 8;
-#pragma omp parallel for num_threads(T) schedule(static)
+#pragma omp parallel for num_threads(T) schedule(dynamic, 256)
   for (int64_t grp = 0; grp < ngroups; ++grp) {
     const int64_t i1 = std::min(g.nnz, 8 * grp + 8);
     for (int64_t i = 8 * grp; i < i1; ++i) {
@@ -250,7 +253,7 @@ int32_t encode(float* ef, const float* delta, float beta, const Geo& g, int32_t 
   // 1. Reject a non-finite pseudo-gradient before touching ef (the reference raises first).
   uint32_t bad = 0;
   const int64_t n = g.numel();
-#pragma omp parallel for num_threads(T) reduction(| : bad) schedule(static)
+#pragma omp parallel for num_threads(T) reduction(| : bad) schedule(dynamic, 1 << 16)
   for (int64_t i = 0; i < n; ++i) bad |= (uint32_t)(dl::abs_key(delta[i]) >= 0x7f800000u);
   if (bad) return DL_ERR_NONFINITE_DELTA;
 
@@ -314,7 +317,8 @@ int32_t decode_aggregate(const Geo& g, int64_t R, const uint8_t* const* indices,
     const int t = omp_get_thread_num();
     float* acc = acc_all.data() + (size_t)t * g.n_full;
     float* cnt = cnt_all.data() + (size_t)t * g.n_full;
-    for (int64_t c = part_lo(g.n_chunks, t, T); c < part_lo(g.n_chunks, t + 1, T); ++c) {
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t c = 0; c < g.n_chunks; ++c) {
       const int64_t n = g.size(c), k = g.k_of(c), f0 = g.field0(c), w = g.width(c);
       std::fill(acc, acc + n, 0.0f);
       std::fill(cnt, cnt + n, 0.0f);

@@ -74,7 +74,8 @@ class ReplicaGroup:
             return DeepSpeedTrainer(model, cfg, next_batch, device, self, seed)
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(model, process_group=self.pg,
+        # No buffer sync in forward: rank 0 evaluates alone, and a collective there would hang.
+        ddp = DistributedDataParallel(model, process_group=self.pg, forward_sync_buffers=False,
                                       device_ids=[device.index] if device.type == "cuda" else None)
         return InnerTrainer(ddp, cfg, next_batch, device, seed=seed)
 
@@ -159,6 +160,7 @@ class DeepSpeedTrainer:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=self.base_optimizer, lr_scheduler=self.scheduler, config=ds_config,
             mpu=_ReplicaMPU(group), dist_init_required=False)
+        self.group = group
         self.step = 0
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -192,9 +194,14 @@ class DeepSpeedTrainer:
         losses = [cross_entropy(self.model(x.to(self.device)), y.to(self.device)).item() for x, y in batches]
         return sum(losses) / max(1, len(losses))
 
+    def zero_partition_numel(self) -> int:
+        """fp32 master weights this process holds: about 1/N of the model under ZeRO over N processes."""
+        return int(sum(t.numel() for t in self.optimizer.single_partition_of_fp32_groups))
+
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step,
-                "generator": self.generator.get_state()}
+                "generator": self.generator.get_state(),
+                "zero": {"stage": self.group.zero_stage, "partition_numel": self.zero_partition_numel()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])

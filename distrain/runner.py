@@ -234,7 +234,8 @@ class Simulation:
         net = cfg.network
         self.hub = SimulatedHub(R, {"replicas": list(range(R))},
                                 NetworkModel.uniform(R, net.up_mbps, net.down_mbps, net.latency_ms),
-                                timeout_s=cfg.topology.round_timeout_s)
+                                timeout_s=cfg.topology.round_timeout_s,
+                                overlap=cfg.outer.apply_delay == 1)  # delayed apply: all-gathers in the background
         train_tokens = read_shard(self.data.train_path)
         self.workers: list[Worker] = [build_worker(cfg, r, r, train_tokens, self.hub.transport(r)) for r in range(R)]
         self.round = 0

@@ -27,6 +27,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--config", default="ray_local", help="TOML file or preset name in configs/")
     p.add_argument("--address", default="auto", help="Ray cluster address: auto (the running cluster / job), "
                    "local (start a private one), or host:port")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a private local cluster (--address local)")
     p.add_argument("--fault", action="append", default=[], help="fault injection (repeatable): "
                    "kill:rank=R,round=N[,delay=S] or stale:rank=R,round=N (tests and demos)")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -48,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from distrain.ray_runtime import RayJob
 
-    ray.init(address=None if args.address == "local" else args.address, log_to_driver=True)
+    if args.address == "local":
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(address=args.address, log_to_driver=True)
     job = None
     try:
         job = RayJob(cfg, faults)

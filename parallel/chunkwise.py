@@ -6,9 +6,10 @@ chunk's activations, the K/V cache and its gradient are held (Li et al., "Traini
 LLMs Efficiently via Chunk-wise Optimization", 2025).
 
 SeCO (exact):
-  pass 1, no grad, chunks 0 → n-1: run each chunk on top of the K/V of the chunks before it and
+  pass 1, no grad, chunks 0 → n-2: run each chunk on top of the K/V of the chunks before it and
           keep every layer's post-RoPE K/V (before GQA expansion) in one buffer per layer;
-          chunk j's slice of it becomes a detached leaf with requires_grad.
+          chunk j's slice of it becomes a detached leaf with requires_grad. (The last chunk is
+          not run: nothing reads its K/V and pass 2 computes its loss.)
   pass 2, chunks n-1 → 0: rebuild chunk i's graph with the leaves of chunks < i as prefix and
           chunk i's own K/V computed in-graph, then back-propagate at once
           [chunk loss, own K/V of every layer] with seeds [scale, K/V-leaf grads of chunk i].
@@ -34,13 +35,20 @@ SpaCO (sparse), the estimator and exactly what is unbiased:
     more than t chunks are never computed. No estimator that back-propagates exactly t < n chunks
     can be unbiased for those paths, which is why "bernoulli" is the default.
   * cap > 0 replaces the hop factor by min(n/t, cap) (the paper uses 2). The loss factor stays n/t,
-    so single-chunk terms stay unbiased; a path with m hops is then scaled by (cap·t/n)^m in
-    expectation: biased, but with far less variance from long paths.
+    so single-chunk terms stay unbiased; with bernoulli sampling a path with m hops is then scaled
+    by (cap·t/n)^m in expectation: biased, but with far less variance from long paths.
+  Pass 1 of SpaCO runs only the chunks a back-propagated chunk reads, plus (last stage) the chunks
+  whose loss pass 2 skips, so the reported loss is always the whole sequence's, unscaled.
   Pipelines: the loss factor is applied once, on the last stage; the hop factor on every stage (a
   hop can happen in any layer). All stages of one replica must back-propagate the same chunks for
   the same sequence: draw them once with `select_chunks` and pass `chunks=`, or give every stage an
   identically seeded generator. A stage that receives a non-zero output gradient on a chunk it did
   not select raises instead of silently dropping it.
+
+Attention of a chunk over [prefix; own] is the model's own code, which passes an explicit causal
+mask; on CPU that kernel is several times slower than the causal one, so both passes run under
+`parallel.chunkwise_attention.RouteChunkAttention`, which computes exactly that masked attention
+with two unmasked flash calls (see that module).
 
 The model is duck-typed (this package must not import `distrain`): it needs `is_first`, `is_last`,
 `layers` (ordered, each with `attention_norm`, `attention.project_kv(x, cos, sin)` and

@@ -81,7 +81,8 @@ def test_encode_matches_reference(shape, quantizer, value_dtype, index_coding):
 
 
 @pytest.mark.parametrize("topk,chunk,beta", [(1, 64, 0.9), (200, 64, 0.0), (4096, 64, 1.0),
-                                             (64, 8, 0.95), (64, 100, 0.5), (7, 33, 0.95)])
+                                             (64, 8, 0.95), (64, 100, 0.5), (7, 33, 0.95),
+                                             (64, 512, 0.95)])  # one 96 x 130 block: 14-bit fields
 def test_encode_parameters(topk, chunk, beta):
     for shape in [(96, 130), (517,)]:
         for coding in ("packed", "gaps"):
@@ -309,6 +310,12 @@ def test_torch_ops_registered_and_dispatch_to_cpp():
     torch.library.opcheck(torch.ops.distrain.sparseloco_encode.default,
                           (ef, delta, 0.95, 64, 64, "reference", "fp16", "packed"),
                           test_utils=("test_schema", "test_faketensor"))
+    # Called directly, the op still refuses buffers the library would overrun.
+    u8 = torch.zeros(3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="indices is torch.uint8\\[3\\]"):
+        torch.ops.distrain.sparseloco_decode_aggregate(
+            [u8], [u8], [torch.zeros(4)], [64, 64], 64, 64, "reference", "mean_selected", "fp16",
+            "packed")
 
 
 def test_reference_mode_runs_reference_and_agrees():

@@ -40,6 +40,7 @@ from comm.codecs.base import (
 )
 from comm.codecs.bitpack import pack_bits, packed_nbytes, padding_is_zero, unpack_bits
 from comm.codecs.index_coding import INDEX_CODINGS, decode_indices, encode_indices, index_nbytes
+from comm import kernels
 from comm.codecs.chunking import ChunkLayout
 from comm.codecs.quantizers import LEVELS, QUANTIZERS, quantize
 from comm.errors import IndexRangeError, NonFiniteError, SchemaError
@@ -101,8 +102,8 @@ def sparseloco_encode_(
         raise ValueError(f"delta shape {tuple(delta.shape)} differs from buffer shape {tuple(ef.shape)}")
     if not torch.isfinite(delta).all():
         raise ValueError("pseudo-gradient contains NaN or Inf")
-    if quantizer not in QUANTIZERS or value_dtype not in VALUE_DTYPES:
-        raise ValueError(f"unknown quantizer {quantizer!r} or value dtype {value_dtype!r}")
+    if quantizer not in QUANTIZERS or value_dtype not in VALUE_DTYPES or index_coding not in INDEX_CODINGS:
+        raise ValueError(f"unknown quantizer {quantizer!r}, value dtype {value_dtype!r} or index coding {index_coding!r}")
     layout = ChunkLayout(check_shape(tuple(ef.shape)), chunk, topk)
     ef.mul_(beta).add_(delta.to(torch.float32))
     flat = ef.view(-1)
@@ -152,6 +153,8 @@ class SparseLoCoCodec(Codec):
         self.aggregation = require_choice("aggregation", aggregation, AGGREGATIONS)
         self.value_dtype = require_choice("value_dtype", value_dtype, tuple(VALUE_DTYPES))
         self.index_coding = require_choice("index_coding", index_coding, INDEX_CODINGS)
+        if self.index_coding == "gaps" and self.chunk > 256:
+            raise ValueError(f"index_coding 'gaps' stores uint16 gaps: chunk must be <= 256, got {self.chunk}")
 
     def params(self) -> dict[str, MetaValue]:
         return {
@@ -171,7 +174,7 @@ class SparseLoCoCodec(Codec):
         ef = state.get(name)
         if ef is None:
             ef = state[name] = torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)
-        return sparseloco_encode_(
+        return kernels.encode(  # the C++/CUDA kernel when built, else sparseloco_encode_ below
             ef,
             delta,
             beta=self.beta,
@@ -241,6 +244,8 @@ class SparseLoCoCodec(Codec):
         shape = check_shape(shape)
         if not parts:
             raise ValueError("decode_aggregate needs at least one contribution")
+        if kernels.backend("cpu") != "reference":
+            return kernels.decode_aggregate(parts, shape, **self.params())
         numel = self.layout(shape).numel
         total = torch.zeros(numel, dtype=torch.float32)
         count = torch.zeros(numel, dtype=torch.float32)

@@ -10,6 +10,8 @@ loads or fails.
 
 from __future__ import annotations
 
+import warnings
+
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -118,9 +120,12 @@ def decode_aggregate(parts: list, shape: tuple[int, ...], *, topk: int, chunk: i
     cents = [p.buffers["centroids"] for p in parts] if quantizer != "none" else []
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cpu":
-        idx = [torch.from_numpy(np.ascontiguousarray(a)) for a, _ in arrays]
-        val = [torch.from_numpy(np.ascontiguousarray(v)) for _, v in arrays]
-        cen = [torch.from_numpy(np.ascontiguousarray(c)) for c in cents]
+        # Received buffers are read-only views of the frame; the kernel only reads them.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            idx = [torch.from_numpy(np.ascontiguousarray(a)) for a, _ in arrays]
+            val = [torch.from_numpy(np.ascontiguousarray(v)) for _, v in arrays]
+            cen = [torch.from_numpy(np.ascontiguousarray(c)) for c in cents]
     else:
         idx, val, cen = _upload([a for a, _ in arrays], [v for _, v in arrays], cents, dev)
     return torch.ops.distrain.sparseloco_decode_aggregate(

@@ -10,6 +10,7 @@
 
 Whatever goes wrong (no library, a stale one, a missing compiler, a wrong ABI) is logged once and
 the reference is used instead: importing or calling ``comm.kernels`` never fails because of it.
+A library is loaded once per process: a rebuilt one is picked up by new processes.
 """
 
 from __future__ import annotations
@@ -132,13 +133,19 @@ def _load(kind: str) -> tuple[ctypes.CDLL | None, str]:
         return None, f"DISTRAIN_KERNELS={m}"
     path = _build.lib_dir() / (_build.CPU_LIB if kind == "cpu" else _build.CUDA_LIB)
     have_sources = _build.SRC_DIR.is_dir()
+    if m == "build" and have_sources:
+        try:
+            target = _target(kind)
+            if not _build.is_current(target):
+                log.info("building %s", target.name)
+                _build.build(target)
+        except _build.BuildError as exc:  # e.g. no compiler: a current prebuilt library still works
+            _warn_once(f"build-{kind}", f"cannot build the {kind} kernels: {exc}")
     try:
-        if m == "build" and have_sources and not _build.is_current(_target(kind)):
-            _build.build(_target(kind))
         if not path.exists():
             hint = "python -m comm.kernels.build" + (" --cuda=yes" if kind == "cuda" else "")
             return None, f"{path} not found (build it with `{hint}` or set DISTRAIN_KERNELS=build)"
-        if have_sources and m == "auto" and _build.kind_sources(kind):
+        if have_sources and _build.kind_sources(kind):
             if not _build.built_from_current_sources(kind):
                 return None, (f"{path} is stale (csrc/ changed since it was built); rebuild with "
                               "`python -m comm.kernels.build` or set DISTRAIN_KERNELS=build")

@@ -7,8 +7,12 @@ dispatch on the device of their tensor arguments. The default implementation
 built, stale, ``DISTRAIN_KERNELS=reference``), run the reference instead. Registered with the
 low-level ``torch.library.Library`` API rather than ``custom_op``: the latter's Python wrapper
 layers cost ~0.3 ms per call, more than the whole kernel on a small tensor. Fake (meta)
-implementations let the ops appear in traced graphs. All outputs are CPU tensors: the payload goes to the wire anyway, and
-reading the result back is where the CUDA kernels' data errors are checked.
+implementations let the ops appear in traced graphs.
+
+Encode outputs are CPU tensors: the payload goes to the wire anyway, and reading the result back
+is where the CUDA kernels' data errors are checked. The kernels check buffer sizes, dtypes and
+devices themselves, so calling the ops directly (without ``comm.kernels``) cannot make the
+libraries read or write out of bounds.
 
 Outputs of encode: ``indices`` (uint8, packed), ``values`` (uint8 packed 2-bit codes, or fp16/fp32
 values for quantizer ``none``) and ``centroids`` (4 × fp32, empty for ``none``).
@@ -92,7 +96,6 @@ _LIB.define("sparseloco_decode_aggregate(Tensor[] indices, Tensor[] values, Tens
 
 
 # ---- encode -------------------------------------------------------------------------------------
-
 def _encode_reference(ef: torch.Tensor, delta: torch.Tensor, beta: float, topk: int, chunk: int,
                       quantizer: str, value_dtype: str,
                       index_coding: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,8 +120,10 @@ def _encode_fake(ef, delta, beta, topk, chunk, quantizer, value_dtype, index_cod
 
 
 def _kernel_ready(ef: torch.Tensor, delta: torch.Tensor) -> bool:
+    """Inputs the kernels take as they are; anything else goes to the reference (and its errors)."""
     return (ef.dtype == torch.float32 and delta.dtype == torch.float32 and ef.is_contiguous()
-            and delta.is_contiguous() and ef.shape == delta.shape and ef.numel() > 0)
+            and delta.is_contiguous() and ef.shape == delta.shape and ef.numel() > 0
+            and ef.device == delta.device)
 
 
 def _encode_cpu(ef, delta, beta, topk, chunk, quantizer, value_dtype, index_coding):
@@ -155,9 +160,8 @@ def _encode_cuda(ef, delta, beta, topk, chunk, quantizer, value_dtype, index_cod
             ef.data_ptr(), delta.data_ptr(), ctypes.c_float(beta), ctypes.byref(geo),
             _lib.QUANTIZER_CODES[quantizer], _lib.VALUE_DTYPE_CODES[value_dtype],
             _lib.INDEX_CODING_CODES[index_coding], idx.data_ptr() if idx.numel() else None,
-            vals.data_ptr(),
-            cents.data_ptr() if cents.numel() else None, ws.data_ptr(), ws.numel(),
-            status.data_ptr(), stream)
+            vals.data_ptr(), cents.data_ptr() if cents.numel() else None, ws.data_ptr(),
+            ws.numel(), status.data_ptr(), stream)
     _raise_for(rc, lib)
     _raise_for(int(status.item()), lib)  # synchronises with the stream
     return idx.cpu(), vals.cpu(), cents.cpu()
@@ -201,21 +205,46 @@ def _decode_fake(indices, values, centroids, shape, topk, chunk, quantizer, aggr
     return torch.empty(list(shape), dtype=torch.float32, device=indices[0].device)
 
 
+def _check_parts(layout: ChunkLayout, indices: list[torch.Tensor], values: list[torch.Tensor],
+                 centroids: list[torch.Tensor], quantizer: str, value_dtype: str,
+                 index_coding: str, device: torch.device) -> None:
+    """Every buffer has exactly the size, dtype and device the kernels will access."""
+    n = len(indices)
+    if n == 0 or len(values) != n or (quantizer != "none" and len(centroids) != n):
+        raise ValueError(f"decode_aggregate needs one indices/values(/centroids) tensor per part, "
+                         f"got {len(indices)}/{len(values)}/{len(centroids)}")
+    nnz = layout.nnz
+    want_idx = index_nbytes(index_coding, nnz, layout.index_bits)
+    want_val = ((nnz, _VALUE_TORCH[value_dtype]) if quantizer == "none"
+                else (packed_nbytes(nnz, 2), torch.uint8))
+    for r in range(n):
+        checks = [(indices[r], want_idx, torch.uint8, "indices"), (values[r], *want_val, "values")]
+        if quantizer != "none":
+            checks.append((centroids[r], 4, torch.float32, "centroids"))
+        for t, numel, dtype, name in checks:
+            if t.numel() != numel or t.dtype != dtype or t.device != device:
+                raise ValueError(f"part {r}: {name} is {t.dtype}[{t.numel()}] on {t.device}, "
+                                 f"expected {dtype}[{numel}] on {device}")
+
+
 def _ptr_array(tensors: list[torch.Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() if t.numel() else None for t in tensors])
 
 
-def _decode_cpu(indices, values, centroids, shape, topk, chunk, quantizer, aggregation, value_dtype,
-      index_coding):
+def _decode_cpu(indices, values, centroids, shape, topk, chunk, quantizer, aggregation,
+                value_dtype, index_coding):
     lib = _lib.library("cpu")
     if lib is None:
         return _decode_reference(indices, values, centroids, shape, topk, chunk, quantizer,
                                  aggregation, value_dtype, index_coding)
     layout = chunk_layout(tuple(int(s) for s in shape), chunk, topk)
+    _check_parts(layout, indices, values, centroids, quantizer, value_dtype, index_coding,
+                 torch.device("cpu"))
     geo = geometry(layout)
     indices = [t.contiguous() for t in indices]
     values = [t.contiguous() for t in values]
-    cents = torch.cat([c.reshape(-1) for c in centroids]).contiguous() if quantizer != "none" else None
+    cents = (torch.cat([c.reshape(-1) for c in centroids]).contiguous() if quantizer != "none"
+             else None)
     out = torch.empty(layout.shape, dtype=torch.float32)
     status = lib.dl_cpu_sparseloco_decode_aggregate(
         ctypes.byref(geo), len(indices), _ptr_array(indices), _ptr_array(values),
@@ -226,15 +255,18 @@ def _decode_cpu(indices, values, centroids, shape, topk, chunk, quantizer, aggre
     return out
 
 
-def _decode_cuda(indices, values, centroids, shape, topk, chunk, quantizer, aggregation, value_dtype,
-      index_coding):
+def _decode_cuda(indices, values, centroids, shape, topk, chunk, quantizer, aggregation,
+                 value_dtype, index_coding):
     lib = _lib.library("cuda")
     if lib is None:
         return _decode_reference(indices, values, centroids, shape, topk, chunk, quantizer,
                                  aggregation, value_dtype, index_coding)
     layout = chunk_layout(tuple(int(s) for s in shape), chunk, topk)
-    geo = geometry(layout)
     dev = indices[0].device
+    _check_parts(layout, indices, values, centroids, quantizer, value_dtype, index_coding, dev)
+    geo = geometry(layout)
+    indices = [t.contiguous() for t in indices]
+    values = [t.contiguous() for t in values]
     ptrs = torch.tensor([[t.data_ptr() for t in indices], [t.data_ptr() for t in values]],
                         dtype=torch.int64).to(dev)
     cents = (torch.cat([c.reshape(-1) for c in centroids]).to(dev) if quantizer != "none"
@@ -249,8 +281,8 @@ def _decode_cuda(indices, values, centroids, shape, topk, chunk, quantizer, aggr
             ctypes.byref(geo), len(indices), ptrs[0].data_ptr(), ptrs[1].data_ptr(),
             cents.data_ptr() if cents is not None else None, _lib.QUANTIZER_CODES[quantizer],
             _lib.VALUE_DTYPE_CODES[value_dtype], _lib.INDEX_CODING_CODES[index_coding],
-            _lib.AGGREGATION_CODES[aggregation], out.data_ptr(), counts.data_ptr() if counts is not None else None,
-            status.data_ptr(), stream)
+            _lib.AGGREGATION_CODES[aggregation], out.data_ptr(),
+            counts.data_ptr() if counts is not None else None, status.data_ptr(), stream)
     _raise_for(rc, lib)
     _raise_for(int(status.item()), lib)
     return out

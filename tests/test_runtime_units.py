@@ -1,0 +1,257 @@
+"""Runtime pieces without launching a job: Coordinator quorum/deadline logic, layout, faults,
+weights frames, catch-up, resume agreement, and the torch.distributed transport on 3 local ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+
+from comm.errors import ShapeMismatchError, StaleFrameError
+from distrain.config import ConfigError, load_config
+from distrain.coordinator import Coordinator
+from distrain.layout import Layout, check_runtime, ray_bundles
+from distrain.optim import lr_multiplier
+from distrain.outer import RoundStats
+from distrain.runner import Fault, newest_common_step
+from distrain.worker import RoundReport, decode_params, encode_params
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def coord(quorum=1.0, world=3, timeout=10.0):
+    clock = Clock()
+    return Coordinator(world, {"replicas": list(range(world))}, quorum, timeout, clock=clock), clock
+
+
+# ----- Coordinator -----------------------------------------------------------------------------
+def test_collective_completes_when_every_live_member_arrived():
+    c, _ = coord()
+    for r in (2, 0):
+        c.contribute("replicas", 0, 0, "all_gather", None, r, [f"ref{r}"])
+        assert c.poll("replicas", 0, 0, r) == ("wait", None)
+    c.contribute("replicas", 0, 0, "all_gather", None, 1, ["ref1"])
+    assert c.poll("replicas", 0, 0, 0) == ("done", [["ref0"], ["ref1"], ["ref2"]])
+
+
+def test_deadline_drops_the_missing_worker_when_the_quorum_is_met():
+    c, clock = coord(quorum=0.6)
+    c.contribute("replicas", 4, 0, "all_gather", None, 0, ["a"])
+    c.contribute("replicas", 4, 0, "all_gather", None, 2, ["c"])
+    clock.t = 9.9
+    assert c.poll("replicas", 4, 0, 0)[0] == "wait"
+    clock.t = 10.0
+    assert c.poll("replicas", 4, 0, 0) == ("done", [["a"], None, ["c"]])
+    assert c.live_ranks() == [0, 2]
+    assert c.take_events() == [{"event": "dropped", "rank": 1, "round": 4, "why": "missed the deadline"}]
+    # the late worker learns it was dropped and must catch up; the next collective does not wait for it
+    c.contribute("replicas", 4, 0, "all_gather", None, 1, ["b"])
+    assert c.poll("replicas", 4, 0, 1)[0] == "dropped"
+    c.contribute("replicas", 4, 1, "all_gather", None, 0, ["a2"])
+    c.contribute("replicas", 4, 1, "all_gather", None, 2, ["c2"])
+    assert c.poll("replicas", 4, 1, 2) == ("done", [["a2"], None, ["c2"]])
+
+
+def test_below_quorum_the_collective_fails_for_everyone():
+    c, clock = coord(quorum=1.0)
+    c.contribute("replicas", 0, 0, "all_gather", None, 0, ["a"])
+    c.contribute("replicas", 0, 0, "all_gather", None, 1, ["b"])
+    clock.t = 11
+    status, reason = c.poll("replicas", 0, 0, 0)
+    assert status == "quorum" and "quorum is 3" in reason and "missing [2]" in reason
+
+
+def test_marking_a_dead_worker_absent_completes_at_once_and_it_rejoins_later():
+    c, _ = coord(quorum=0.5)
+    c.contribute("replicas", 1, 0, "all_gather", None, 0, ["a"])
+    c.contribute("replicas", 1, 0, "all_gather", None, 2, ["c"])
+    c.mark_absent(1, 1, "ActorDiedError")
+    assert c.poll("replicas", 1, 0, 2) == ("done", [["a"], None, ["c"]])
+    c.mark_present(1)
+    c.end_round(2)
+    for r in range(3):
+        c.contribute("replicas", 2, 0, "all_gather", None, r, [r])
+    assert c.poll("replicas", 2, 0, 1) == ("done", [[0], [1], [2]])
+    assert [e["event"] for e in c.take_events()] == ["dropped", "rejoined"]
+
+
+def test_broadcast_needs_its_source_and_mismatched_calls_fail():
+    c, _ = coord(quorum=0.3)
+    c.contribute("replicas", 0, 0, "broadcast", 1, 0, [])
+    c.mark_absent(1)
+    c.mark_absent(2)
+    assert c.poll("replicas", 0, 0, 0) == ("error", "broadcast source 1 is absent")
+    c2, _ = coord()
+    c2.contribute("replicas", 0, 0, "all_gather", None, 0, ["a"])
+    c2.contribute("replicas", 0, 0, "barrier", None, 1, [])
+    assert c2.poll("replicas", 0, 0, 0)[0] == "error"
+    with pytest.raises(ValueError, match="not a member"):
+        c2.contribute("replicas", 0, 0, "all_gather", None, 7, [])
+
+
+def test_old_collectives_are_forgotten_and_state_round_trips():
+    c, _ = coord()
+    for r in range(3):
+        c.contribute("replicas", 0, 0, "all_gather", None, r, [r])
+    c.end_round(3, {"loss": 1.0}, {"tokens": 12, "step": 9})
+    assert c.poll("replicas", 0, 0, 0)[0] == "error"  # expired
+    c.set_global(3, ["w"])
+    d, _ = coord()
+    d.load_state_dict(c.state_dict())
+    assert (d.round, d.counters["tokens"], d.global_round) == (3, 12, 3)
+    with pytest.raises(ValueError, match="for 3 workers, this job has 4"):
+        coord(world=4)[0].load_state_dict(c.state_dict())
+
+
+# ----- layout, config, faults ------------------------------------------------------------------
+def test_layout_of_heterogeneous_replicas():
+    cfg = load_config(None, ["--topology.replicas=3", "--runtime.replica_devices=[2, 1, 3]",
+                             "--outer.algorithm=sparseloco"])
+    lay = Layout.from_config(cfg)
+    assert lay.world_size == 6 and lay.leaders() == [0, 2, 3]
+    assert [lay.replica_of(r) for r in range(6)] == [0, 0, 1, 2, 2, 2]
+    assert lay.groups() == {"replicas": [0, 2, 3]}
+    assert Layout.from_config(load_config(None, ["--topology.replicas=2"])).data_rank(1) == (1, 2)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--runtime.replica_devices=[1, 1]", "replica_devices has 2 entries for 3 replicas"),
+    ("--runtime.worker_cpus=[1.0]", "worker_cpus has 1 entries"),
+    ("--runtime.replica_parallel=fsdp", "replica_parallel"),
+    ("--runtime.zero_stage=3", "zero_stage must be 1 or 2"),
+    ("--runtime.placement_strategy=RANDOM", "placement_strategy"),
+])
+def test_bad_runtime_sections_name_the_key(override, message):
+    cfg = load_config(None, ["--topology.replicas=3", override])
+    with pytest.raises(ConfigError, match=message):
+        check_runtime(cfg)
+
+
+def test_ray_bundles_follow_the_heterogeneous_topology():
+    cfg = load_config(None, ["--topology.replicas=3", "--runtime.worker_cpus=[4.0, 1.0, 1.0]",
+                             "--runtime.worker_gpus=[1.0, 0.0, 0.0]", "--runtime.worker_memory_mb=[0, 512, 0]"])
+    assert ray_bundles(cfg) == [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 1.0, "memory": 512.0 * 2**20}, {"CPU": 1.0}]
+
+
+def test_fault_specs():
+    assert Fault.parse("kill:rank=1,round=2,delay=0.5") == Fault("kill", 1, 2, 0.5)
+    assert Fault.parse("exit:round=3,rank=0") == Fault("exit", 0, 3)
+    for bad in ("boom:rank=1,round=2", "kill:rank=1", "kill:rank=x,round=1", "kill:rank=1,round=2,when=3"):
+        with pytest.raises(ValueError, match="fault"):
+            Fault.parse(bad)
+
+
+def test_resume_agreement_is_the_newest_step_everyone_has():
+    assert newest_common_step([[12, 9, 6], [9, 6, 3], [12, 9]]) == 9
+    assert newest_common_step([[12, 9, 6], [9, 6, 3], [12, 9]], exclude={9}) is None
+    assert newest_common_step([[12, 9, 6], [9, 6], [6, 9]], exclude={9}) == 6
+    assert newest_common_step([[], [3]]) is None
+
+
+# ----- weights frames, reports, catch-up -------------------------------------------------------
+def test_weights_frame_is_bit_exact_and_validated():
+    torch.manual_seed(0)
+    params = {"a.weight": torch.randn(5, 7), "b": torch.randn(3)}
+    shapes = {n: tuple(t.shape) for n, t in params.items()}
+    frame = encode_params(params, "run-x", 4, 1)
+    back = decode_params(frame, shapes, "run-x", 4)
+    assert all(torch.equal(back[n], params[n]) for n in params)
+    with pytest.raises(StaleFrameError):
+        decode_params(frame, shapes, "run-x", 5)  # a frame of an older round
+    with pytest.raises(ShapeMismatchError):
+        decode_params(frame, {"a.weight": (7, 5), "b": (3,)}, "run-x", 4)
+
+
+def test_round_report_survives_msgpack():
+    rep = RoundReport(2, 5, 3, 18, 384, 4.25, 1e-3, 0.3, RoundStats(5, 100, 4000, 3, 1, ["stale"], 0.01),
+                      extra={"train_s": 0.2})
+    assert RoundReport.from_dict(msgpack.unpackb(msgpack.packb(rep.to_dict()), raw=False)) == rep
+
+
+def test_catch_up_puts_weights_schedule_and_data_where_a_never_failed_replica_is(tiny_config):
+    from comm.simulated import SimulatedHub
+    from distrain.data import TokenSampler, read_shard
+    from distrain.runner import prepare_data
+    from distrain.worker import build_worker
+
+    cfg = tiny_config("--outer.algorithm=sparseloco", "--topology.replicas=2", "--outer.inner_steps=3",
+                      "--train.steps=30", "--train.warmup_steps=4")
+    data = prepare_data(cfg)
+    tokens = read_shard(data.train_path)
+    hub = SimulatedHub(2, {"replicas": [0, 1]})
+    w = build_worker(cfg, 1, 1, tokens, hub.transport(1))
+    new = {n: t + 1.0 for n, t in w.global_params().items()}
+    w.catch_up(new, rounds_done=4)  # 4 rounds of 3 steps
+    assert w.trainer.step == 12
+    assert w.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.train.lr * lr_multiplier(12, cfg.train))
+    assert all(torch.equal(w.outer.global_params[n], new[n]) for n in new)
+    assert all(torch.equal(p.detach(), new[n]) for n, p in w.model.named_parameters())
+    fresh = TokenSampler(tokens, cfg.data.seq_len, cfg.train.batch_size, rank=1, world_size=2, seed=cfg.run.seed)
+    for _ in range(12):
+        fresh.next_batch()
+    assert torch.equal(w.sampler.next_batch()[0], fresh.next_batch()[0])
+    res = w.trainer.train_step()  # and it trains on from there
+    assert res.lr == pytest.approx(cfg.train.lr * lr_multiplier(12, cfg.train)) and w.trainer.step == 13
+
+
+# ----- torch.distributed transport on 3 gloo ranks ---------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _transport_body(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from comm.errors import CommError, NotAMemberError
+    from comm.torch_transport import TorchTransport
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    res: dict = {}
+    try:
+        t = TorchTransport({"pair": [2, 0]}, timeout_s=30)
+        payload = bytes([rank]) * (rank * 1000)  # rank 0 sends nothing, sizes differ
+        res["world"] = [len(b) for b in t.all_gather_bytes("world", payload)]
+        res["world_ok"] = t.all_gather_bytes("world", payload) == [bytes([r]) * (r * 1000) for r in range(world)]
+        if rank in (0, 2):
+            res["pair"] = [b.decode() for b in t.all_gather_bytes("pair", f"from{rank}".encode())]
+            res["bcast"] = t.broadcast_bytes("pair", b"w" * 70000 if rank == 2 else None, src=2) == b"w" * 70000
+        else:
+            try:
+                t.all_gather_bytes("pair", b"x")
+            except NotAMemberError as e:
+                res["not_member"] = str(e)
+        t.barrier("world")
+        try:
+            TorchTransport({"pair": [rank, (rank + 1) % world]})  # every rank a different spec
+        except CommError as e:
+            res["mismatch"] = str(e)
+    finally:
+        dist.destroy_process_group()
+        Path(out, f"{rank}.json").write_text(json.dumps(res))
+
+
+def test_torch_transport_variable_sizes_groups_broadcast(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_transport_body, args=(3, _free_port(), str(tmp_path)), nprocs=3, join=True)
+    res = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(3)]
+    for r in range(3):
+        assert res[r]["world"] == [0, 1000, 2000] and res[r]["world_ok"]
+        assert "group spec differs" in res[r]["mismatch"]
+    assert res[0]["pair"] == res[2]["pair"] == ["from0", "from2"]
+    assert res[0]["bcast"] and res[2]["bcast"]
+    assert "not a member of group 'pair'" in res[1]["not_member"]
