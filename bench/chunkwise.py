@@ -143,7 +143,7 @@ def train(variant: dict, steps: int, spec: dict, seed: int = 0) -> dict:
                                     n_kv_heads=spec["kv_heads"], max_seq_len=T))
     opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.95), weight_decay=0.0)
     cfg = ChunkwiseConfig(mode=variant["mode"], chunk_len=c, sparse_chunks=variant.get("t", 0), cap=variant.get("cap", 0.0))
-    data_g, chunk_g = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2)
+    data_g, chunk_g = torch.Generator().manual_seed(1000 * seed + 1), torch.Generator().manual_seed(1000 * seed + 2)
     cpu, curve, evals = 0.0, [], {}
     for step in range(1, steps + 1):
         x, y = periodic_batch(data_g, spec["batch"], T, period, vocab)
@@ -161,6 +161,18 @@ def train(variant: dict, steps: int, spec: dict, seed: int = 0) -> dict:
     return {"eval_loss": round(loss, 4), "eval_loss_after_first_period": round(after, 4),
             "eval_after_first_period_by_step": evals, "train_loss_last10pct": round(sum(tail) / len(tail), 4),
             "train_cpu_s": round(cpu, 1), "tokens": steps * spec["batch"] * T}
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    """Mean over seeds, plus each seed's final loss after the first period."""
+    mean = lambda key: round(sum(r[key] for r in per_seed) / len(per_seed), 4)  # noqa: E731
+    steps = per_seed[0]["eval_after_first_period_by_step"]
+    return {"eval_loss": mean("eval_loss"), "eval_loss_after_first_period": mean("eval_loss_after_first_period"),
+            "eval_after_first_period_by_step": {k: round(sum(r["eval_after_first_period_by_step"][k] for r in per_seed)
+                                                        / len(per_seed), 4) for k in steps},
+            "per_seed_after_first_period": [r["eval_loss_after_first_period"] for r in per_seed],
+            "train_loss_last10pct": mean("train_loss_last10pct"), "train_cpu_s": mean("train_cpu_s"),
+            "tokens": per_seed[0]["tokens"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,19 +207,20 @@ def markdown(result: dict) -> str:
     if result.get("training"):
         tr = result["training"]
         ts = tr["settings"]
-        lines += ["", f"Training comparison (same tokens: {ts['steps']} steps × {ts['batch']} × {ts['seq_len']}; "
+        lines += ["", f"Training comparison (mean of {ts['seeds']} seeds; same tokens: {ts['steps']} steps × {ts['batch']} × {ts['seq_len']}; "
                   f"periodic task, period {ts['period']} > chunk {ts['chunk_len']}, {ts['seq_len'] // ts['chunk_len']} chunks; "
                   f"model dim {ts['dim']}, {ts['layers']} layers; AdamW lr {ts['lr']}). "
                   "Loss after the first period is the learnable part (0 is perfect, ln V = "
                   f"{math.log(ts['vocab']):.2f} is chance).", "",
-                  "| variant | eval loss | eval loss after 1st period | same, at steps " + ", ".join(
+                  "| variant | eval loss | eval loss after 1st period (per seed) | same, at steps " + ", ".join(
                       str(k) for k in next(iter(tr["runs"].values()))["eval_after_first_period_by_step"]) +
                   " | train loss (last 10%) | train CPU s |",
                   "|---|---:|---:|---|---:|---:|"]
         for name, r in tr["runs"].items():
             by_step = " / ".join(f"{v:.3f}" for v in r["eval_after_first_period_by_step"].values())
-            lines.append(f"| {name} | {r['eval_loss']:.3f} | {r['eval_loss_after_first_period']:.3f} | {by_step} | "
-                         f"{r['train_loss_last10pct']:.3f} | {r['train_cpu_s']:.0f} |")
+            seeds = ", ".join(f"{v:.3f}" for v in r["per_seed_after_first_period"])
+            lines.append(f"| {name} | {r['eval_loss']:.3f} | {r['eval_loss_after_first_period']:.3f} ({seeds}) | "
+                         f"{by_step} | {r['train_loss_last10pct']:.3f} | {r['train_cpu_s']:.0f} |")
     lines += ["", f"Command: `{result['command']}`", ""]
     return "\n".join(lines)
 
@@ -239,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--train-steps", type=int, default=200, help="0 skips the training comparison")
+    ap.add_argument("--train-steps", type=int, default=300, help="0 skips the training comparison")
+    ap.add_argument("--train-seeds", type=int, default=2, help="training runs per variant (means are reported)")
     ap.add_argument("--out", default=str(ROOT / "bench/results/chunkwise.json"))
     ap.add_argument("--md", default="/tmp/chunkwise_benchmarks.md")
     ap.add_argument("--no-write", action="store_true", help="print only")
@@ -282,9 +296,10 @@ def main(argv: list[str] | None = None) -> None:
         }
         runs = {}
         for name, v in variants.items():
-            runs[name] = train(v, args.train_steps, tspec)
+            per_seed = [train(v, args.train_steps, tspec, seed) for seed in range(args.train_seeds)]
+            runs[name] = summarise(per_seed)
             print(f"train {name:<32} {runs[name]}", flush=True)
-        training = {"settings": tspec, "runs": runs}
+        training = {"settings": dict(tspec, seeds=args.train_seeds), "runs": runs}
 
     cmd = "python bench/chunkwise.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:]))
     result = {

@@ -1,7 +1,7 @@
 """Runtime benchmark: real processes vs the simulation, and the overlap option (outer.apply_delay).
 
-    python bench/runtime.py            # about 8 minutes on 2 CPU cores
-    python bench/runtime.py --quick    # a smaller check, about 3 minutes
+    python bench/runtime.py            # about 8 minutes on 2 shared CPU cores
+    python bench/runtime.py --quick    # a smaller check, about 6 minutes
 
 1. Throughput. One 3-replica SparseLoCo job (the model and data of configs/torchrun_cpu.toml, one
    torch thread per worker, every mode building its workers the same way) run (a) in simulation —
@@ -86,8 +86,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    steps = 30 if args.quick else 60
-    overlap_steps = 60 if args.quick else 150
+    steps = 30 if args.quick else 45
+    overlap_steps = 60 if args.quick else 90
 
     # 1. throughput: the same job in the three modes
     base = out / "throughput.toml"

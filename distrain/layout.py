@@ -11,12 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distrain.config import Config, ConfigError
+from distrain.config import Config, ConfigError, check_runtime  # noqa: F401 - re-exported
 
 REPLICAS = "replicas"  # the outer-round group: one leader per replica
-PARALLEL_CHOICES = ("ddp", "deepspeed")
-BACKENDS = ("auto", "gloo", "nccl")
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass(frozen=True)
@@ -70,33 +67,6 @@ class Layout:
         With one process per replica this is ``(replica, replicas)``, as in simulation.
         """
         return rank, self.world_size
-
-
-def check_runtime(cfg: Config) -> None:
-    """Errors that name the key for a ``[runtime]`` section that cannot describe this topology."""
-    rt, R = cfg.runtime, cfg.topology.replicas
-    if rt.torch_threads < 0:
-        raise ConfigError("runtime.torch_threads must be >= 0 (0: torch's default)")
-    if rt.backend not in BACKENDS:
-        raise ConfigError(f"runtime.backend: {rt.backend!r} is not one of {list(BACKENDS)}")
-    if rt.replica_devices and len(rt.replica_devices) != R:
-        raise ConfigError(f"runtime.replica_devices has {len(rt.replica_devices)} entries for {R} replicas")
-    if any(d < 1 for d in rt.replica_devices):
-        raise ConfigError("runtime.replica_devices entries must be >= 1")
-    if rt.replica_parallel not in PARALLEL_CHOICES:
-        raise ConfigError(f"runtime.replica_parallel: {rt.replica_parallel!r} is not one of {list(PARALLEL_CHOICES)}")
-    if rt.zero_stage not in (1, 2):
-        raise ConfigError(f"runtime.zero_stage must be 1 or 2, got {rt.zero_stage}")
-    for key in ("worker_cpus", "worker_gpus", "worker_memory_mb"):
-        vals = getattr(rt, key)
-        if vals and len(vals) != R:
-            raise ConfigError(f"runtime.{key} has {len(vals)} entries for {R} replicas (one per Ray worker)")
-        if any(v < 0 for v in vals):
-            raise ConfigError(f"runtime.{key} entries must be >= 0")
-    if rt.max_restarts < 0:
-        raise ConfigError("runtime.max_restarts must be >= 0")
-    if rt.placement_strategy not in PLACEMENT_STRATEGIES:
-        raise ConfigError(f"runtime.placement_strategy: {rt.placement_strategy!r} is not one of {list(PLACEMENT_STRATEGIES)}")
 
 
 def ray_bundles(cfg: Config) -> list[dict[str, float]]:

@@ -69,12 +69,18 @@ class NeedsCatchUpError(CommError):
     """A worker was asked to run a round it is not at (it restarted, or missed a round)."""
 
 
-class _StaleFrameFault(RayTransport):
-    """Fault injection: in round ``round`` this worker re-sends its previous round's frame."""
+class _FaultyTransport(RayTransport):
+    """Fault injection on the worker side of a Ray job.
 
-    def __init__(self, *args: Any, stale_round: int, **kwargs: Any):
+    ``stale_round``: in that round this worker re-sends its previous round's frame.
+    ``hold_round``: in that round this worker stops after its inner steps, before sending its
+    frame, for up to ``hold_s`` — the window in which the driver kills its actor, so the kill
+    lands mid-round every time (not before the round started, nor after it finished).
+    """
+
+    def __init__(self, *args: Any, stale_round: int = -1, hold_round: int = -1, hold_s: float = 60.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._stale_round = stale_round
+        self._stale_round, self._hold_round, self._hold_s = stale_round, hold_round, hold_s
         self._last: bytes | None = None
         self._current = 0
 
@@ -83,6 +89,9 @@ class _StaleFrameFault(RayTransport):
         self._current = round_idx
 
     def all_gather_bytes(self, group: str, payload: bytes) -> list[bytes | None]:
+        if self._current == self._hold_round:
+            log.warning("fault injection: worker %d holds in round %d until it is killed", self.rank, self._current)
+            time.sleep(self._hold_s)
         send = self._last if self._current == self._stale_round and self._last is not None else payload
         self._last = payload
         return super().all_gather_bytes(group, send)
@@ -91,18 +100,17 @@ class _StaleFrameFault(RayTransport):
 class WorkerHost:
     """Inside a Ray actor: one ``Worker`` built exactly as simulation builds it."""
 
-    def __init__(self, cfg_toml: str, rank: int, coordinator: Any, fault: str = ""):
+    def __init__(self, cfg_toml: str, rank: int, coordinator: Any, faults: tuple[str, ...] = ()):
         self.cfg = cfg = config_from_toml(cfg_toml)
         apply_torch_threads(cfg)
         self.rank = rank
         data = prepare_data(cfg)  # cached by the driver (or prepared here, on another node)
         R = cfg.topology.replicas
-        f = Fault.parse(fault) if fault else None
-        kwargs = dict(groups={REPLICAS: list(range(R))}, timeout_s=cfg.topology.round_timeout_s)
-        if f is not None and f.kind == "stale" and f.rank == rank:
-            self.transport: RayTransport = _StaleFrameFault(coordinator, rank, R, stale_round=f.round, **kwargs)
-        else:
-            self.transport = RayTransport(coordinator, rank, R, **kwargs)
+        faults = [Fault.parse(f) for f in faults if f]
+        kwargs: dict[str, Any] = dict(groups={REPLICAS: list(range(R))}, timeout_s=cfg.topology.round_timeout_s)
+        for f in faults:
+            kwargs["stale_round" if f.kind == "stale" else "hold_round"] = f.round
+        self.transport: RayTransport = (_FaultyTransport if faults else RayTransport)(coordinator, rank, R, **kwargs)
         self.worker = build_worker(cfg, rank, rank, read_shard(data.train_path), self.transport)
         self.val_batches = validation_batches(cfg, data)
         self.run = run_id(cfg)
@@ -124,9 +132,11 @@ class WorkerHost:
     def finish(self) -> None:
         self.worker.finish()
 
-    def export_global(self, round_idx: int) -> bytes:
-        """The global weights at the start of ``round_idx``, as a dense wire frame."""
-        return encode_params(self.worker.global_params(), self.run, round_idx, self.rank)
+    def export_global(self, round_idx: int) -> tuple[bytes, int]:
+        """The global weights at the start of ``round_idx``, as a dense wire frame, and its size
+        (a second, tiny return value the driver can check without fetching the frame)."""
+        frame = encode_params(self.worker.global_params(), self.run, round_idx, self.rank)
+        return frame, len(frame)
 
     def catch_up(self, round_idx: int, item: list[Any]) -> int:
         """Load the Coordinator's global weights (start of ``round_idx``) and join that round."""
@@ -207,7 +217,7 @@ class RayJob:
             host.options(num_cpus=b["CPU"], num_gpus=b.get("GPU", 0), memory=b.get("memory"),
                          max_restarts=cfg.runtime.max_restarts, max_task_retries=0,
                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
-                         ).remote(text, r, self.coordinator, self._stale_spec(r))
+                         ).remote(text, r, self.coordinator, self._worker_faults(r))
             for r, b in enumerate(bundles)
         ]
         self.active: set[int] = set(range(R))
@@ -215,12 +225,10 @@ class RayJob:
         self.tokens, self.bytes_sent, self.busy_s, self.elapsed_s = 0, 0, 0.0, 0.0
         self.round, self.step = 0, 0
 
-    def _stale_spec(self, rank: int) -> str:
-        """The worker-side fault of ``rank`` (stale frames are sent by the worker itself)."""
-        for f in self.faults:
-            if f.kind == "stale" and f.rank == rank:
-                return f"stale:rank={f.rank},round={f.round}"
-        return ""
+    def _worker_faults(self, rank: int) -> tuple[str, ...]:
+        """The worker-side part of the faults aimed at ``rank`` (see ``_FaultyTransport``)."""
+        return tuple(f"{f.kind}:rank={f.rank},round={f.round}" for f in self.faults
+                     if f.rank == rank and f.kind in ("stale", "kill"))
 
     # ----- helpers -------------------------------------------------------------------------------
     def _call(self, rank: int, method: str, *args: Any, timeout: float | None = None) -> Any:
@@ -228,11 +236,57 @@ class RayJob:
 
         return ray.get(getattr(self.actors[rank], method).remote(*args), timeout=timeout)
 
-    def _publish_global(self, round_idx: int, source: int) -> None:
-        ref = self.actors[source].export_global.remote(round_idx)
+    def _lose(self, rank: int, round_idx: int, why: str) -> None:
+        """Worker ``rank`` failed: the rounds go on without it until it has caught up."""
         import ray
 
-        ray.get(self.coordinator.set_global.remote(round_idx, [ref]))
+        log.warning("round %d: worker %d dropped: %s", round_idx, rank, why)
+        self.active.discard(rank)
+        self.behind.add(rank)
+        ray.get(self.coordinator.mark_absent.remote(rank, round_idx, why.split(":")[0]))
+
+    def _on_active(self, method: str, *args: Any) -> dict[int, Any]:
+        """Call ``method`` on every active worker; one that died since is dropped, not fatal."""
+        import ray
+
+        refs = {r: getattr(self.actors[r], method).remote(*args) for r in sorted(self.active)}
+        out = {}
+        for r, ref in refs.items():
+            try:
+                out[r] = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - sorted into survivable and fatal
+                if not _is_worker_failure(e):
+                    raise
+                self._lose(r, self.round, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+        return out
+
+    def _evaluate(self) -> float:
+        """Validation loss on the lowest live worker (they all hold the global weights)."""
+        import ray
+
+        for r in sorted(self.active):
+            try:
+                return self._call(r, "evaluate")
+            except ray.exceptions.RayActorError as e:
+                self._lose(r, self.round, f"{type(e).__name__}")
+        raise RuntimeError("no live worker to evaluate on")
+
+    def _publish_global(self, round_idx: int) -> None:
+        """Hand the Coordinator the global weights of ``round_idx`` from the lowest live worker.
+
+        The frame stays in the object store (owned by this driver, so it outlives the worker)."""
+        import ray
+
+        for r in sorted(self.active):
+            frame_ref, size_ref = self.actors[r].export_global.options(num_returns=2).remote(round_idx)
+            try:
+                ray.get(size_ref)
+            except ray.exceptions.RayActorError as e:
+                self._lose(r, round_idx, type(e).__name__)
+                continue
+            ray.get(self.coordinator.set_global.remote(round_idx, [frame_ref]))
+            return
+        raise RuntimeError(f"round {round_idx}: no live worker to take the global weights from")
 
     def _events(self, logger: RoundLogger) -> list[dict[str, Any]]:
         import ray
@@ -316,10 +370,7 @@ class RayJob:
             except Exception as e:  # noqa: BLE001 - sorted into survivable and fatal just below
                 if not _is_worker_failure(e):
                     raise
-                log.warning("round %d: worker %d dropped: %s", round_idx, r, str(e).splitlines()[0])
-                self.active.discard(r)
-                self.behind.add(r)
-                ray.get(self.coordinator.mark_absent.remote(r, round_idx, type(e).__name__))
+                self._lose(r, round_idx, f"{type(e).__name__}: {str(e).splitlines()[0]}")
         if not reports:
             raise RuntimeError(f"round {round_idx}: no worker finished it")
         return sorted(reports, key=lambda rep: rep.rank)
@@ -333,7 +384,7 @@ class RayJob:
         import ray
 
         meta = {"round": self.round, "step": step, "tokens": self.tokens, "config_hash": self.cfg.hash()}
-        ray.get([self.actors[r].save.remote(str(self.run_dir), step, meta) for r in sorted(self.active)])
+        self._on_active("save", str(self.run_dir), step, meta)
         ray.get(self.coordinator.save.remote(str(self.run_dir), step, self.cfg.checkpoint.keep))
 
     # ----- the loop -------------------------------------------------------------------------------
@@ -347,24 +398,23 @@ class RayJob:
         resumed = cfg.checkpoint.resume == "auto" and self._resume()
         ray.get([a.info.remote() for a in self.actors])  # every actor built: the clock starts now
         if not resumed:
-            self._publish_global(0, 0)
+            self._publish_global(0)
         logger = RoundLogger(cfg, self.run_dir, total, self.round, self.bytes_sent)
         loop_start, elapsed0 = time.perf_counter(), self.elapsed_s
         try:
             if resumed:
                 logger.log({"kind": "event", "event": "resumed", "round": self.round, "step": self.step})
             else:
-                logger.initial_val(self._call(min(self.active), "evaluate"))
+                logger.initial_val(self._evaluate())
             while self.round < total:
                 self._catch_up(self.round, logger)
                 remaining = cfg.train.steps - self.round * spr0
                 t0 = time.perf_counter()
                 reports = self._run_round(self.round, remaining, logger)
                 self.round += 1
-                source = reports[0].rank
                 if self.round == total:
-                    ray.get([self.actors[r].finish.remote() for r in sorted(self.active)])
-                self._publish_global(self.round, source)
+                    self._on_active("finish")
+                self._publish_global(self.round)
                 wall = time.perf_counter() - t0
                 self.step = min(self.round * spr0, cfg.train.steps)  # what rank 0 has done, even if it failed
                 self.tokens += sum(r.tokens for r in reports)
@@ -376,7 +426,7 @@ class RayJob:
                                    extra={"workers": len(reports)})
                 ray.get(self.coordinator.end_round.remote(self.round, rec, self._counters(logger)))
                 if logger.eval_due(rec, reports[0].steps):
-                    logger.val(rec, self._call(source, "evaluate"))
+                    logger.val(rec, self._evaluate())
                 logger.show(rec, clock="wall")
                 if self.round == total or crossed(self.step, reports[0].steps, cfg.checkpoint.every):
                     self._save(self.step)

@@ -345,7 +345,8 @@ class Fault:
 
     - ``exit`` (torchrun): rank R exits at the start of round N, on the first attempt only, so
       torchrun's elastic restart has something to resume;
-    - ``kill`` (Ray): the driver kills worker R's actor S seconds into round N (Ray restarts it);
+    - ``kill`` (Ray): worker R stops after its inner steps of round N, before sending its frame,
+      and the driver kills its actor S seconds into the round (Ray restarts it);
     - ``stale`` (Ray): worker R re-sends its previous round's frame in round N.
     """
 

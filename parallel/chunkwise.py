@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -249,6 +249,75 @@ def _loss_sum(model: ChunkableModel, h: Tensor, targets: Tensor) -> Tensor:
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def _chunk_forward(model: ChunkableModel, layers: list[Any], x: Tensor, start: int,
+                   prefix: Callable[[int], _Prefix | None]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """One chunk through the stage's layers on top of `prefix(layer)`; returns output and own K/V."""
+    h = model.embed(x) if model.is_first else x
+    cos, sin = model.rope(start, x.shape[1])
+    own = []
+    for li, layer in enumerate(layers):
+        kv = layer.attention.project_kv(layer.attention_norm(h), cos, sin)
+        own.append(kv)
+        h = layer(h, cos, sin, prefix(li), kv)
+    return h, own
+
+
+class _KVCache:
+    """Per-layer K/V of the chunks pass 1 ran (one buffer per layer), and the leaves pass 2 reads."""
+
+    def __init__(self, chunk_len: int, n_chunks: int) -> None:
+        self.c, self.n = chunk_len, n_chunks
+        self.k: list[Tensor] = []
+        self.v: list[Tensor] = []
+        self.leaves: list[list[tuple[Tensor, Tensor]] | None] = []
+
+    def write(self, i: int, own: list[tuple[Tensor, Tensor]]) -> None:
+        if not self.k:
+            for k, v in own:
+                self.k.append(k.new_empty((*k.shape[:2], self.n * self.c, k.shape[3])))
+                self.v.append(v.new_empty((*v.shape[:2], self.n * self.c, v.shape[3])))
+        sl = slice(i * self.c, (i + 1) * self.c)
+        for li, (k, v) in enumerate(own):
+            self.k[li][:, :, sl] = k
+            self.v[li][:, :, sl] = v
+
+    def view(self, i: int, li: int) -> _Prefix | None:
+        """Pass 1: K/V of chunks < i, no copy."""
+        end = i * self.c
+        return _Prefix(self.k[li][:, :, :end], self.v[li][:, :, :end]) if i else None
+
+    def make_leaves(self, upto: int, needs_grad: set[int]) -> None:
+        """Chunks < upto become detached leaves (views of the buffers); only `needs_grad` collect grads."""
+        for j in range(upto):
+            sl = slice(j * self.c, (j + 1) * self.c)
+            kv = [(k[:, :, sl].detach(), v[:, :, sl].detach()) for k, v in zip(self.k, self.v)]
+            if j in needs_grad:
+                for k, v in kv:
+                    k.requires_grad_(True)
+                    v.requires_grad_(True)
+            self.leaves.append(kv)
+
+    def leaf_prefix(self, i: int, li: int) -> _Prefix | None:
+        """Pass 2: K/V of chunks < i as part of the graph, so their gradients reach the leaves."""
+        if not i:
+            return None
+        return _Prefix(torch.cat([self.leaves[j][li][0] for j in range(i)], dim=2),
+                       torch.cat([self.leaves[j][li][1] for j in range(i)], dim=2))
+
+    def pop_grads(self, i: int, own: list[tuple[Tensor, Tensor]], hop: float) -> tuple[list[Tensor], list[Tensor]]:
+        """(own K/V outputs, seeds): the gradient later chunks left on chunk i's K/V, times `hop`;
+        chunk i's leaves are freed."""
+        outs, seeds = [], []
+        if i < len(self.leaves):
+            for kv, leaf_kv in zip(own, self.leaves[i]):
+                for out, leaf in zip(kv, leaf_kv):
+                    if leaf.grad is not None:
+                        outs.append(out)
+                        seeds.append(leaf.grad if hop == 1.0 else leaf.grad * hop)
+            self.leaves[i] = None
+        return outs, seeds
+
+
 def chunkwise_backward(
     model: ChunkableModel,
     inputs: Tensor,
@@ -300,78 +369,39 @@ def chunkwise_backward(
     route = RouteChunkAttention() if x.device.type == "cpu" else contextlib.nullcontext()
     loss_sum = 0.0
 
-    # Pass 1 (no grad): K/V of every chunk a back-propagated chunk reads, plus the loss of chunks
-    # pass 2 skips (last stage only, so the reported loss is always the whole sequence's).
+    # Pass 1 (no grad): the chunks a back-propagated chunk reads, plus (last stage) the chunks whose
+    # loss pass 2 will not compute, so the reported loss is always the whole sequence's.
     last_sel = max(selected, default=-1)
     skipped = [j for j in range(n) if j not in sel] if model.is_last else []
     n_fwd = max(last_sel, max(skipped, default=-1) + 1)
-    kbuf: list[Tensor | None] = [None] * len(layers)
-    vbuf: list[Tensor | None] = [None] * len(layers)
+    cache = _KVCache(c, n_fwd)
     with torch.no_grad(), amp, route:
         for i in range(n_fwd):
             sl = slice(i * c, (i + 1) * c)
-            h = model.embed(x[:, sl]) if model.is_first else x[:, sl]
-            cos, sin = model.rope(i * c, c)
-            for li, layer in enumerate(layers):
-                k, v = layer.attention.project_kv(layer.attention_norm(h), cos, sin)
-                if kbuf[li] is None:
-                    kbuf[li] = k.new_empty((*k.shape[:2], n_fwd * c, k.shape[3]))
-                    vbuf[li] = v.new_empty((*v.shape[:2], n_fwd * c, v.shape[3]))
-                kbuf[li][:, :, sl] = k
-                vbuf[li][:, :, sl] = v
-                prefix = _Prefix(kbuf[li][:, :, : i * c], vbuf[li][:, :, : i * c]) if i else None
-                h = layer(h, cos, sin, prefix, (k, v))
+            h, own = _chunk_forward(model, layers, x[:, sl], i * c, lambda li: cache.view(i, li))
+            cache.write(i, own)
             if model.is_last and i not in sel:
                 loss_sum += float(_loss_sum(model, h, tgt[:, sl]))
+    cache.make_leaves(max(last_sel, 0), sel)
 
-    # Leaves over the cache (views: no copy). Only back-propagated chunks collect K/V gradients.
-    leaves: list[list[tuple[Tensor, Tensor]] | None] = []
-    for j in range(last_sel):
-        sl = slice(j * c, (j + 1) * c)
-        kv = [(kbuf[li][:, :, sl].detach(), vbuf[li][:, :, sl].detach()) for li in range(len(layers))]
-        if j in sel:
-            for k, v in kv:
-                k.requires_grad_(True)
-                v.requires_grad_(True)
-        leaves.append(kv)
-
+    # Pass 2 (chunks n-1 → 0): one chunk's graph at a time, seeded with its loss (or output
+    # gradient) and the K/V gradient later chunks left on it.
     input_grad = torch.zeros_like(x) if not model.is_first else None
     seed = loss_scale * loss_factor / count if count else 0.0
-    # Pass 2: chunks n-1 → 0, each chunk's graph alone.
     with torch.enable_grad(), amp, route:
         for i in reversed(selected):
             sl = slice(i * c, (i + 1) * c)
             xin = x[:, sl] if model.is_first else x[:, sl].detach().requires_grad_(True)
-            h = model.embed(xin) if model.is_first else xin
-            cos, sin = model.rope(i * c, c)
-            own: list[tuple[Tensor, Tensor]] = []
-            for li, layer in enumerate(layers):
-                k, v = layer.attention.project_kv(layer.attention_norm(h), cos, sin)
-                own.append((k, v))
-                prefix = None
-                if i:
-                    prefix = _Prefix(torch.cat([leaves[j][li][0] for j in range(i)], dim=2),
-                                     torch.cat([leaves[j][li][1] for j in range(i)], dim=2))
-                h = layer(h, cos, sin, prefix, (k, v))
-            outs: list[Tensor] = []
-            seeds: list[Tensor] = []
+            h, own = _chunk_forward(model, layers, xin, i * c, lambda li: cache.leaf_prefix(i, li))
             if model.is_last:
                 ls = _loss_sum(model, h, tgt[:, sl])
                 loss_sum += float(ls.detach())
-                outs.append(ls)
-                seeds.append(torch.tensor(seed, dtype=ls.dtype, device=ls.device))
+                outs, seeds = [ls], [torch.tensor(seed, dtype=ls.dtype, device=ls.device)]
             else:
-                outs.append(h)
-                seeds.append(gout[:, sl].to(h.dtype))
-            if i < len(leaves):
-                for (k, v), (lk, lv) in zip(own, leaves[i]):
-                    for out, leaf in ((k, lk), (v, lv)):
-                        if leaf.grad is not None:
-                            outs.append(out)
-                            seeds.append(leaf.grad if hop == 1.0 else leaf.grad * hop)
-                leaves[i] = None  # its gradient is consumed: free it
-            torch.autograd.backward(outs, seeds)
-            if input_grad is not None:
+                outs, seeds = [h], [gout[:, sl].to(h.dtype)]
+            kv_outs, kv_seeds = cache.pop_grads(i, own, hop)
+            torch.autograd.backward(outs + kv_outs, seeds + kv_seeds)
+            if input_grad is not None and xin.grad is not None:
                 input_grad[:, sl] = xin.grad
     if input_grad is not None:
         input_grad = input_grad[:, :T].to(inputs.dtype)

@@ -22,6 +22,16 @@ def model_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy machine 2-thread small ops spin-wait
+    (this file took 20x longer that way); the previous setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def fp64_norm(monkeypatch):
     """distrain.model.RMSNorm computes in fp32 even for fp64 inputs (`x.float()`), which caps any
@@ -96,6 +106,15 @@ def test_seco_equals_full_backprop_fp32(chunk_len):
     res, got = run(m, x, y, mode="seco", chunk_len=chunk_len)
     assert res.loss == pytest.approx(ref_loss, rel=1e-5)
     assert max_rel_err(got, ref) <= 1e-5
+
+
+def test_tied_embeddings_fp64(fp64_norm):
+    torch.manual_seed(9)
+    m = Transformer(model_cfg(tie_embeddings=True)).double()
+    x, y = data(24)
+    ref_loss, ref = reference(m, x, y)
+    res, got = run(m, x, y, mode="seco", chunk_len=6)
+    assert max_rel_err(got, ref) <= 1e-10
 
 
 def test_mode_off_is_plain_backprop(fp64_norm):
