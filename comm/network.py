@@ -95,13 +95,6 @@ class NetworkModel:
         with self._lock:
             self._stats = [replace(s) for s in stats]
 
-    def load_stats(self, stats: list[RankStats]) -> None:
-        """Restore every rank's counters and clock (checkpoint resume)."""
-        if len(stats) != self.world_size:
-            raise ValueError(f"{len(stats)} rank stats given for a network of {self.world_size} ranks")
-        with self._lock:
-            self._stats = [replace(s) for s in stats]
-
     def clock(self, rank: int) -> float:
         return self.stats(rank).clock_s
 

@@ -397,7 +397,6 @@ def test_gap_coded_frames_are_smaller_after_zstd():
 @pytest.mark.parametrize("corrupt,error", [("zero_gap", "IndexRangeError"), ("overflow", "IndexRangeError"),
                                            ("short", "SchemaError")])
 def test_gap_coded_bad_indices_are_rejected(corrupt, error):
-    import numpy as np
 
     from comm import errors
     from comm.codecs import EncodedTensor, make_codec

@@ -9,7 +9,7 @@ from torch import nn
 from comm.codecs import make_codec
 from comm.simulated import SimulatedHub, SimulatedTransport, run_ranks
 from comm.transport import Transport
-from comm.wire import FrameMeta, decode_frame, encode_frame
+from comm.wire import decode_frame, encode_frame
 from distrain.outer import DDPOuter, PseudoGradientOuter, owned_parameters
 
 R = 3

@@ -15,7 +15,7 @@ import torch
 from comm.errors import ShapeMismatchError, StaleFrameError
 from distrain.config import ConfigError, load_config
 from distrain.coordinator import Coordinator
-from distrain.layout import Layout, check_runtime, ray_bundles
+from distrain.layout import Layout, ray_bundles
 from distrain.optim import lr_multiplier
 from distrain.outer import RoundStats
 from distrain.runner import Fault, newest_common_step
