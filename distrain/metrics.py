@@ -12,10 +12,11 @@ from typing import Any
 class MetricsLogger:
     """Appends one JSON object per record; mirrors numeric fields to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, append: bool = False):
+        """``append``: a resumed run continues its file; a fresh run starts a new one."""
         self.path = run_dir / "metrics.jsonl"
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open(self.path, "a" if append else "w", buffering=1)
         self._tb = None
         if tensorboard:
             try:

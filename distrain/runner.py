@@ -124,7 +124,7 @@ class RoundLogger:
 
     def __init__(self, cfg: Config, run_dir: Path, total_rounds: int, start_round: int = 0, bytes_sent: int = 0):
         self.cfg = cfg
-        self.metrics = MetricsLogger(run_dir, cfg.logging.tensorboard)
+        self.metrics = MetricsLogger(run_dir, cfg.logging.tensorboard, append=start_round > 0)
         self.progress = Progress(total_rounds, cfg.logging.progress, desc=cfg.outer.algorithm, initial=start_round)
         self.total_rounds = total_rounds
         self.bytes_sent = bytes_sent
