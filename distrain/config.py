@@ -67,6 +67,7 @@ class ChunkwiseConfig:
     sparse_chunks: int = 0  # SpaCO: chunks that back-propagate (t)
     cap: float = 0.0  # SpaCO: cap on the n/t gradient scale (0: no cap)
     pad: bool = False  # pad sequences to a multiple of chunk_len instead of erroring
+    sampling: str = "bernoulli"  # SpaCO chunk selection: bernoulli (unbiased) | uniform (exactly t, the paper's)
 
 
 @dataclass
@@ -317,8 +318,21 @@ def validate(cfg: Config) -> None:
         v = getattr(getattr(cfg, section), key)
         if v not in allowed:
             raise ConfigError(f"{section}.{key}: {v!r} is not one of {sorted(allowed)}")
-    if cfg.train.chunkwise.mode not in {"off", "seco", "spaco"}:
-        raise ConfigError(f"train.chunkwise.mode: {cfg.train.chunkwise.mode!r} is not one of off, seco, spaco")
+    cw = cfg.train.chunkwise
+    if cw.mode not in {"off", "seco", "spaco"}:
+        raise ConfigError(f"train.chunkwise.mode: {cw.mode!r} is not one of off, seco, spaco")
+    if cw.sampling not in {"bernoulli", "uniform"}:
+        raise ConfigError(f"train.chunkwise.sampling: {cw.sampling!r} is not one of bernoulli, uniform")
+    if cw.mode != "off":
+        if cw.chunk_len < 1:
+            raise ConfigError("train.chunkwise.chunk_len must be >= 1 when train.chunkwise.mode is not off")
+        if not cw.pad and cfg.data.seq_len % cw.chunk_len:
+            raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) is not a multiple of train.chunkwise.chunk_len "
+                              f"({cw.chunk_len}); set train.chunkwise.pad = true to pad")
+        if cw.mode == "spaco" and cw.sparse_chunks < 1:
+            raise ConfigError("train.chunkwise.sparse_chunks (t) must be >= 1 for spaco")
+        if cw.cap and cw.cap < 1:
+            raise ConfigError(f"train.chunkwise.cap must be 0 (no cap) or >= 1, got {cw.cap}")
     m = cfg.model
     if m.dim % m.n_heads:
         raise ConfigError(f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads})")

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distrain.config import ModelConfig
+from parallel.chunkwise_attention import prefix_causal_attention
 
 # Presets fill the model section; explicit model keys override them.
 MODEL_PRESETS: dict[str, dict] = {
@@ -46,7 +47,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))  # fp32 statistics, fp64 stays fp64
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
@@ -114,9 +115,8 @@ class Attention(nn.Module):
         S = k.shape[2]
         if S == T:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # queries are the last T of S positions: bottom-right aligned causal mask
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # queries are the last T of S positions (a chunk after cached K/V): bottom-right causal
+            out = prefix_causal_attention(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

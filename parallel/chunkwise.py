@@ -45,10 +45,9 @@ SpaCO (sparse), the estimator and exactly what is unbiased:
   identically seeded generator. A stage that receives a non-zero output gradient on a chunk it did
   not select raises instead of silently dropping it.
 
-Attention of a chunk over [prefix; own] is the model's own code, which passes an explicit causal
-mask; on CPU that kernel is several times slower than the causal one, so both passes run under
-`parallel.chunkwise_attention.RouteChunkAttention`, which computes exactly that masked attention
-with two unmasked flash calls (see that module).
+Attention of a chunk over [prefix; own] is the model's own code, which calls
+`parallel.chunkwise_attention.prefix_causal_attention` (two unmasked flash calls merged by their
+log-sum-exp on CPU: much faster than one masked call).
 
 The model is duck-typed (this package must not import `distrain`): it needs `is_first`, `is_last`,
 `layers` (ordered, each with `attention_norm`, `attention.project_kv(x, cos, sin)` and
@@ -59,6 +58,7 @@ The model is duck-typed (this package must not import `distrain`): it needs `is_
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,7 +68,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from parallel.chunkwise_attention import RouteChunkAttention
 
 MODES = ("off", "seco", "spaco")
 SAMPLINGS = ("bernoulli", "uniform")
@@ -226,7 +225,7 @@ def _check_io(model: ChunkableModel, inputs: Tensor, targets: Tensor | None, gra
                              f"so a stage that is not last needs loss_scale=1.0, got {loss_scale}")
 
 
-def _pad_seq(x: Tensor, length: int, value: float | int) -> Tensor:
+def _pad_seq(x: Tensor, length: int, value: float) -> Tensor:
     extra = length - x.shape[1]
     if extra == 0:
         return x
@@ -365,8 +364,6 @@ def chunkwise_backward(
 
     amp = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None
            else contextlib.nullcontext())
-    # The model attends over [prefix; chunk] with an explicit mask, slow on CPU: use the split kernel.
-    route = RouteChunkAttention() if x.device.type == "cpu" else contextlib.nullcontext()
     loss_sum = 0.0
 
     # Pass 1 (no grad): the chunks a back-propagated chunk reads, plus (last stage) the chunks whose
@@ -375,10 +372,10 @@ def chunkwise_backward(
     skipped = [j for j in range(n) if j not in sel] if model.is_last else []
     n_fwd = max(last_sel, max(skipped, default=-1) + 1)
     cache = _KVCache(c, n_fwd)
-    with torch.no_grad(), amp, route:
+    with torch.no_grad(), amp:
         for i in range(n_fwd):
             sl = slice(i * c, (i + 1) * c)
-            h, own = _chunk_forward(model, layers, x[:, sl], i * c, lambda li: cache.view(i, li))
+            h, own = _chunk_forward(model, layers, x[:, sl], i * c, functools.partial(cache.view, i))
             cache.write(i, own)
             if model.is_last and i not in sel:
                 loss_sum += float(_loss_sum(model, h, tgt[:, sl]))
@@ -388,11 +385,11 @@ def chunkwise_backward(
     # gradient) and the K/V gradient later chunks left on it.
     input_grad = torch.zeros_like(x) if not model.is_first else None
     seed = loss_scale * loss_factor / count if count else 0.0
-    with torch.enable_grad(), amp, route:
+    with torch.enable_grad(), amp:
         for i in reversed(selected):
             sl = slice(i * c, (i + 1) * c)
             xin = x[:, sl] if model.is_first else x[:, sl].detach().requires_grad_(True)
-            h, own = _chunk_forward(model, layers, xin, i * c, lambda li: cache.leaf_prefix(i, li))
+            h, own = _chunk_forward(model, layers, xin, i * c, functools.partial(cache.leaf_prefix, i))
             if model.is_last:
                 ls = _loss_sum(model, h, tgt[:, sl])
                 loss_sum += float(ls.detach())

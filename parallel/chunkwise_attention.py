@@ -2,17 +2,17 @@
 
 Why: a chunk of T queries attends to S = P + T keys with a bottom-right aligned causal mask. Passed
 as an explicit boolean mask (what `distrain.model.Attention` does when it gets a prefix), torch's
-CPU flash kernel cannot skip work and runs ~4-5× slower per step than the `is_causal=True` kernel
-used for whole sequences, which alone breaks SeCO's 4/3 compute budget. Split instead: the prefix
-block needs no mask, the own block is plain causal; both run the flash kernel and are merged with
-their log-sum-exp. The backward runs the flash backward of each block against the merged output and
+CPU flash kernel is slower than its unmasked/causal paths: 1.45× for the 16 chunks of a 16K-token
+sequence, single-threaded (fwd+bwd, 4 heads of 64), and up to 4× with 2 threads on a busy machine.
+At long lengths attention is most of a step, so that alone uses most of SeCO's time budget.
+Split instead: the prefix block needs no mask, the own block is plain causal; both run the flash
+kernel and are merged with their log-sum-exp. The backward runs the flash backward of each block against the merged output and
 log-sum-exp, which gives each block's exact gradient (the same identity ring attention uses).
 
-`prefix_causal_attention` is the function; `RouteChunkAttention` is a torch function mode that
-sends the model's masked SDPA call to it while chunkwise passes run, after checking the mask really
-is the bottom-right causal one. The mode is a stop-gap: once the model's masked branch calls
-`prefix_causal_attention` itself, the mode sees no masked call and does nothing.
-Only CPU has the fast path here (it uses torch's CPU flash ops, which return the log-sum-exp);
+`distrain.model.Attention` calls `prefix_causal_attention` whenever it attends over a prefix.
+Only CPU has the fast path here (it uses torch's private CPU flash ops, which return the log-sum-exp
+that public SDPA hides; if a torch release drops them, the masked call is used again: slower, still
+exact);
 other devices keep the model's masked call.
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
 _aten = torch.ops.aten
 _FWD = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -68,33 +67,3 @@ def prefix_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return _PrefixCausal.apply(q, k, v, scale)
-
-
-class RouteChunkAttention(TorchFunctionMode):
-    """Within this mode, SDPA calls with a bottom-right causal boolean mask use the split kernel."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._tril: dict[tuple[int, torch.device], Tensor] = {}
-
-    def _is_bottom_right_causal(self, mask: Tensor, T: int, S: int) -> bool:
-        if mask.dtype != torch.bool or tuple(mask.shape) != (T, S) or S <= T:
-            return False
-        key = (T, mask.device)
-        if key not in self._tril:
-            self._tril[key] = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
-        return bool(mask[:, : S - T].all()) and torch.equal(mask[:, S - T:], self._tril[key])
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and len(args) == 3:
-            q, k, v = args
-            mask = kwargs.get("attn_mask")
-            extra = set(kwargs) - {"attn_mask", "scale", "dropout_p", "is_causal", "enable_gqa"}
-            if (mask is not None and not extra and not kwargs.get("is_causal", False)
-                    and kwargs.get("dropout_p", 0.0) == 0.0 and not kwargs.get("enable_gqa", False)
-                    and q.dim() == 4 and k.shape == v.shape and k.shape[:2] == q.shape[:2]
-                    and fast_path_available(q) and k.dtype == q.dtype == v.dtype
-                    and self._is_bottom_right_causal(mask, q.shape[2], k.shape[2])):
-                return _PrefixCausal.apply(q, k, v, kwargs.get("scale"))
-        return func(*args, **kwargs)

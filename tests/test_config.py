@@ -65,7 +65,8 @@ def test_missing_file():
 def test_resolved_config_round_trips(tmp_path):
     from distrain.config import save_config
 
-    cfg = load_config(None, ["--train.lr=2e-3", "--topology.compute_speeds=[2.0]", "--train.chunkwise.mode=spaco"])
+    cfg = load_config(None, ["--train.lr=2e-3", "--topology.compute_speeds=[2.0]", "--train.chunkwise.mode=spaco",
+                                           "--train.chunkwise.chunk_len=32", "--train.chunkwise.sparse_chunks=2"])
     save_config(cfg, tmp_path / "r.toml")
     again = load_config(tmp_path / "r.toml")
     assert again == cfg
@@ -78,3 +79,28 @@ def test_cli_help_lists_keys(capsys):
     assert "--train.lr=" in out and "--outer.topk=64" in out and "--train.chunkwise.mode=" in out
     assert main(["train", "--train.bogus=1"]) == 2
     assert "unknown key 'train.bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["--train.chunkwise.mode=seco"], "chunk_len must be >= 1"),
+    (["--train.chunkwise.mode=seco", "--train.chunkwise.chunk_len=48"], "not a multiple of train.chunkwise.chunk_len"),
+    (["--train.chunkwise.mode=spaco", "--train.chunkwise.chunk_len=32"], "sparse_chunks (t) must be >= 1"),
+    (["--train.chunkwise.mode=spaco", "--train.chunkwise.chunk_len=32", "--train.chunkwise.sparse_chunks=2",
+      "--train.chunkwise.cap=0.5"], "cap must be 0"),
+    (["--train.chunkwise.sampling=random"], "sampling"),
+])
+def test_unsupported_chunkwise_combinations(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert needle in str(e.value)
+
+
+def test_chunkwise_training_through_the_trainer(tiny_config):
+    """SeCO and SpaCO run from the config in the ordinary trainer (and so in every run mode)."""
+    from distrain.runner import Simulation
+
+    for mode in ("seco", "spaco"):
+        cfg = tiny_config("--train.steps=4", f"--train.chunkwise.mode={mode}", "--train.chunkwise.chunk_len=8",
+                          "--train.chunkwise.sparse_chunks=2", f"--run.name={mode}")
+        s = Simulation(cfg).run()
+        assert s.steps == 4 and s.final_val_loss < s.first_val_loss
