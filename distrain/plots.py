@@ -45,8 +45,6 @@ def plot_run(run_dir: str | Path) -> list[Path]:
             ax.plot(vx, vy, "o-", label="validation")
         ax.set_xlabel(label)
         ax.set_ylabel("loss")
-        if x_key == "bytes_sent" and max(tx + vx, default=0) > 0:
-            ax.set_xscale("symlog")
         ax.grid(alpha=0.3)
         ax.legend()
         ax.set_title(run_dir.name)
@@ -56,7 +54,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
 
-    util = [r for r in records if r.get("kind") == "round" and r.get("utilisation") is not None]
+    util = [r for r in train if r.get("utilisation") is not None and r.get("round") is not None]
     if util:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot([r["round"] for r in util], [r["utilisation"] for r in util])

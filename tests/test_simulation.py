@@ -102,3 +102,22 @@ def test_replicas_end_rounds_on_identical_weights(tiny_config):
     for w in sim.workers[1:]:
         for k, v in w.model.state_dict().items():
             assert torch.equal(v, ref[k])
+
+
+def test_plots_of_a_run(tiny_config):
+    from distrain.plots import plot_run
+
+    sim = Simulation(tiny_config("--outer.algorithm=sparseloco", "--topology.replicas=2", "--train.steps=6",
+                                 "--outer.inner_steps=3", "--train.eval_every=3"))
+    sim.run()
+    written = {p.name for p in plot_run(sim.run_dir)}
+    assert written == {"loss_vs_step.png", "loss_vs_tokens.png", "loss_vs_bytes.png", "loss_vs_sim_time.png",
+                       "utilisation.png"}
+    assert all((sim.run_dir / "plots" / n).stat().st_size > 1000 for n in written)
+
+
+def test_plot_of_a_directory_without_metrics_is_an_error(tmp_path):
+    from distrain.plots import plot_run
+
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        plot_run(tmp_path)
