@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import command, machine
 from torch.utils.checkpoint import checkpoint
 
 from distrain.config import ChunkwiseConfig, ModelConfig
@@ -301,12 +301,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"train {name:<32} {runs[name]}", flush=True)
         training = {"settings": dict(tspec, seeds=args.train_seeds), "runs": runs}
 
-    cmd = "python bench/chunkwise.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(sys.argv[1:]))
+    cmd = command("bench/chunkwise.py", argv)
     result = {
         "lengths": lengths,
         "training": training,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs (shared), torch {torch.__version__}, "
-                   f"load average {os.getloadavg()[0]:.1f} at the end",
+        "machine": f"{machine()}, load average {os.getloadavg()[0]:.1f} at the end",
         "command": cmd,
         "settings": {"model": spec, "chunks": args.chunks, "reps": args.reps, "threads": args.threads,
                      "step_s": "process CPU time (user+sys) of one step, fastest of reps; wall_s: wall time",

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import time
@@ -25,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from common import command, machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -44,20 +43,6 @@ def model_shapes(params: float) -> list[tuple[int, ...]]:
     block = [(d, d)] * 4 + [(4 * d // 3 // 64 * 64 + 64, d)] * 2 + [(d, 4 * d // 3 // 64 * 64 + 64)] + [(d,)] * 2
     per_block = sum(int(np.prod(s)) for s in block)
     return block * max(1, round(params / per_block))
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}, "
-            f"{platform.system()} {platform.release()}")
 
 
 def timed(fn: Callable[[], object], sync: bool = False) -> float:
@@ -195,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             dec = bench_decode(shapes, args.replicas, args.repeats, "cuda")
             result["gpu"] = {"encode": per_1e8(enc, n, "cuda"),
                              "decode_aggregate": per_1e8(dec, n, "cuda")}
-    result.update(machine=machine(), command="python " + shlex.join(["bench/kernels.py", *(argv or sys.argv[1:])]),
+    result.update(machine=machine(), command=command("bench/kernels.py", argv),
                   params=n, tensors=len(shapes), replicas=args.replicas, repeats=args.repeats,
                   load_average=[round(load_before, 2), round(os.getloadavg()[0], 2)],
                   codec=dict(CODEC))

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import machine
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -37,18 +37,6 @@ from distrain.config import load_config, save_config  # noqa: E402
 from distrain.runner import Simulation  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "runtime.json"
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, torch {torch.__version__}"
 
 
 def throughput_config(out: Path, steps: int) -> list[str]:

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
-import torch
+from common import command, machine
 
 from distrain.config import load_config
 from distrain.runner import Simulation
@@ -38,10 +35,6 @@ RUNS: dict[str, list[str]] = {
     "sparseloco_sum_over_r": ["--outer.algorithm=sparseloco", "--outer.lr=1.0", "--outer.quantizer=reference",
                               "--outer.aggregation=sum_over_r"],
 }
-
-
-def machine() -> str:
-    return f"{platform.machine()}, {torch.get_num_threads()} threads, cpu, torch {torch.__version__}"
 
 
 def main() -> None:
@@ -82,10 +75,10 @@ def main() -> None:
         print(f"{name:>24}: val {s.final_val_loss:.4f}  wire/round {s.wire_bytes_per_replica_per_round:,.0f} B  "
               f"({results[name]['compression_vs_dense_fp32']:.1f}x < fp32)  {time.perf_counter() - t0:.0f} s", flush=True)
 
-    command = "python " + " ".join(shlex.quote(a) for a in ["bench/sparseloco_vs_diloco.py", *sys.argv[1:]])
+    cmd = command("bench/sparseloco_vs_diloco.py")
     for name in args.runs:
-        results[name]["command"] = command
-    out = {"runs": results, "machine": machine(), "command": command}
+        results[name]["command"] = cmd
+    out = {"runs": results, "machine": machine(), "command": cmd}
     if "diloco" in results:
         base = results["diloco"]
         for r in results.values():

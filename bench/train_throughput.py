@@ -9,24 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import command, machine
 
 from distrain.config import ModelConfig, TrainConfig
 from distrain.model import MODEL_PRESETS, build_model, count_parameters
 from distrain.trainer import InnerTrainer, resolve_device
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
-
-
-def machine() -> str:
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {dev}, torch {torch.__version__}"
 
 
 def measure(preset: str, vocab: int, seq_len: int, batch: int, steps: int, warmup: int) -> dict:
@@ -65,7 +58,7 @@ def main() -> None:
         models[p] = measure(p, args.vocab, args.seq_len, args.batch, args.steps, args.warmup)
         print(f"{p:>6}: {models[p]['params'] / 1e6:7.2f}M params  {models[p]['tokens_per_s']:10.0f} tokens/s", flush=True)
     out = {"models": models, "machine": machine(),
-           "command": "python " + " ".join(shlex.quote(a) for a in ["bench/train_throughput.py", *sys.argv[1:]])}
+           "command": command("bench/train_throughput.py")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
 
