@@ -96,13 +96,11 @@ def round_record(round_idx: int, reports: list[RoundReport], total_tokens: int, 
     """The ``kind = "train"`` record of one round, from the replicas' reports (leaders only).
 
     ``bytes_sent`` is the running total before this round; the record carries the new total.
-    ``wall_s``: real seconds of the round (real modes) — tokens/s is then measured, not simulated.
+    ``wall_s``: real seconds of the round; without it tokens/s is per (simulated) compute second.
     """
     r0 = reports[0]
-    wall = sum(r.compute_s for r in reports) / len(reports)
-    tokens_per_s = sum(r.tokens for r in reports) / max(1e-9, wall * len(reports)) * len(reports)
-    if wall_s is not None:
-        tokens_per_s = sum(r.tokens for r in reports) / max(1e-9, wall_s)
+    wall = wall_s if wall_s is not None else float(np.mean([r.compute_s for r in reports]))
+    tokens_per_s = sum(r.tokens for r in reports) / max(1e-9, wall)
     rec: dict[str, Any] = {
         "kind": "train", "round": round_idx, "step": r0.step, "tokens": total_tokens,
         "loss": float(np.mean([r.train_loss for r in reports])), "lr": r0.lr,
@@ -299,12 +297,15 @@ class Simulation:
         try:
             while self.round < total:
                 remaining = cfg.train.steps - self.workers[0].trainer.step
+                t_round = time.perf_counter()
                 reports = self._run_round(pool, remaining)
+                t_round = time.perf_counter() - t_round
                 self.round += 1
                 if self.round == total:
                     for w in self.workers:
                         w.finish()
-                rec = logger.train(self.round, reports, self.total_tokens, self.clock_s(), self.utilisation())
+                rec = logger.train(self.round, reports, self.total_tokens, self.clock_s(), self.utilisation(),
+                                   wall_s=t_round)
                 self.bytes_sent = logger.bytes_sent
                 if logger.eval_due(rec, reports[0].steps):
                     logger.val(rec, self.evaluate())
