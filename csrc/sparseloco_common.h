@@ -35,6 +35,13 @@ inline const char* status_string(int32_t status) {
   }
 }
 
+/* Whether the enum arguments of an entry point name a known quantizer, value dtype and index coding. */
+inline bool valid_enums(int32_t quantizer, int32_t value_dtype, int32_t index_coding) {
+  return quantizer >= DL_Q_REFERENCE && quantizer <= DL_Q_NONE &&
+         (value_dtype == DL_V_FP16 || value_dtype == DL_V_FP32) &&
+         (index_coding == DL_IDX_PACKED || index_coding == DL_IDX_GAPS);
+}
+
 /* Derived geometry: every quantity the kernels need, computed once. */
 struct Geo {
   int64_t rows, cols, cr, cc;

@@ -363,12 +363,6 @@ int32_t decode_aggregate(const Geo& g, int64_t R, const uint8_t* const* indices,
   return bad_order ? DL_ERR_INDEX_ORDER : (bad_index ? DL_ERR_INDEX : DL_OK);
 }
 
-bool valid_enums(int32_t quantizer, int32_t value_dtype, int32_t index_coding) {
-  return quantizer >= DL_Q_REFERENCE && quantizer <= DL_Q_NONE &&
-         (value_dtype == DL_V_FP16 || value_dtype == DL_V_FP32) &&
-         (index_coding == DL_IDX_PACKED || index_coding == DL_IDX_GAPS);
-}
-
 }  // namespace
 
 extern "C" {
@@ -388,7 +382,7 @@ DL_API int32_t dl_cpu_sparseloco_encode(float* ef, const float* delta, float bet
                                         uint8_t* out_indices, void* out_values,
                                         float* out_centroids, int32_t num_threads) {
   Geo g;
-  if (!dl::make_geo(geo, &g) || !valid_enums(quantizer, value_dtype, index_coding) ||
+  if (!dl::make_geo(geo, &g) || !dl::valid_enums(quantizer, value_dtype, index_coding) ||
       ef == nullptr || delta == nullptr || out_values == nullptr ||
       (out_indices == nullptr && (g.bits > 0 || index_coding == DL_IDX_GAPS)) ||
       (quantizer != DL_Q_NONE && out_centroids == nullptr))
@@ -409,7 +403,7 @@ DL_API int32_t dl_cpu_sparseloco_decode_aggregate(const dl_geometry* geo, int64_
                                                   int32_t aggregation, float* out,
                                                   int32_t num_threads) {
   Geo g;
-  if (!dl::make_geo(geo, &g) || !valid_enums(quantizer, value_dtype, index_coding) ||
+  if (!dl::make_geo(geo, &g) || !dl::valid_enums(quantizer, value_dtype, index_coding) ||
       n_parts < 1 ||
       indices == nullptr || values == nullptr || out == nullptr ||
       (quantizer != DL_Q_NONE && centroids == nullptr) ||

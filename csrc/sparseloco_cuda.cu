@@ -422,12 +422,6 @@ int grid_for(int64_t work, int64_t per_block) {
 
 int32_t launch_ok() { return cudaGetLastError() == cudaSuccess ? DL_OK : DL_ERR_CUDA; }
 
-bool valid_enums(int32_t quantizer, int32_t value_dtype, int32_t index_coding) {
-  return quantizer >= DL_Q_REFERENCE && quantizer <= DL_Q_NONE &&
-         (value_dtype == DL_V_FP16 || value_dtype == DL_V_FP32) &&
-         (index_coding == DL_IDX_PACKED || index_coding == DL_IDX_GAPS);
-}
-
 }  // namespace
 
 extern "C" {
@@ -449,7 +443,7 @@ DL_API int32_t dl_cuda_sparseloco_encode(float* ef, const float* delta, float be
                                          float* out_centroids, void* workspace,
                                          int64_t workspace_bytes, int32_t* status, void* stream) {
   Geo g;
-  if (!dl::make_geo(geo, &g) || !valid_enums(quantizer, value_dtype, index_coding) ||
+  if (!dl::make_geo(geo, &g) || !dl::valid_enums(quantizer, value_dtype, index_coding) ||
       ef == nullptr || delta == nullptr || out_values == nullptr || status == nullptr ||
       workspace == nullptr ||
       (out_indices == nullptr && (g.bits > 0 || index_coding == DL_IDX_GAPS)) ||
@@ -506,7 +500,7 @@ DL_API int32_t dl_cuda_sparseloco_decode_aggregate(const dl_geometry* geo, int64
                                                    int32_t* counts, int32_t* status,
                                                    void* stream) {
   Geo g;
-  if (!dl::make_geo(geo, &g) || !valid_enums(quantizer, value_dtype, index_coding) ||
+  if (!dl::make_geo(geo, &g) || !dl::valid_enums(quantizer, value_dtype, index_coding) ||
       n_parts < 1 ||
       indices == nullptr || values == nullptr || out == nullptr || status == nullptr ||
       (quantizer != DL_Q_NONE && centroids == nullptr) ||
