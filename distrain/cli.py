@@ -73,12 +73,40 @@ def _print_summary(summary) -> None:
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
 
 
-def cmd_plot(run_dir: str) -> int:
+def _plot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
     from distrain.plots import plot_run
 
-    for path in plot_run(run_dir):
+    for path in plot_run(args.run_dir):
         print(path)
     return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCommand:
+    """A command with its own arguments instead of a training config (plot, plan-sp, estimate, ...)."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+# Tool commands by name. A module that adds one defines ``COMMAND = ToolCommand(...)`` and is
+# listed in TOOL_MODULES (imported only when the parser is built, so its imports stay lazy).
+TOOLS: dict[str, ToolCommand] = {"plot": ToolCommand("write PNG plots of a run directory", _plot_arguments, cmd_plot)}
+TOOL_MODULES: dict[str, str] = {}
+
+
+def tool_commands() -> dict[str, ToolCommand]:
+    import importlib
+
+    tools = dict(TOOLS)
+    for name, module in TOOL_MODULES.items():
+        tools[name] = importlib.import_module(module).COMMAND
+    return tools
 
 
 COMMANDS: dict[str, tuple[str, str | None, Callable[[Config], int]]] = {
@@ -97,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", help=f"TOML file or preset name in configs/ (default: {default or 'built-in defaults'})")
         p.add_argument("-v", "--verbose", action="store_true")
-    p = sub.add_parser("plot", help="write PNG plots of a run directory", description="write PNG plots of a run directory")
-    p.add_argument("run_dir")
+    for name, tool in tool_commands().items():
+        p = sub.add_parser(name, help=tool.help, description=tool.help)
+        tool.add_arguments(p)
     return parser
 
 
@@ -109,10 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if args.command == "plot":
+    tools = tool_commands()
+    if args.command in tools:
         if rest:
             parser.error(f"unexpected arguments: {' '.join(rest)}")
-        return cmd_plot(args.run_dir)
+        return tools[args.command].run(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _, default, fn = COMMANDS[args.command]
