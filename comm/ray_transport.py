@@ -13,12 +13,19 @@ Payloads are ``bytes`` and stay bytes: anything else fetched from the store is r
 bytes are validated by ``comm.wire`` by the caller. (Ray's own control messages inside the cluster
 use Ray's serialisation; that is the cluster's trust boundary, not a frame.)
 
-The coordinator handle is duck-typed (``contribute`` / ``poll`` remote methods, see
-``distrain.coordinator``), so ``comm`` does not import the trainer.
+Point-to-point messages go actor to actor: the sender calls the receiving actor's ``deliver``
+remote method (a worker actor runs several threads, so it takes deliveries while its round runs)
+with ``(src, round, seq, payload)``; the receiver's ``Mailbox`` hands them out in ``seq`` order
+for the current round and discards anything of an older round — what a failed round left behind
+never reaches the next one.
+
+The coordinator and peer handles are duck-typed (``contribute`` / ``poll`` / ``deliver`` remote
+methods, see ``distrain.runtime``), so ``comm`` does not import the trainer.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -42,6 +49,44 @@ def _ray() -> Any:
     return ray
 
 
+class Mailbox:
+    """Messages delivered to one worker, by sender; taken in order within the current round."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._round = 0
+        self._box: dict[int, dict[tuple[int, int], bytes]] = defaultdict(dict)
+
+    def begin_round(self, round_idx: int) -> None:
+        with self._cond:
+            self._round = int(round_idx)
+            for box in self._box.values():
+                for key in [k for k in box if k[0] < self._round]:
+                    del box[key]
+
+    def put(self, src: int, round_idx: int, seq: int, payload: bytes) -> None:
+        if not isinstance(payload, bytes):
+            raise CommError(f"message from rank {src} is {type(payload).__name__}, not bytes")
+        with self._cond:
+            if round_idx < self._round:
+                return  # a message of a round that is over: dropped
+            self._box[src][(int(round_idx), int(seq))] = payload
+            self._cond.notify_all()
+
+    def take(self, src: int, seq: int, timeout_s: float) -> bytes:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                got = self._box[src].pop((self._round, seq), None)
+                if got is not None:
+                    return got
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CollectiveTimeoutError(f"no message #{seq} from rank {src} in round {self._round} "
+                                                 f"within {timeout_s:g} s")
+                self._cond.wait(remaining)
+
+
 class RayTransport(Transport):
     """One worker's endpoint; collectives are matched by the Coordinator actor ``coordinator``."""
 
@@ -57,6 +102,11 @@ class RayTransport(Transport):
         self._poll_s = poll_s
         self._round = 0
         self._seq: dict[str, int] = defaultdict(int)
+        self._peers: dict[int, Any] = {}
+        self.mailbox = Mailbox()
+        self._sent: dict[int, int] = defaultdict(int)
+        self._taken: dict[int, int] = defaultdict(int)
+        self._p2p_wait_s = float(timeout_s)
 
     @property
     def rank(self) -> int:
@@ -67,9 +117,31 @@ class RayTransport(Transport):
         return self._world
 
     def begin_round(self, round_idx: int) -> None:
-        """Collectives from now on belong to ``round_idx`` (numbered from 0 within it)."""
+        """Collectives and messages from now on belong to ``round_idx`` (numbered from 0 within it)."""
         self._round = int(round_idx)
         self._seq.clear()
+        self._sent.clear()
+        self._taken.clear()
+        self.mailbox.begin_round(round_idx)
+
+    def set_peers(self, peers: Mapping[int, Any]) -> None:
+        """Actor handles of the workers this one exchanges messages with (rank → handle)."""
+        self._peers = dict(peers)
+
+    def send_bytes(self, dst: int, payload: bytes) -> None:
+        peer = self._peers.get(dst)
+        if peer is None:
+            raise NotAMemberError(f"rank {self._rank} has no peer rank {dst} (peers: {sorted(self._peers)})")
+        seq = self._sent[dst]
+        self._sent[dst] = seq + 1
+        peer.deliver.remote(self._rank, self._round, seq, _as_bytes(payload))  # not awaited: no wait
+
+    def recv_bytes(self, src: int) -> bytes:
+        if src not in self._peers:
+            raise NotAMemberError(f"rank {self._rank} has no peer rank {src} (peers: {sorted(self._peers)})")
+        seq = self._taken[src]
+        self._taken[src] = seq + 1
+        return self.mailbox.take(src, seq, self._p2p_wait_s)
 
     def members(self, group: str) -> list[int]:
         return list(self._members(group))

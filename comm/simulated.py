@@ -9,12 +9,18 @@ next collective that no live member has opened yet. Waits are bounded by ``timeo
 ``on_timeout="raise"`` every waiter gets a ``CollectiveTimeoutError`` naming the missing ranks;
 with ``"drop"`` the missing ranks are marked absent and the collective completes without them.
 Each completed collective is charged to the ``NetworkModel`` (bytes and simulated time).
+
+Point-to-point messages wait in a queue per directed pair, stamped with their arrival on the
+virtual clock (``NetworkModel.send``); ``recv_bytes`` takes the oldest one and moves the
+receiver's clock to its arrival. A receive from a rank that is marked absent fails at once
+instead of waiting out the timeout; a rank that comes back starts with empty queues.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -27,6 +33,7 @@ from comm.errors import (
     RankAbsentError,
     UnknownGroupError,
 )
+from comm.clock import VirtualClock
 from comm.network import Link, NetworkModel, RankStats
 from comm.transport import WORLD, Transport
 
@@ -87,6 +94,7 @@ class SimulatedHub:
         self.on_timeout = on_timeout
         self._absent: set[int] = set()
         self._cond = threading.Condition()
+        self._mail: dict[tuple[int, int], deque[tuple[float, bytes]]] = {}
 
     # ----- endpoints and membership -------------------------------------------------------------
     def transport(self, rank: int) -> "SimulatedTransport":
@@ -103,6 +111,10 @@ class SimulatedHub:
     def absent(self) -> set[int]:
         with self._cond:
             return set(self._absent)
+
+    @property
+    def clock(self) -> VirtualClock:
+        return self.network.clock
 
     def mark_absent(self, rank: int) -> None:
         """Treat ``rank`` as dead: open and future collectives complete without it."""
@@ -123,6 +135,42 @@ class SimulatedHub:
             for group in self._groups.values():
                 if rank in group.next_seq:
                     group.next_seq[rank] = max(group.next_seq.values())
+            for key in [k for k in self._mail if rank in k]:
+                del self._mail[key]
+            self.network.forget_links(rank)
+
+    # ----- point to point ----------------------------------------------------------------------
+    def send(self, src: int, dst: int, payload: bytes) -> None:
+        self._check_rank(dst)
+        with self._cond:
+            if src in self._absent:
+                raise RankAbsentError(f"rank {src} is marked absent and cannot send")
+            arrival = self.network.send(src, dst, len(payload))
+            self._mail.setdefault((src, dst), deque()).append((arrival, payload))
+            self._cond.notify_all()
+
+    def recv(self, dst: int, src: int) -> bytes:
+        self._check_rank(src)
+        deadline = time.monotonic() + self.timeout_s
+        with self._cond:
+            while True:
+                if dst in self._absent:
+                    raise RankAbsentError(f"rank {dst} is marked absent and cannot receive")
+                box = self._mail.get((src, dst))
+                if box:
+                    arrival, payload = box.popleft()
+                    self.network.receive(dst, arrival)
+                    return payload
+                if src in self._absent:
+                    raise RankAbsentError(f"rank {dst} waits for a message from rank {src}, which is absent")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CollectiveTimeoutError(f"rank {dst}: no message from rank {src} within {self.timeout_s:g} s")
+                self._cond.wait(remaining)
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside 0..{self.world_size - 1}")
 
     def stats(self, rank: int) -> RankStats:
         return self.network.stats(rank)
@@ -256,9 +304,11 @@ class SimulatedTransport(Transport):
     def barrier(self, group: str) -> None:
         self._hub.collective(self._rank, group, "barrier", None)
 
-    def advance_compute(self, seconds: float) -> None:
-        """Charge ``seconds`` of computation to this rank's simulated clock."""
-        self._hub.network.advance_compute(self._rank, seconds)
+    def send_bytes(self, dst: int, payload: bytes) -> None:
+        self._hub.send(self._rank, dst, _as_bytes(payload))
+
+    def recv_bytes(self, src: int) -> bytes:
+        return self._hub.recv(self._rank, src)
 
     def stats(self) -> RankStats:
         return self._hub.stats(self._rank)

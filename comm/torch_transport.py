@@ -10,6 +10,13 @@ group spec; the constructor checks that by all-gathering a hash of it. A dead or
 cannot be dropped from a torch collective: after ``timeout_s`` the collective raises
 ``CollectiveTimeoutError`` and the launcher's elastic restart (torchrun ``--max-restarts``)
 resumes the job from its last checkpoint.
+
+Point-to-point messages go over the default group as two ``isend``s (an int64 size, then the
+uint8 payload) matched by two blocking ``recv``s on the other side. Sends are never waited for
+at the call, so two neighbours that both send before they receive cannot deadlock (the gloo
+pitfall of batched isend/irecv, pytorch#152938, is avoided by never batching); finished sends
+are reaped on later calls and ``flush`` waits for the rest. Device groups for tensors (DDP, ZeRO,
+Ulysses) are not the transport's: see ``comm.device_groups``.
 """
 
 from __future__ import annotations
@@ -83,6 +90,7 @@ class TorchTransport(Transport):
             if not ranks or len(set(ranks)) != len(ranks) or not all(0 <= r < self._world for r in ranks):
                 raise ValueError(f"group {name!r}: ranks {ranks} must be distinct, non-empty, in 0..{self._world - 1}")
         self._check_same_spec(spec)
+        self._sends: list[tuple[list[dist.Work], tuple[torch.Tensor, ...]]] = []
         kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
         self._groups: dict[str, tuple[list[int], dist.ProcessGroup | None]] = {}
         for name in sorted(spec):  # the same order on every rank: new_group is a world collective
@@ -114,10 +122,6 @@ class TorchTransport(Transport):
 
     def members(self, group: str) -> list[int]:
         return list(self._lookup(group)[0])
-
-    def process_group(self, group: str) -> dist.ProcessGroup | None:
-        """The torch process group behind ``group`` (None: the default world group)."""
-        return self._lookup(group)[1]
 
     def all_gather_bytes(self, group: str, payload: bytes) -> list[bytes | None]:
         ranks, pg = self._member(group)
@@ -172,7 +176,51 @@ class TorchTransport(Transport):
         except RuntimeError as exc:
             raise _timeout_error(exc, group, "barrier") from exc
 
+    def send_bytes(self, dst: int, payload: bytes) -> None:
+        self._peer(dst)
+        data = _as_bytes(payload)
+        if len(data) > self._max:
+            raise CommError(f"message of {len(data)} bytes to rank {dst} exceeds {self._max}")
+        size = torch.tensor([len(data)], dtype=torch.int64, device=self._device)
+        tensors: tuple[torch.Tensor, ...] = (size,)
+        try:
+            works = [dist.isend(size, dst)]
+            if data:
+                buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self._device)
+                tensors = (size, buf)
+                works.append(dist.isend(buf, dst))
+        except RuntimeError as exc:
+            raise _timeout_error(exc, f"p2p {self._rank}->{dst}", "send") from exc
+        self._sends.append((works, tensors))  # the tensors must live until the sends complete
+        self._sends = [(w, t) for w, t in self._sends if not all(x.is_completed() for x in w)]
+
+    def recv_bytes(self, src: int) -> bytes:
+        self._peer(src)
+        try:
+            size = torch.empty(1, dtype=torch.int64, device=self._device)
+            dist.recv(size, src)
+            n = int(size.item())
+            if not 0 <= n <= self._max:
+                raise CommError(f"rank {src} announced a message of {n} bytes (limit {self._max})")
+            buf = torch.empty(n, dtype=torch.uint8, device=self._device)
+            if n:
+                dist.recv(buf, src)
+        except RuntimeError as exc:
+            raise _timeout_error(exc, f"p2p {src}->{self._rank}", "recv") from exc
+        return buf.cpu().numpy().tobytes()
+
+    def flush(self) -> None:
+        """Wait until every message this rank sent has left (end of a round, before shutdown)."""
+        for works, _ in self._sends:
+            for w in works:
+                w.wait()
+        self._sends.clear()
+
     # ----- helpers -----------------------------------------------------------------------------
+    def _peer(self, rank: int) -> None:
+        if not 0 <= rank < self._world or rank == self._rank:
+            raise ValueError(f"rank {self._rank}: no peer rank {rank} (world of {self._world})")
+
     def _lookup(self, group: str) -> tuple[list[int], dist.ProcessGroup | None]:
         g = self._groups.get(group)
         if g is None:

@@ -6,6 +6,12 @@ collective runs on one group. All members call the same collectives in the same 
 ``members(group)`` is the configured membership in ascending rank order; ``all_gather_bytes``
 returns one entry per member in that order, ``None`` for a member missing from this collective
 (absent/dead, or dropped by a timeout policy).
+
+Point-to-point messages (``send_bytes`` / ``recv_bytes``: pipeline boundaries) are ordered per
+directed pair: the n-th ``recv_bytes(src)`` returns the n-th message ``src`` sent to this rank.
+``send_bytes`` never waits for the receiver, so two neighbours that each send before they receive
+cannot deadlock. Transports carry bytes only; what the bytes mean (frames, their validation) is
+the caller's.
 """
 
 from __future__ import annotations
@@ -44,5 +50,16 @@ class Transport(ABC):
     def barrier(self, group: str) -> None:
         """Return once every live member of ``group`` has reached the barrier."""
 
-    def advance_compute(self, seconds: float) -> None:
-        """Charge ``seconds`` of computation to this worker's clock; only simulation keeps one."""
+    @abstractmethod
+    def send_bytes(self, dst: int, payload: bytes) -> None:
+        """Queue ``payload`` for rank ``dst``; returns without waiting for the receiver."""
+
+    @abstractmethod
+    def recv_bytes(self, src: int) -> bytes:
+        """The next message from rank ``src``; waits (bounded by the transport's timeout)."""
+
+    def begin_round(self, round_idx: int) -> None:
+        """Collectives and messages from now on belong to outer round ``round_idx``.
+
+        Transports that match by round (Ray: a restarted worker must land on the same keys as
+        the others) use it; the others ignore it."""

@@ -145,7 +145,7 @@ def test_all_gather_time_is_latency_plus_bytes_over_bandwidth():
     sizes = [1000, 20000, 5000]
 
     def body(t: SimulatedTransport) -> None:
-        t.advance_compute(compute[t.rank])
+        hub.clock.advance_compute(t.rank, compute[t.rank])
         t.all_gather_bytes("world", b"\x00" * sizes[t.rank])
 
     run_ranks(hub, body)
@@ -197,14 +197,78 @@ def test_link_validation():
 def test_overlapped_all_gather_runs_behind_compute():
     """Overlap: clocks do not wait for the transfer; the next collective waits for the previous one."""
     net = NetworkModel.uniform(2, up_mbps=8.0, down_mbps=8.0, latency_ms=100.0)  # 1 MB/s
-    net.advance_compute(0, 1.0)
-    net.advance_compute(1, 2.0)
+    net.clock.advance_compute(0, 1.0)
+    net.clock.advance_compute(1, 2.0)
     end = net.all_gather({0: 500_000, 1: 500_000}, overlap=True)  # each uploads 0.5 MB, downloads 0.5 MB
     assert end == pytest.approx(2.0 + 0.1 + 0.5)
-    assert net.clock(0) == 1.0 and net.clock(1) == 2.0  # nobody waited
-    net.advance_compute(0, 0.2)  # rank 0 is back before the transfer ended: it idles until 2.6
-    net.advance_compute(1, 3.0)
+    assert net.clock.now(0) == 1.0 and net.clock.now(1) == 2.0  # nobody waited
+    net.clock.advance_compute(0, 0.2)  # rank 0 is back before the transfer ended: it idles until 2.6
+    net.clock.advance_compute(1, 3.0)
     end2 = net.all_gather({0: 0, 1: 0}, overlap=True)
     assert end2 == pytest.approx(5.0 + 0.1)
     assert net.stats(0).idle_time_s == pytest.approx(2.6 - 1.2)
     assert net.stats(0).clock_s == pytest.approx(2.6)
+
+
+# ----- point to point ----------------------------------------------------------------------------
+
+
+def test_messages_arrive_in_order_on_the_virtual_clock():
+    """arrival = max(previous arrival, send time) + bytes/min(up_src, down_dst) + lat_src + lat_dst."""
+    links = {0: Link(8, 100, 10), 1: Link(100, 4, 5)}  # 0 uploads 1 MB/s, 1 downloads 0.5 MB/s
+    hub = SimulatedHub(2, network=NetworkModel(2, links=links), timeout_s=10)
+
+    def body(t: SimulatedTransport):
+        if t.rank == 0:
+            hub.clock.advance_compute(0, 1.0)
+            t.send_bytes(1, b"a" * 50_000)  # 0.1 s at 0.5 MB/s, + 15 ms: arrives 1.115
+            t.send_bytes(1, b"b" * 50_000)  # queued behind it on the link: arrives 1.23
+            hub.clock.advance_compute(0, 5.0)
+            t.send_bytes(1, b"c")  # sent at 6.0: the link is free again
+            return None
+        hub.clock.advance_compute(1, 1.2)
+        got = [t.recv_bytes(0) for _ in range(3)]
+        return got, hub.stats(1)
+
+    _, (got, st) = run_ranks(hub, body)
+    assert got == [b"a" * 50_000, b"b" * 50_000, b"c"]
+    assert st.clock_s == pytest.approx(6.0 + 1 * 8 / 4e6 + 0.015)
+    assert st.transfer_wait_s == pytest.approx(st.clock_s - 1.2)  # it waited for b (0.03 s) and c
+    assert hub.stats(0).clock_s == 6.0  # the sender never waits
+    assert hub.stats(0).p2p_bytes_sent == 100_001 == st.p2p_bytes_received
+    assert hub.stats(0).bytes_sent == 0  # point-to-point traffic is counted apart from collectives
+
+
+def test_both_neighbours_send_before_they_receive_without_deadlock():
+    hub = SimulatedHub(2, timeout_s=10)
+
+    def body(t: SimulatedTransport):
+        other = 1 - t.rank
+        for i in range(20):
+            t.send_bytes(other, f"{t.rank}:{i}".encode())
+        return [t.recv_bytes(other).decode() for _ in range(20)]
+
+    a, b = run_ranks(hub, body)
+    assert a == [f"1:{i}" for i in range(20)] and b == [f"0:{i}" for i in range(20)]
+
+
+def test_receive_from_an_absent_rank_fails_at_once_and_a_rejoined_rank_starts_empty():
+    hub = SimulatedHub(2, timeout_s=30)
+    t0, t1 = hub.transports()
+    t1.send_bytes(0, b"old")
+    hub.mark_absent(1)
+    assert t0.recv_bytes(1) == b"old"  # what arrived before the failure is still there
+    start = time.monotonic()
+    with pytest.raises(RankAbsentError, match="absent"):
+        t0.recv_bytes(1)
+    assert time.monotonic() - start < 5
+    t0.send_bytes(1, b"stale")
+    hub.mark_present(1)
+    t0.send_bytes(1, b"fresh")
+    assert t1.recv_bytes(0) == b"fresh"
+
+
+def test_receive_times_out_with_a_clear_error():
+    hub = SimulatedHub(2, timeout_s=0.2)
+    with pytest.raises(CollectiveTimeoutError, match="no message from rank 1"):
+        hub.transport(0).recv_bytes(1)
