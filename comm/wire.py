@@ -77,6 +77,13 @@ class FrameLimits:
     max_tensors: int = 65536
     max_name_len: int = 512
     max_ndim: int = 8
+    # The header's budget follows from the tensors the receiver expects (see ``header_budget``):
+    # bytes and msgpack objects (containers + their entries) for the envelope, plus per tensor.
+    header_base_bytes: int = 2048
+    header_bytes_per_tensor: int = 512
+    header_base_objects: int = 64
+    header_objects_per_tensor: int = 64
+    max_map_len: int = 64
 
 
 @dataclass(frozen=True)
@@ -152,11 +159,15 @@ def decode_frame(
     limits = limits or FrameLimits()
     view = memoryview(data)
     head, header_bytes, payload, flags = _split(view, limits)
+    max_bytes, max_objects = header_budget(expected, run_id, limits)
+    if len(header_bytes) > max_bytes:
+        raise OversizedFrameError(f"header of {len(header_bytes)} bytes exceeds the {max_bytes} bytes that "
+                                  f"{len(expected)} expected tensors can need")
     crc = zlib.crc32(payload, zlib.crc32(header_bytes, zlib.crc32(head[:_CRC_OFFSET])))
     (declared,) = struct.unpack_from("<I", head, _CRC_OFFSET)
     if crc != declared:
         raise ChecksumError(f"crc32 {crc:#010x} does not match the declared {declared:#010x}")
-    header = _unpack_header(header_bytes, limits)
+    header = _unpack_header(header_bytes, limits, max_objects, len(expected))
     meta, local_codec = _check_envelope(header, run_id, round, codec, worker)
     plan, raw_len = _check_tensors(header, expected, local_codec, limits)
     raw = _decompress(payload, flags, raw_len)
@@ -198,8 +209,41 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise MalformedHeaderError(f"msgpack ext type {code} is not allowed in a frame header")
 
 
-def _unpack_header(header_bytes: memoryview, limits: FrameLimits) -> dict[str, Any]:
-    """Strict msgpack: str keys, no bin/ext, bounded container sizes, one object and nothing else."""
+def header_budget(expected: Mapping[str, tuple[int, ...]], run_id: str, limits: FrameLimits) -> tuple[int, int]:
+    """(max header bytes, max msgpack objects) a frame for ``expected`` can need.
+
+    A valid header holds the envelope (run id, codec params) and, per tensor, its name, shape, a
+    few meta scalars and at most a handful of buffer entries, so its size is known from what the
+    receiver expects before a byte of it is parsed; anything larger is rejected in O(1). The
+    object budget bounds what msgpack may build: a 4 MiB header of empty maps would otherwise
+    become millions of Python dicts (~300 MB) before the schema check sees it.
+    """
+    n = len(expected)
+    nbytes = limits.header_base_bytes + 2 * len(run_id.encode()) + sum(
+        len(name.encode()) + 9 * len(shape) + limits.header_bytes_per_tensor for name, shape in expected.items())
+    return min(limits.max_header_bytes, nbytes), limits.header_base_objects + limits.header_objects_per_tensor * n
+
+
+class _ObjectBudget:
+    """msgpack object/list hook: counts containers and their entries, stops at the budget.
+
+    Hooks run as each container completes, so at most the budget plus the entries of the
+    containers still open (≤ 1024 levels, msgpack's stack limit, × the length caps) is ever built.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def __call__(self, obj: Any) -> Any:
+        self.left -= 1 + len(obj)
+        if self.left < 0:
+            raise OversizedFrameError("header holds more msgpack objects than its tensors can need")
+        return obj
+
+
+def _unpack_header(header_bytes: memoryview, limits: FrameLimits, max_objects: int, n_expected: int) -> dict[str, Any]:
+    """Strict msgpack: str keys, no bin/ext, bounded container sizes and object count, one object."""
+    budget = _ObjectBudget(max_objects)
     try:
         header = msgpack.unpackb(
             header_bytes,
@@ -207,16 +251,18 @@ def _unpack_header(header_bytes: memoryview, limits: FrameLimits) -> dict[str, A
             strict_map_key=True,
             use_list=True,
             ext_hook=_reject_ext,
+            object_hook=budget,
+            list_hook=budget,
             max_bin_len=0,
             max_ext_len=0,
             max_str_len=limits.max_name_len,
-            max_array_len=max(limits.max_tensors, 64),
-            max_map_len=64,
+            max_array_len=max(64, min(limits.max_tensors, 2 * n_expected)),
+            max_map_len=limits.max_map_len,
         )
-    except MalformedHeaderError:
+    except (MalformedHeaderError, OversizedFrameError):
         raise
     except (ValueError, TypeError, msgpack.exceptions.UnpackException) as exc:
-        raise MalformedHeaderError(f"header is not valid msgpack: {exc}") from None
+        raise MalformedHeaderError(f"header is not valid msgpack: {type(exc).__name__} {exc}") from None
     if not isinstance(header, dict):
         raise MalformedHeaderError(f"header must be a map, got {type(header).__name__}")
     return header
