@@ -28,7 +28,7 @@ from common import command, machine
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from comm import kernels  # noqa: E402
-from comm.codecs.sparseloco import SparseLoCoCodec, sparseloco_encode_  # noqa: E402
+from comm.codecs.sparseloco import SparseLoCoCodec, encode_, sparseloco_encode_  # noqa: E402
 from comm.kernels import build  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.json"
@@ -74,7 +74,7 @@ def bench_encode(shapes, repeats: int, device: str, kernel_name: str) -> dict[st
         out_ref, out_ker = [], []
         t_ref = timed(lambda: out_ref.extend(sparseloco_encode_(e, d, **enc)
                                              for e, d in zip(ef_ref, deltas)), sync)
-        t_ker = timed(lambda: out_ker.extend(kernels.encode(e, d, **enc)
+        t_ker = timed(lambda: out_ker.extend(encode_(e, d, **enc)
                                              for e, d in zip(ef_ker, deltas)), sync)
         if rep == 0:
             assert kernels.backend(device) == kernel_name, kernels.status()
@@ -101,7 +101,7 @@ def bench_decode(shapes, replicas: int, repeats: int, device: str) -> dict[str, 
             t_ref = timed(lambda: out_ref.extend(codec.decode_aggregate(p, s).to(device)
                                                  for p, s in zip(parts, shapes)), sync)
         kernels.backend(device)  # reload the library outside the timed region
-        t_ker = timed(lambda: out_ker.extend(kernels.decode_aggregate(p, s, device=dev, **CODEC)
+        t_ker = timed(lambda: out_ker.extend(codec.decode_aggregate(p, s, device=dev)
                                              for p, s in zip(parts, shapes)), sync)
         if rep == 0:
             assert all(torch.equal(a, b) for a, b in zip(out_ref, out_ker)), "kernel != reference"

@@ -296,6 +296,119 @@ def test_validate_rejects_non_finite_and_wrong_buffers():
         codec.validate(EncodedTensor(et.shape, et.meta, {**et.buffers, "codes": et.buffers["codes"][:-1]}))
 
 
+# ----- decode once, device of the aggregate, the kernel seam ------------------------------------
+
+
+@pytest.fixture
+def reference_only():
+    """Run the PyTorch reference even where the kernel library is built."""
+    from comm import kernels
+
+    with kernels.forced_mode("reference"):
+        yield
+
+
+def _count_index_decodes(monkeypatch) -> list[int]:
+    import comm.codecs.sparseloco as sl
+
+    calls = [0]
+    real = sl.decode_indices
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sl, "decode_indices", counting)
+    return calls
+
+
+@pytest.mark.parametrize("coding", ["packed", "gaps"])
+def test_validated_indices_are_decoded_once(reference_only, monkeypatch, coding):
+    codec = SparseLoCoCodec(index_coding=coding)
+    parts = [codec.encode("w", torch.randn(128, 192, generator=gen(40 + r)), {}) for r in range(3)]
+    calls = _count_index_decodes(monkeypatch)
+    for p in parts:
+        codec.validate(p)
+    assert calls[0] == 3
+    agg = codec.decode_aggregate(parts, (128, 192))
+    assert calls[0] == 3  # decode_aggregate reused what validate decoded
+    fresh = [EncodedTensor(p.shape, dict(p.meta), dict(p.buffers)) for p in parts]  # no cache
+    assert torch.equal(codec.decode_aggregate(fresh, (128, 192)), agg)
+    assert calls[0] == 6  # unvalidated parts are validated (and decoded) exactly once
+
+
+def test_decode_aggregate_validates_what_it_did_not_see_validated(reference_only):
+    """The cache never weakens a check: new or replaced buffers are validated again."""
+    codec = SparseLoCoCodec(topk=192, chunk=64, quantizer="none", value_dtype="fp32")  # k = 3 per 64
+    et = codec.encode("w", torch.randn(128, generator=gen(41)), {})
+    codec.validate(et)
+    local = unpack_bits(et.buffers["indices"], 6, 6)
+    local[1] = local[0]  # a repeated index: index_add_ would silently count it twice
+    et.buffers["indices"] = pack_bits(local, 6)
+    with pytest.raises(IndexRangeError, match="strictly increasing"):
+        codec.decode_aggregate([et], (128,))
+    other = SparseLoCoCodec(topk=64, chunk=64, quantizer="none", value_dtype="fp32")
+    with pytest.raises(SchemaError):  # validated by a codec of another geometry: not reused
+        other.decode_aggregate([et], (128,))
+
+
+@pytest.mark.parametrize("kernel", [False, True], ids=["reference", "kernel-if-built"])
+def test_decode_aggregate_device_cpu_is_the_default(kernel):
+    from comm import kernels
+
+    codec = SparseLoCoCodec()
+    parts = [codec.encode("w", torch.randn(64, 128, generator=gen(42 + r)), {}) for r in range(2)]
+    with kernels.forced_mode("auto" if kernel else "reference"):
+        a = codec.decode_aggregate(parts, (64, 128))
+        b = codec.decode_aggregate(parts, (64, 128), device="cpu")
+    assert a.device.type == b.device.type == "cpu" and torch.equal(a, b)
+    dense = DenseCodec()
+    d = [dense.encode("w", torch.randn(5, 7, generator=gen(43 + r)), {}) for r in range(2)]
+    assert dense.decode_aggregate(d, (5, 7), device=torch.device("cpu")).device.type == "cpu"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["reference", "auto"])
+@pytest.mark.parametrize("kind", ["sparseloco", "dense"])
+def test_decode_aggregate_lands_on_cuda_with_the_same_bits(mode, kind):
+    from comm import kernels
+
+    codec = make_codec(kind, **({"aggregation": "mean_selected"} if kind == "sparseloco" else {}))
+    parts = [codec.encode("w", torch.randn(192, 256, generator=gen(44 + r)), {}) for r in range(4)]
+    with kernels.forced_mode("reference"):
+        want = codec.decode_aggregate(parts, (192, 256))
+    with kernels.forced_mode(mode):
+        got = codec.decode_aggregate(parts, (192, 256), device="cuda")
+    assert got.is_cuda and got.dtype == torch.float32 and torch.equal(got.cpu(), want)
+
+
+def test_kernels_import_no_codec():
+    """comm.kernels sits below comm.codecs: importing it (and calling the geometry) loads no codec."""
+    import subprocess
+    import sys
+
+    code = ("import sys, comm.kernels, comm.kernels.geometry as g; "
+            "assert g.chunk_layout((64, 64), 64, 64).nnz == 64; "
+            "print(sorted(m for m in sys.modules if m.startswith('comm.codecs')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_op_without_library_runs_the_registered_reference(reference_only):
+    """The codec hands its reference to the ops: with no library the op equals the codec."""
+    ef1, ef2, delta = torch.zeros(70, 70), torch.zeros(70, 70), torch.randn(70, 70, generator=gen(45))
+    want = SparseLoCoCodec().encode("w", delta, {"w": ef1})
+    idx, codes, cents = torch.ops.distrain.sparseloco_encode(ef2, delta, 0.95, 64, 64, "reference",
+                                                             "fp16", "packed")
+    assert np.array_equal(idx.numpy(), want.buffers["indices"])
+    assert np.array_equal(codes.numpy(), want.buffers["codes"])
+    assert np.array_equal(cents.numpy(), want.buffers["centroids"]) and torch.equal(ef1, ef2)
+    out = torch.ops.distrain.sparseloco_decode_aggregate(
+        [idx], [codes], [cents], [70, 70], 64, 64, "reference", "mean_selected", "fp16", "packed")
+    assert torch.equal(out, SparseLoCoCodec().decode_aggregate([want], (70, 70)))
+
+
 # ----- bit packing ----------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ import torch
 
 from comm import kernels
 from comm.codecs.base import EncodedTensor
-from comm.codecs.sparseloco import SparseLoCoCodec, sparseloco_encode_
+from comm.codecs.sparseloco import SparseLoCoCodec, encode_, sparseloco_encode_
 from comm.errors import IndexRangeError, SchemaError
 from comm.kernels import _lib, build
 
@@ -48,7 +48,7 @@ def encode_both(shape, kw, rounds=2, scale=1.0, gen=None, delta_fn=None):
     for _ in range(rounds):
         delta = delta_fn(gen) if delta_fn else torch.randn(shape, generator=gen) * scale
         a = sparseloco_encode_(ef_ref, delta, **kw)
-        b = kernels.encode(ef_ker, delta, **kw)
+        b = encode_(ef_ker, delta, **kw)
         assert_same_encoding(a, b)
         assert torch.equal(ef_ref, ef_ker), "error-feedback buffers differ"
     return a
@@ -103,7 +103,7 @@ def test_encode_thread_count_does_not_change_results():
         for t in (1, 2):
             torch.set_num_threads(t)
             ef = torch.zeros_like(delta)
-            outs.append((kernels.encode(ef, delta, **kw), ef))
+            outs.append((encode_(ef, delta, **kw), ef))
     finally:
         torch.set_num_threads(n)
     assert_same_encoding(outs[0][0], outs[1][0])
@@ -160,7 +160,7 @@ def test_nonfinite_delta_rejected_before_any_change():
         with pytest.raises(ValueError, match="NaN or Inf"):
             sparseloco_encode_(ef.clone(), delta, **kw)
         with pytest.raises(ValueError, match="NaN or Inf"):
-            kernels.encode(ef, delta, **kw)
+            encode_(ef, delta, **kw)
         assert torch.equal(ef, before)
 
 
@@ -168,7 +168,7 @@ def test_nonfinite_error_feedback_rejected():
     """beta·e + Δ overflowing fp32 is an error in the kernels (the reference has no defined result)."""
     ef = torch.full((64, 64), 3e38)
     with pytest.raises(ValueError, match="error-feedback buffer became NaN or Inf"):
-        kernels.encode(ef, torch.full((64, 64), 3e38), beta=1.0, topk=64, chunk=64,
+        encode_(ef, torch.full((64, 64), 3e38), beta=1.0, topk=64, chunk=64,
                        quantizer="reference")
 
 
@@ -184,15 +184,15 @@ def test_fp16_saturates_like_reference():
 def test_encode_argument_errors_match_reference():
     kw = dict(beta=0.95, topk=64, chunk=64, quantizer="reference")
     with pytest.raises(TypeError, match="float32"):
-        kernels.encode(torch.zeros(8, dtype=torch.float64), torch.zeros(8), **kw)
+        encode_(torch.zeros(8, dtype=torch.float64), torch.zeros(8), **kw)
     with pytest.raises(TypeError, match="contiguous"):
-        kernels.encode(torch.zeros(8, 8).t(), torch.zeros(8, 8), **kw)
+        encode_(torch.zeros(8, 8).t(), torch.zeros(8, 8), **kw)
     with pytest.raises(ValueError, match="index coding"):
-        kernels.encode(torch.zeros(8), torch.zeros(8), **{**kw, "index_coding": "bogus"})
+        encode_(torch.zeros(8), torch.zeros(8), **{**kw, "index_coding": "bogus"})
     with pytest.raises(ValueError, match="differs from buffer shape"):
-        kernels.encode(torch.zeros(8), torch.zeros(9), **kw)
+        encode_(torch.zeros(8), torch.zeros(9), **kw)
     with pytest.raises(ValueError, match="unknown quantizer"):
-        kernels.encode(torch.zeros(8), torch.zeros(8), **{**kw, "quantizer": "bogus"})
+        encode_(torch.zeros(8), torch.zeros(8), **{**kw, "quantizer": "bogus"})
 
 
 def test_encode_accepts_bf16_and_noncontiguous_delta():
@@ -200,7 +200,7 @@ def test_encode_accepts_bf16_and_noncontiguous_delta():
     delta = torch.randn(96, 80).t()  # non-contiguous
     for d in (delta, delta.to(torch.bfloat16)):
         ef_ref, ef_ker = torch.zeros(80, 96), torch.zeros(80, 96)
-        assert_same_encoding(sparseloco_encode_(ef_ref, d, **kw), kernels.encode(ef_ker, d, **kw))
+        assert_same_encoding(sparseloco_encode_(ef_ref, d, **kw), encode_(ef_ker, d, **kw))
         assert torch.equal(ef_ref, ef_ker)
 
 
@@ -211,6 +211,12 @@ def cached_parts(shape, quantizer, value_dtype, index_coding, n_parts, overlap):
     codec = SparseLoCoCodec(topk=64, chunk=64, quantizer=quantizer, value_dtype=value_dtype,
                             index_coding=index_coding)
     return tuple(make_parts(codec, shape, n_parts, seed=n_parts, overlap=overlap))
+
+
+def reference_aggregate(codec: SparseLoCoCodec, parts, shape, device=None) -> torch.Tensor:
+    """The PyTorch reference aggregate (the codec would otherwise dispatch to the kernel)."""
+    with kernels.forced_mode("reference"):
+        return codec.decode_aggregate(list(parts), shape, device=device)
 
 
 def make_parts(codec: SparseLoCoCodec, shape, n_parts: int, seed: int, overlap: bool = False):
@@ -233,9 +239,8 @@ def test_decode_aggregate_matches_reference(shape, aggregation, quantizer, value
                             value_dtype=value_dtype, index_coding=index_coding)
     for n_parts, overlap in [(1, False), (3, True), (5, False)]:
         parts = list(cached_parts(shape, quantizer, value_dtype, index_coding, n_parts, overlap))
-        with kernels.forced_mode("reference"):
-            ref = codec.decode_aggregate(parts, shape)
-        out = kernels.decode_aggregate(parts, shape, **codec.params())
+        ref = reference_aggregate(codec, parts, shape)
+        out = codec.decode_aggregate(parts, shape)
         assert out.dtype == torch.float32 and out.shape == ref.shape
         assert torch.equal(out, ref)
 
@@ -244,62 +249,61 @@ def test_decode_aggregate_overlap_counts():
     """Identical contributions: every selected coordinate is counted R times."""
     codec = SparseLoCoCodec(topk=64, chunk=64, aggregation="mean_selected")
     part = codec.encode("w", torch.randn(64, 128), {})
-    single = kernels.decode_aggregate([part], (64, 128), **codec.params())
-    assert torch.equal(kernels.decode_aggregate([part] * 2, (64, 128), **codec.params()), single)
+    single = codec.decode_aggregate([part], (64, 128))
+    assert torch.equal(codec.decode_aggregate([part] * 2, (64, 128)), single)
     for aggregation in ("mean_selected", "sum_over_r"):  # (7x)/7 != x in fp32: as the reference
         params = {**codec.params(), "aggregation": aggregation}
-        out = kernels.decode_aggregate([part] * 7, (64, 128), **params)
-        assert torch.equal(out, SparseLoCoCodec(**params).decode_aggregate([part] * 7, (64, 128)))
+        out = SparseLoCoCodec(**params).decode_aggregate([part] * 7, (64, 128))
+        assert torch.equal(out, reference_aggregate(SparseLoCoCodec(**params), [part] * 7, (64, 128)))
 
 
 def test_decode_aggregate_large():
     codec = SparseLoCoCodec(topk=64, chunk=64)
     shape = (1024, 1536)
     parts = make_parts(codec, shape, 4, seed=9)
-    assert torch.equal(kernels.decode_aggregate(parts, shape, **codec.params()),
-                       codec.decode_aggregate(parts, shape))
+    assert torch.equal(codec.decode_aggregate(parts, shape), reference_aggregate(codec, parts, shape))
 
 
-def test_decode_rejects_bad_input():
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_decode_rejects_bad_input(path):
     codec = SparseLoCoCodec(topk=64, chunk=60)  # 60-element chunks: a 6-bit field can exceed 59
     part = codec.encode("w", torch.randn(600), {})
-    p = codec.params()
+    agg = codec.decode_aggregate if path == "kernel" else functools.partial(reference_aggregate, codec)
     with pytest.raises(ValueError, match="at least one"):
-        kernels.decode_aggregate([], (600,), **p)
+        agg([], (600,))
     with pytest.raises(ValueError, match="shape"):
-        kernels.decode_aggregate([part], (601,), **p)
+        agg([part], (601,))
     short = EncodedTensor(part.shape, part.meta, {**part.buffers, "codes": part.buffers["codes"][:-1]})
     with pytest.raises(SchemaError):
-        kernels.decode_aggregate([short], (600,), **p)
+        agg([short], (600,))
     idx = part.buffers["indices"].copy()
     idx[:-1] = 0xFF  # the last byte holds padding bits, which must stay zero
     bad = EncodedTensor(part.shape, part.meta, {**part.buffers, "indices": idx})
     with pytest.raises(IndexRangeError, match="out of range"):
-        kernels.decode_aggregate([bad], (600,), **p)
+        agg([bad], (600,))
     idx = part.buffers["indices"].copy()
     idx[-1] |= 0x80
     bad = EncodedTensor(part.shape, part.meta, {**part.buffers, "indices": idx})
     with pytest.raises(SchemaError, match="padding"):
-        kernels.decode_aggregate([bad], (600,), **p)
+        agg([bad], (600,))
 
 
-def test_decode_rejects_bad_gaps_like_reference():
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_decode_rejects_bad_gaps(path):
     codec = SparseLoCoCodec(topk=64, chunk=64, index_coding="gaps")
     part = codec.encode("w", torch.randn(64, 128), {})  # two chunks of 64 x 64, k = 64 each
-    p = codec.params()
+    agg = codec.decode_aggregate if path == "kernel" else functools.partial(reference_aggregate, codec)
     nnz = part.meta["nnz"]
     idx = part.buffers["indices"].copy()
     idx[3] = idx[nnz + 3] = 0  # fourth entry of chunk 0: a zero gap
     zero_gap = EncodedTensor(part.shape, part.meta, {**part.buffers, "indices": idx})
     with pytest.raises(IndexRangeError, match="strictly increasing"):
-        codec.decode_aggregate([zero_gap], (64, 128))
-    with pytest.raises(IndexRangeError, match="strictly increasing"):
-        kernels.decode_aggregate([zero_gap], (64, 128), **p)
+        agg([zero_gap], (64, 128))
     idx = part.buffers["indices"].copy()
     idx[nnz - 1] = 0xFF  # last gap of chunk 1 pushes its index past 4095
     past_end = EncodedTensor(part.shape, part.meta, {**part.buffers, "indices": idx})
     with pytest.raises(IndexRangeError, match="out of range"):
-        kernels.decode_aggregate([past_end], (64, 128), **p)
+        agg([past_end], (64, 128))
 
 
 # ---- dispatch, fallback, build ------------------------------------------------------------------
@@ -322,10 +326,10 @@ def test_reference_mode_runs_reference_and_agrees():
     kw = dict(beta=0.95, topk=64, chunk=64, quantizer="symmetric")
     delta = torch.randn(100, 100)
     ef1, ef2 = torch.zeros(100, 100), torch.zeros(100, 100)
-    fast = kernels.encode(ef1, delta, **kw)
+    fast = encode_(ef1, delta, **kw)
     with kernels.forced_mode("reference"):
         assert kernels.backend("cpu") == "reference"
-        slow = kernels.encode(ef2, delta, **kw)
+        slow = encode_(ef2, delta, **kw)
     assert kernels.backend("cpu") == "cpp"
     assert_same_encoding(fast, slow)
     assert torch.equal(ef1, ef2)
@@ -339,8 +343,8 @@ def test_missing_library_falls_back_and_logs_once(tmp_path, monkeypatch, caplog)
         with caplog.at_level(logging.INFO, logger="comm.kernels"):
             assert kernels.backend("cpu") == "reference"
             ef1, ef2, delta = torch.zeros(50), torch.zeros(50), torch.randn(50)
-            a = kernels.encode(ef1, delta, beta=0.9, topk=64, chunk=64, quantizer="reference")
-            kernels.encode(torch.zeros(50), delta, beta=0.9, topk=64, chunk=64, quantizer="reference")
+            a = encode_(ef1, delta, beta=0.9, topk=64, chunk=64, quantizer="reference")
+            encode_(torch.zeros(50), delta, beta=0.9, topk=64, chunk=64, quantizer="reference")
         assert_same_encoding(a, sparseloco_encode_(ef2, delta, beta=0.9, topk=64, chunk=64,
                                                    quantizer="reference"))
         msgs = [r.getMessage() for r in caplog.records if "cpu kernels unavailable" in r.getMessage()]
@@ -413,7 +417,7 @@ def test_cuda_encode_matches_reference(cuda_library, shape, quantizer, value_dty
     for _ in range(2):
         delta = torch.randn(shape, generator=gen)
         a = sparseloco_encode_(ef_ref, delta, **kw)
-        b = kernels.encode(ef_gpu, delta.cuda(), **kw)
+        b = encode_(ef_gpu, delta.cuda(), **kw)
         assert_same_encoding(a, b)
         assert torch.equal(ef_ref, ef_gpu.cpu())
 
@@ -425,20 +429,20 @@ def test_cuda_encode_ties_and_errors(cuda_library):
     delta = torch.randint(-2, 3, (130, 192), generator=torch.Generator().manual_seed(1)).float()
     ef_ref, ef_gpu = torch.zeros(130, 192), torch.zeros(130, 192, device="cuda")
     assert_same_encoding(sparseloco_encode_(ef_ref, delta, **kw),
-                         kernels.encode(ef_gpu, delta.cuda(), **kw))
+                         encode_(ef_gpu, delta.cuda(), **kw))
     assert torch.equal(ef_ref, ef_gpu.cpu())
     bad = delta.clone()
     bad[3, 4] = float("nan")
     before = ef_gpu.clone()
     with pytest.raises(ValueError, match="NaN or Inf"):
-        kernels.encode(ef_gpu, bad.cuda(), **kw)
+        encode_(ef_gpu, bad.cuda(), **kw)
     assert torch.equal(ef_gpu, before)
     big = torch.randn(64, 64)
     big[1, 1] = 1e6
     kw16 = {**kw, "quantizer": "none", "value_dtype": "fp16"}
     ef_ref, ef_gpu = torch.zeros(64, 64), torch.zeros(64, 64, device="cuda")
     assert_same_encoding(sparseloco_encode_(ef_ref, big, **kw16),
-                         kernels.encode(ef_gpu, big.cuda(), **kw16))
+                         encode_(ef_gpu, big.cuda(), **kw16))
     assert torch.equal(ef_ref, ef_gpu.cpu())
 
 
@@ -452,7 +456,6 @@ def test_cuda_decode_aggregate_matches_reference(cuda_library, shape, aggregatio
     codec = SparseLoCoCodec(topk=64, chunk=64, quantizer=quantizer, aggregation=aggregation,
                             value_dtype=value_dtype, index_coding=index_coding)
     parts = make_parts(codec, shape, 5, seed=2, overlap=True)
-    with kernels.forced_mode("reference"):
-        ref = codec.decode_aggregate(parts, shape)
-    out = kernels.decode_aggregate(parts, shape, device="cuda", **codec.params())
+    ref = reference_aggregate(codec, parts, shape)
+    out = codec.decode_aggregate(parts, shape, device="cuda")
     assert out.is_cuda and torch.equal(out.cpu(), ref)

@@ -43,6 +43,9 @@ class EncodedTensor:
     shape: tuple[int, ...]
     meta: dict[str, MetaValue] = field(default_factory=dict)
     buffers: dict[str, np.ndarray] = field(default_factory=dict)
+    # What a codec's ``validate`` decoded, so that decoding does not repeat it (see
+    # ``SparseLoCoCodec.validate``). Not part of the value: never compared, copied or sent.
+    cache: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def nbytes(self) -> int:
         """Payload bytes of all buffers (what the wire carries before zstd)."""
@@ -75,8 +78,13 @@ class Codec(ABC):
         """Encode ``delta`` (the pseudo-gradient of tensor ``name``), updating ``state`` in place."""
 
     @abstractmethod
-    def decode_aggregate(self, parts: list[EncodedTensor], shape: tuple[int, ...]) -> torch.Tensor:
-        """Aggregate the replicas' contributions (missing replicas already removed) to fp32."""
+    def decode_aggregate(self, parts: list[EncodedTensor], shape: tuple[int, ...],
+                         device: torch.device | str | None = None) -> torch.Tensor:
+        """Aggregate the replicas' contributions (missing replicas already removed) to fp32.
+
+        The result lies on ``device`` (None: CPU), the device of the weights it will update, and
+        is bit-identical whatever the device.
+        """
 
     @abstractmethod
     def expected_meta(self, shape: tuple[int, ...]) -> dict[str, MetaValue]:
@@ -88,7 +96,10 @@ class Codec(ABC):
 
     @abstractmethod
     def validate(self, et: EncodedTensor) -> None:
-        """Check buffer contents (index ranges, finiteness); raise a ``FrameError`` subclass."""
+        """Check buffer contents (index ranges, finiteness); raise a ``FrameError`` subclass.
+
+        A codec may keep what it decoded for the checks in ``et.cache`` for ``decode_aggregate``.
+        """
 
     def payload_nbytes(self, shape: tuple[int, ...]) -> int:
         """Exact bytes of the raw buffers for a tensor of ``shape`` (before zstd, no header)."""

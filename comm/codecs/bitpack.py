@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from comm.kernels.geometry import packed_nbytes
+
 MAX_FIELD_BITS = 25
 
-
-def packed_nbytes(count: int, bits: int) -> int:
-    """Bytes needed for ``count`` fields of ``bits`` bits."""
-    return (count * bits + 7) // 8
+__all__ = ["MAX_FIELD_BITS", "pack_bits", "packed_nbytes", "padding_is_zero", "unpack_bits"]
 
 
 def _check_bits(bits: int) -> None:

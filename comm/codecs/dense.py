@@ -80,13 +80,17 @@ class DenseCodec(Codec):
         if not torch.isfinite(self._values(et)).all():
             raise NonFiniteError("dense values contain NaN or Inf")
 
-    def decode_aggregate(self, parts: list[EncodedTensor], shape: tuple[int, ...]) -> torch.Tensor:
+    def decode_aggregate(self, parts: list[EncodedTensor], shape: tuple[int, ...],
+                         device: torch.device | str | None = None) -> torch.Tensor:
+        """Sum in list order and divide by R, on ``device``: fp32 adds are exact IEEE operations
+        everywhere, so the bits do not depend on the device."""
         shape = check_shape(shape)
         if not parts:
             raise ValueError("decode_aggregate needs at least one contribution")
-        total = torch.zeros(_numel(shape), dtype=torch.float32)
+        dev = torch.device(device if device is not None else "cpu")
+        total = torch.zeros(_numel(shape), dtype=torch.float32, device=dev)
         for part in parts:
             if part.shape != shape:
                 raise ValueError(f"contribution of shape {part.shape} for a tensor of shape {shape}")
-            total += self._values(part)
+            total += self._values(part).to(dev)
         return (total / float(len(parts))).reshape(shape)

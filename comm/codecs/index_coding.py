@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from comm.codecs.bitpack import pack_bits, packed_nbytes, padding_is_zero, unpack_bits
+from comm.codecs.bitpack import pack_bits, padding_is_zero, unpack_bits
 from comm.errors import IndexRangeError, SchemaError
+from comm.kernels.geometry import INDEX_CODINGS, index_nbytes
 
-INDEX_CODINGS = ("packed", "gaps")
-
-
-def index_nbytes(coding: str, nnz: int, index_bits: int) -> int:
-    return packed_nbytes(nnz, index_bits) if coding == "packed" else 2 * nnz
+__all__ = ["INDEX_CODINGS", "decode_indices", "encode_indices", "index_nbytes"]
 
 
 def _chunk_starts(ks: np.ndarray) -> np.ndarray:

@@ -20,6 +20,12 @@ Encode one tensor (``sparseloco_encode_``), given its fp32 error-feedback buffer
 Aggregation over replicas (``decode_aggregate``): each contribution is scattered in list order
 (rank order) into an fp32 sum; ``mean_selected`` divides every coordinate by the number of
 replicas that selected it (coordinates nobody selected stay 0), ``sum_over_r`` divides by R.
+
+Kernels (``comm.kernels``): ``encode_`` and ``SparseLoCoCodec`` run the C++/CUDA kernel for the
+tensors' device when one is loaded and this reference otherwise; this module registers the
+reference as the kernels' fallback (the kernels never import the codec). ``validate`` keeps the
+indices it decoded in ``EncodedTensor.cache``, so the reference ``decode_aggregate`` does not
+decode a frame twice.
 """
 
 from __future__ import annotations
@@ -38,12 +44,12 @@ from comm.codecs.base import (
     require_choice,
     require_int,
 )
+from comm import kernels
 from comm.codecs.bitpack import pack_bits, packed_nbytes, padding_is_zero, unpack_bits
 from comm.codecs.index_coding import INDEX_CODINGS, decode_indices, encode_indices, index_nbytes
-from comm import kernels
-from comm.codecs.chunking import ChunkLayout
 from comm.codecs.quantizers import LEVELS, QUANTIZERS, quantize
 from comm.errors import IndexRangeError, NonFiniteError, SchemaError
+from comm.kernels.geometry import ChunkLayout, chunk_layout
 
 AGGREGATIONS = ("mean_selected", "sum_over_r")
 VALUE_DTYPES = {"fp16": ("f2", np.dtype("<f2"), torch.float16), "fp32": ("f4", np.dtype("<f4"), torch.float32)}
@@ -104,7 +110,7 @@ def sparseloco_encode_(
         raise ValueError("pseudo-gradient contains NaN or Inf")
     if quantizer not in QUANTIZERS or value_dtype not in VALUE_DTYPES or index_coding not in INDEX_CODINGS:
         raise ValueError(f"unknown quantizer {quantizer!r}, value dtype {value_dtype!r} or index coding {index_coding!r}")
-    layout = ChunkLayout(check_shape(tuple(ef.shape)), chunk, topk)
+    layout = chunk_layout(check_shape(tuple(ef.shape)), chunk, topk)
     ef.mul_(beta).add_(delta.to(torch.float32))
     flat = ef.view(-1)
     ids, local, vals = select_sparse(ef, layout)
@@ -127,6 +133,80 @@ def sparseloco_encode_(
     flat[gidx] = flat[gidx] - dequant
     meta: dict[str, MetaValue] = {"chunk": layout.n_full, "k": layout.k_full, "nnz": layout.nnz}
     return EncodedTensor(shape=layout.shape, meta=meta, buffers=buffers)
+
+
+def encode_(
+    ef: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    beta: float,
+    topk: int,
+    chunk: int,
+    quantizer: str,
+    value_dtype: str = "fp16",
+    index_coding: str = "packed",
+) -> EncodedTensor:
+    """``sparseloco_encode_`` by the kernel for ``ef``'s device when one is loaded (same bits)."""
+    kw = dict(beta=beta, topk=topk, chunk=chunk, quantizer=quantizer, value_dtype=value_dtype,
+              index_coding=index_coding)
+    if kernels.backend(ef.device) == "reference":
+        return sparseloco_encode_(ef, delta, **kw)
+    idx, vals, cents = kernels.encode(ef, delta, **kw)
+    layout = chunk_layout(check_shape(tuple(ef.shape)), chunk, topk)
+    buffers = {"indices": idx.numpy()}
+    if quantizer == "none":
+        buffers["values"] = vals.numpy().astype(VALUE_DTYPES[value_dtype][1], copy=False)
+    else:
+        buffers["codes"] = vals.numpy()
+        buffers["centroids"] = cents.numpy().astype("<f4", copy=False)
+    meta: dict[str, MetaValue] = {"chunk": layout.n_full, "k": layout.k_full, "nnz": layout.nnz}
+    return EncodedTensor(shape=layout.shape, meta=meta, buffers=buffers)
+
+
+def decode_local(layout: ChunkLayout, index_coding: str, buf: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chunk id, local index) of every field of an ``indices`` buffer; structure errors raise."""
+    ks = layout.chunk_ks()
+    local = torch.from_numpy(decode_indices(index_coding, buf, ks.numpy(), layout.index_bits))
+    return torch.repeat_interleave(torch.arange(layout.n_chunks), ks), local
+
+
+def check_local(layout: ChunkLayout, ids: torch.Tensor, local: torch.Tensor) -> None:
+    """Every local index inside its chunk and strictly increasing within it; else IndexRangeError."""
+    limit = layout.chunk_sizes()[ids]
+    bad = local >= limit
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise IndexRangeError(f"index {int(local[i])} out of range for chunk {int(ids[i])} of {int(limit[i])} elements")
+    same_chunk = ids[1:] == ids[:-1]
+    if (same_chunk & (local[1:] <= local[:-1])).any():
+        raise IndexRangeError("indices within a chunk are not strictly increasing")
+
+
+def values_of(quantizer: str, buffers: dict[str, np.ndarray], nnz: int) -> torch.Tensor:
+    """The fp32 values a contribution sends (dequantized codes, or its fp16/fp32 values)."""
+    if quantizer == "none":
+        return torch.from_numpy(np.asarray(buffers["values"]).astype(np.float32))
+    codes = torch.from_numpy(unpack_bits(buffers["codes"], nnz, 2))
+    return torch.from_numpy(np.asarray(buffers["centroids"]).astype(np.float32))[codes]
+
+
+def aggregate(contributions: list[tuple[torch.Tensor, torch.Tensor]], numel: int, aggregation: str,
+              device: torch.device) -> torch.Tensor:
+    """Scatter (flat index, value) contributions in list order into an fp32 sum on ``device``.
+
+    Within one contribution every index appears once, so ``index_add_`` has no colliding adds
+    and the per-coordinate order is the list order on every device.
+    """
+    total = torch.zeros(numel, dtype=torch.float32, device=device)
+    count = torch.zeros(numel, dtype=torch.float32, device=device) if aggregation == "mean_selected" else None
+    for gidx, vals in contributions:
+        gidx, vals = gidx.to(device), vals.to(device)
+        total.index_add_(0, gidx, vals)
+        if count is not None:
+            count.index_add_(0, gidx, torch.ones_like(vals))
+    if count is not None:
+        return total / count.clamp(min=1.0)
+    return total / float(len(contributions))
 
 
 class SparseLoCoCodec(Codec):
@@ -168,22 +248,15 @@ class SparseLoCoCodec(Codec):
         }
 
     def layout(self, shape: tuple[int, ...]) -> ChunkLayout:
-        return ChunkLayout(check_shape(shape), self.chunk, self.topk)
+        return chunk_layout(check_shape(shape), self.chunk, self.topk)
 
     def encode(self, name: str, delta: torch.Tensor, state: CodecState) -> EncodedTensor:
         ef = state.get(name)
         if ef is None:
             ef = state[name] = torch.zeros(delta.shape, dtype=torch.float32, device=delta.device)
-        return kernels.encode(  # the C++/CUDA kernel when built, else sparseloco_encode_ below
-            ef,
-            delta,
-            beta=self.beta,
-            topk=self.topk,
-            chunk=self.chunk,
-            quantizer=self.quantizer,
-            value_dtype=self.value_dtype,
-            index_coding=self.index_coding,
-        )
+        return encode_(ef, delta, beta=self.beta, topk=self.topk, chunk=self.chunk,
+                       quantizer=self.quantizer, value_dtype=self.value_dtype,
+                       index_coding=self.index_coding)
 
     def expected_meta(self, shape: tuple[int, ...]) -> dict[str, MetaValue]:
         lay = self.layout(shape)
@@ -199,64 +272,119 @@ class SparseLoCoCodec(Codec):
             specs["centroids"] = BufferSpec("f4", LEVELS)
         return specs
 
-    def _unpack(self, et: EncodedTensor) -> tuple[ChunkLayout, torch.Tensor, torch.Tensor]:
-        """(layout, chunk ids, local indices) of a structurally valid encoding."""
-        lay = self.layout(et.shape)
+    def _check_structure(self, et: EncodedTensor) -> ChunkLayout:
+        """Buffers of exactly the expected names, dtypes and sizes; SchemaError otherwise."""
         try:
             check_layout(et, self.buffer_layout(et.shape))
         except ValueError as exc:
             raise SchemaError(f"sparseloco tensor {et.shape}: {exc}") from None
-        ks = lay.chunk_ks()
-        local = torch.from_numpy(decode_indices(self.index_coding, et.buffers["indices"], ks.numpy(), lay.index_bits))
-        ids = torch.repeat_interleave(torch.arange(lay.n_chunks), ks)
-        return lay, ids, local
+        return self.layout(et.shape)
 
-    def _values(self, et: EncodedTensor, nnz: int) -> torch.Tensor:
-        if self.quantizer == "none":
-            return torch.from_numpy(et.buffers["values"].astype(np.float32))
-        codes = torch.from_numpy(unpack_bits(et.buffers["codes"], nnz, 2))
-        return torch.from_numpy(et.buffers["centroids"].astype(np.float32))[codes]
+    def _cache_key(self, et: EncodedTensor) -> tuple:
+        """What a validation result depends on: geometry and coding, metadata, the very buffers."""
+        return ((self.chunk, self.topk, self.index_coding, self.quantizer, self.value_dtype),
+                et.shape, dict(et.meta), tuple(et.buffers.items()))
+
+    def _validated(self, et: EncodedTensor) -> tuple[ChunkLayout, torch.Tensor, torch.Tensor] | None:
+        """(layout, chunk ids, local indices) kept by ``validate`` for these buffers, else None."""
+        hit = et.cache.get(self.kind)
+        if hit is None:
+            return None
+        (params, shape, meta, items), decoded = hit
+        now = self._cache_key(et)
+        same_buffers = len(items) == len(now[3]) and all(
+            a[0] == b[0] and a[1] is b[1] for a, b in zip(items, now[3]))
+        return decoded if (params, shape, meta) == now[:3] and same_buffers else None
 
     def validate(self, et: EncodedTensor) -> None:
-        lay, ids, local = self._unpack(et)
+        """Structure, metadata, padding, index ranges and order, finiteness; FrameError subclasses.
+
+        The decoded indices are kept in ``et.cache`` (keyed by this codec's geometry and the
+        identity of the buffers, which are read-only views of a received frame), so
+        ``decode_aggregate`` uses them instead of decoding again.
+        """
+        lay = self._check_structure(et)
+        ids, local = decode_local(lay, self.index_coding, et.buffers["indices"])
         if et.meta != self.expected_meta(et.shape):
             raise SchemaError(f"metadata {et.meta} differs from expected {self.expected_meta(et.shape)}")
         if "codes" in et.buffers and not padding_is_zero(et.buffers["codes"], lay.nnz, 2):
             raise SchemaError("non-zero padding bits after the last code")
-        limit = lay.chunk_sizes()[ids]
-        bad = local >= limit
-        if bad.any():
-            i = int(bad.nonzero()[0, 0])
-            raise IndexRangeError(f"index {int(local[i])} out of range for chunk {int(ids[i])} of {int(limit[i])} elements")
-        same_chunk = ids[1:] == ids[:-1]
-        if (same_chunk & (local[1:] <= local[:-1])).any():
-            raise IndexRangeError("indices within a chunk are not strictly increasing")
+        check_local(lay, ids, local)
         for name in ("values", "centroids"):
             if name in et.buffers and not np.isfinite(et.buffers[name]).all():
                 raise NonFiniteError(f"buffer {name!r} contains NaN or Inf")
+        et.cache[self.kind] = (self._cache_key(et), (lay, ids, local))
 
     def decode(self, et: EncodedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One contribution as (row-major flat indices int64, fp32 values)."""
-        lay, ids, local = self._unpack(et)
-        return lay.global_index(ids, local), self._values(et, lay.nnz)
+        """One contribution as (row-major flat indices int64, fp32 values); validates it first
+        unless ``validate`` already did (and then reuses its decoded indices)."""
+        decoded = self._validated(et)
+        if decoded is None:
+            self.validate(et)
+            decoded = self._validated(et)
+            assert decoded is not None
+        lay, ids, local = decoded
+        return lay.global_index(ids, local), values_of(self.quantizer, et.buffers, lay.nnz)
 
-    def decode_aggregate(self, parts: list[EncodedTensor], shape: tuple[int, ...]) -> torch.Tensor:
+    def decode_aggregate(self, parts: list[EncodedTensor], shape: tuple[int, ...],
+                         device: torch.device | str | None = None) -> torch.Tensor:
         shape = check_shape(shape)
         if not parts:
             raise ValueError("decode_aggregate needs at least one contribution")
-        if kernels.backend("cpu") != "reference":
-            return kernels.decode_aggregate(parts, shape, **self.params())
-        numel = self.layout(shape).numel
-        total = torch.zeros(numel, dtype=torch.float32)
-        count = torch.zeros(numel, dtype=torch.float32)
         for part in parts:
             if part.shape != shape:
                 raise ValueError(f"contribution of shape {part.shape} for a tensor of shape {shape}")
-            gidx, vals = self.decode(part)
-            total.index_add_(0, gidx, vals)
-            count.index_add_(0, gidx, torch.ones_like(vals))
-        if self.aggregation == "mean_selected":
-            total = total / count.clamp(min=1.0)
-        else:
-            total = total / float(len(parts))
-        return total.reshape(shape)
+        dev = torch.device(device if device is not None else "cpu")
+        if kernels.backend(dev) == "reference":
+            out = aggregate([self.decode(p) for p in parts], self.layout(shape).numel,
+                            self.aggregation, dev)
+            return out.reshape(shape)
+        lay = self.layout(shape)
+        for part in parts:  # the kernels check index ranges (and gap order) themselves
+            self._check_structure(part)
+            if self.index_coding == "packed" and not padding_is_zero(part.buffers["indices"], lay.nnz,
+                                                                     lay.index_bits):
+                raise SchemaError("non-zero padding bits after the last index")
+        vname = "values" if self.quantizer == "none" else "codes"
+        return kernels.decode_aggregate(
+            [p.buffers["indices"] for p in parts], [p.buffers[vname] for p in parts],
+            [p.buffers["centroids"] for p in parts] if self.quantizer != "none" else [],
+            shape, topk=self.topk, chunk=self.chunk, quantizer=self.quantizer,
+            aggregation=self.aggregation, value_dtype=self.value_dtype,
+            index_coding=self.index_coding, device=dev)
+
+
+# ---- the kernels' fallback: this reference, on raw tensors --------------------------------------
+def _encode_reference_op(ef: torch.Tensor, delta: torch.Tensor, beta: float, topk: int, chunk: int,
+                         quantizer: str, value_dtype: str,
+                         index_coding: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    et = sparseloco_encode_(ef, delta, beta=beta, topk=topk, chunk=chunk, quantizer=quantizer,
+                            value_dtype=value_dtype, index_coding=index_coding)
+    idx = torch.from_numpy(np.ascontiguousarray(et.buffers["indices"]))
+    if quantizer == "none":
+        return idx, torch.from_numpy(np.ascontiguousarray(et.buffers["values"])), torch.empty(0)
+    return (idx, torch.from_numpy(np.ascontiguousarray(et.buffers["codes"])),
+            torch.from_numpy(np.ascontiguousarray(et.buffers["centroids"])))
+
+
+def _decode_reference_op(indices: list[torch.Tensor], values: list[torch.Tensor],
+                         centroids: list[torch.Tensor], shape: list[int], topk: int, chunk: int,
+                         quantizer: str, aggregation: str, value_dtype: str,
+                         index_coding: str) -> torch.Tensor:
+    """The op's contract: raw buffers in, the aggregate on the buffers' device out, the same
+    errors as the kernels (structure, index range, gap order)."""
+    layout = chunk_layout(check_shape(tuple(shape)), chunk, topk)
+    contributions = []
+    for r in range(len(indices)):
+        bufs = {"values" if quantizer == "none" else "codes": values[r].cpu().numpy()}
+        if quantizer != "none":
+            bufs["centroids"] = centroids[r].cpu().numpy()
+        ids, local = decode_local(layout, index_coding, indices[r].cpu().numpy())
+        check_local(layout, ids, local)
+        contributions.append((layout.global_index(ids, local), values_of(quantizer, bufs, layout.nnz)))
+    device = indices[0].device if indices else torch.device("cpu")
+    return aggregate(contributions, layout.numel, aggregation, device).reshape(layout.shape)
+
+
+kernels.register_reference("sparseloco_encode", _encode_reference_op)
+kernels.register_reference("sparseloco_decode_aggregate", _decode_reference_op)

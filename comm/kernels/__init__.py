@@ -1,9 +1,11 @@
 """Fast SparseLoCo encode and decode-aggregate: C++ (OpenMP) and CUDA kernels behind torch ops.
 
-``encode`` and ``decode_aggregate`` have exactly the semantics (and outputs, bit for bit) of the
-PyTorch reference in ``comm.codecs.sparseloco``; they run the fastest implementation available
-for the tensors' device and fall back to the reference when no kernel library is loaded. Build
-the libraries with ``python -m comm.kernels.build`` (or set ``DISTRAIN_KERNELS=build``); see
+The kernels take tensors and geometry (``comm.kernels.geometry``) and never import a codec: the
+SparseLoCo codec (``comm.codecs.sparseloco``) is the specification, registers its PyTorch
+reference as the ops' fallback (``register_reference``) and wraps the raw outputs into its own
+``EncodedTensor``. ``encode`` and ``decode_aggregate`` produce, bit for bit, what that reference
+produces; they run the fastest implementation available for the tensors' device. Build the
+libraries with ``python -m comm.kernels.build`` (or set ``DISTRAIN_KERNELS=build``); see
 ``comm/kernels/_lib.py`` for the environment switches. Importing this package never compiles,
 loads or fails.
 """
@@ -11,22 +13,27 @@ loads or fails.
 from __future__ import annotations
 
 import warnings
-
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from comm.kernels import _lib
+from comm.kernels import ops as _ops
 from comm.kernels._lib import mode, set_mode
+from comm.kernels.geometry import chunk_layout
+from comm.kernels.ops import KernelError, register_reference
 
-__all__ = ["backend", "decode_aggregate", "encode", "forced_mode", "mode", "set_mode", "status"]
+__all__ = ["KernelError", "backend", "decode_aggregate", "encode", "forced_mode", "mode",
+           "register_reference", "set_mode", "status"]
+
+Buffer = np.ndarray | torch.Tensor
 
 
-def backend(device: torch.device | str = "cpu") -> str:
+def backend(device: torch.device | str | None = "cpu") -> str:
     """Implementation that runs for tensors on ``device``: ``cpp``, ``cuda`` or ``reference``."""
-    kind = torch.device(device).type
+    kind = torch.device(device if device is not None else "cpu").type
     if kind == "cpu":
         return "cpp" if _lib.library("cpu") is not None else "reference"
     if kind == "cuda":
@@ -50,93 +57,76 @@ def forced_mode(m: str) -> Iterator[None]:
         set_mode(previous)
 
 
-def encode(ef: torch.Tensor, delta: torch.Tensor, *, beta: float, topk: int, chunk: int,
-           quantizer: str, value_dtype: str = "fp16", index_coding: str = "packed"):
-    """Drop-in for ``comm.codecs.sparseloco.sparseloco_encode_`` (same arguments and result)."""
-    from comm.codecs.base import EncodedTensor, check_shape
-    from comm.codecs.index_coding import INDEX_CODINGS
-    from comm.codecs.quantizers import QUANTIZERS
-    from comm.codecs.sparseloco import VALUE_DTYPES
+def _check_names(quantizer: str, value_dtype: str, index_coding: str,
+                 aggregation: str | None = None) -> None:
+    for what, value, known in (("quantizer", quantizer, _lib.QUANTIZER_CODES),
+                               ("value dtype", value_dtype, _lib.VALUE_DTYPE_CODES),
+                               ("index coding", index_coding, _lib.INDEX_CODING_CODES),
+                               ("aggregation", aggregation, _lib.AGGREGATION_CODES)):
+        if value is not None and value not in known:
+            raise ValueError(f"unknown {what} {value!r} ({', '.join(known)})")
 
+
+def encode(ef: torch.Tensor, delta: torch.Tensor, *, beta: float, topk: int, chunk: int,
+           quantizer: str, value_dtype: str = "fp16",
+           index_coding: str = "packed") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold ``delta`` into the error buffer ``ef`` (in place) and return its CPU payload tensors.
+
+    Returns ``(indices, values, centroids)``: packed indices (uint8), packed 2-bit codes (uint8)
+    or fp16/fp32 values for quantizer ``none``, and 4 fp32 centroids (empty for ``none``).
+    """
     if ef.dtype != torch.float32 or not ef.is_contiguous():
         raise TypeError(f"error-feedback buffer must be contiguous float32, got {ef.dtype}")
     if ef.shape != delta.shape:
         raise ValueError(f"delta shape {tuple(delta.shape)} differs from buffer shape {tuple(ef.shape)}")
-    if quantizer not in QUANTIZERS or value_dtype not in VALUE_DTYPES:
-        raise ValueError(f"unknown quantizer {quantizer!r} or value dtype {value_dtype!r}")
-    if index_coding not in INDEX_CODINGS:
-        raise ValueError(f"unknown index coding {index_coding!r} ({', '.join(INDEX_CODINGS)})")
     if delta.device != ef.device:
         raise ValueError(f"delta is on {delta.device} but the error-feedback buffer on {ef.device}")
-    layout = _ops.chunk_layout(check_shape(tuple(ef.shape)), int(chunk), int(topk))
+    _check_names(quantizer, value_dtype, index_coding)
     delta = delta.to(torch.float32).contiguous()
-    idx, vals, cents = torch.ops.distrain.sparseloco_encode(ef, delta, float(beta), int(topk),
-                                                            int(chunk), quantizer, value_dtype,
-                                                            index_coding)
-    buffers = {"indices": idx.numpy()}
-    if quantizer == "none":
-        buffers["values"] = vals.numpy().astype(VALUE_DTYPES[value_dtype][1], copy=False)
-    else:
-        buffers["codes"] = vals.numpy()
-        buffers["centroids"] = cents.numpy().astype("<f4", copy=False)
-    meta = {"chunk": layout.n_full, "k": layout.k_full, "nnz": layout.nnz}
-    return EncodedTensor(shape=layout.shape, meta=meta, buffers=buffers)
+    return torch.ops.distrain.sparseloco_encode(ef, delta, float(beta), int(topk), int(chunk),
+                                                quantizer, value_dtype, index_coding)
 
 
-def decode_aggregate(parts: list, shape: tuple[int, ...], *, topk: int, chunk: int,
-                     quantizer: str, aggregation: str, value_dtype: str = "fp16",
-                     index_coding: str = "packed", beta: float | None = None,
+def decode_aggregate(indices: Sequence[Buffer], values: Sequence[Buffer],
+                     centroids: Sequence[Buffer], shape: tuple[int, ...], *, topk: int,
+                     chunk: int, quantizer: str, aggregation: str, value_dtype: str = "fp16",
+                     index_coding: str = "packed",
                      device: torch.device | str | None = None) -> torch.Tensor:
-    """Same result as ``SparseLoCoCodec(...).decode_aggregate(parts, shape)``, on ``device``.
+    """Aggregate R contributions, given as their raw buffers, to an fp32 tensor on ``device``.
 
-    Accepts the codec's ``params()`` as keywords (``beta`` is ignored). ``device=None`` returns a
-    CPU tensor like the reference; a CUDA device uploads the payloads once and aggregates there.
+    ``indices[r]``, ``values[r]`` (codes or fp16/fp32 values) and ``centroids[r]`` (4 fp32, none
+    for quantizer ``none``) are part r's buffers as ``encode`` wrote them; list order is the
+    summation order. ``device=None`` means CPU. For a CUDA device the buffers are uploaded in one
+    transfer and aggregated there (by the CUDA kernel, or the reference on that device).
     """
-    from comm.codecs.base import check_layout, check_shape
-    from comm.codecs.bitpack import padding_is_zero
-    from comm.codecs.sparseloco import SparseLoCoCodec
-    from comm.errors import SchemaError
-
-    del beta  # part of the codec's params, irrelevant to decoding
-    shape = check_shape(shape)
-    if not parts:
+    _check_names(quantizer, value_dtype, index_coding, aggregation)
+    if not indices:
         raise ValueError("decode_aggregate needs at least one contribution")
-    codec = SparseLoCoCodec(topk=topk, chunk=chunk, quantizer=quantizer, aggregation=aggregation,
-                            value_dtype=value_dtype, index_coding=index_coding)
-    layout = codec.buffer_layout(shape)
-    chunks = codec.layout(shape)
-    for part in parts:  # the checks (and messages) of the reference's decode, in its order
-        if part.shape != shape:
-            raise ValueError(f"contribution of shape {part.shape} for a tensor of shape {shape}")
-        try:
-            check_layout(part, layout)
-        except ValueError as exc:
-            raise SchemaError(f"sparseloco tensor {part.shape}: {exc}") from None
-        if index_coding == "packed" and not padding_is_zero(part.buffers["indices"], chunks.nnz,
-                                                            chunks.index_bits):
-            raise SchemaError("non-zero padding bits after the last index")
-    vname = "values" if quantizer == "none" else "codes"
-    arrays = [(p.buffers["indices"], p.buffers[vname]) for p in parts]
-    cents = [p.buffers["centroids"] for p in parts] if quantizer != "none" else []
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    layout = chunk_layout(tuple(int(s) for s in shape), int(chunk), int(topk))
+    dev = torch.device(device if device is not None else "cpu")
+    cents = list(centroids) if quantizer != "none" else []
     if dev.type == "cpu":
-        # Received buffers are read-only views of the frame; the kernel only reads them.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            idx = [torch.from_numpy(np.ascontiguousarray(a)) for a, _ in arrays]
-            val = [torch.from_numpy(np.ascontiguousarray(v)) for _, v in arrays]
-            cen = [torch.from_numpy(np.ascontiguousarray(c)) for c in cents]
+        idx, val, cen = (_as_cpu(list(indices)), _as_cpu(list(values)), _as_cpu(cents))
     else:
-        idx, val, cen = _upload([a for a, _ in arrays], [v for _, v in arrays], cents, dev)
+        idx, val, cen = _upload(list(indices), list(values), cents, dev)
     return torch.ops.distrain.sparseloco_decode_aggregate(
-        idx, val, cen, list(shape), int(topk), int(chunk), quantizer, aggregation, value_dtype,
-        index_coding)
+        idx, val, cen, list(layout.shape), int(topk), int(chunk), quantizer, aggregation,
+        value_dtype, index_coding)
 
 
-def _upload(indices: list[np.ndarray], values: list[np.ndarray], cents: list[np.ndarray],
+def _as_cpu(buffers: list[Buffer]) -> list[torch.Tensor]:
+    """CPU tensors viewing the buffers (received buffers are read-only; the kernels only read)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return [torch.from_numpy(np.ascontiguousarray(b)) if isinstance(b, np.ndarray)
+                else b.cpu().contiguous() for b in buffers]
+
+
+def _upload(indices: list[Buffer], values: list[Buffer], cents: list[Buffer],
             dev: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Copy every buffer to ``dev`` in one transfer; each view starts 16-byte aligned."""
-    arrays = indices + values + cents
+    arrays = [b.cpu().numpy() if isinstance(b, torch.Tensor) else np.ascontiguousarray(b)
+              for b in indices + values + cents]
     offsets, total = [], 0
     for a in arrays:
         offsets.append(total)
@@ -154,7 +144,3 @@ def _upload(indices: list[np.ndarray], values: list[np.ndarray], cents: list[np.
         views.append(device_blob[off:off + a.nbytes].view(dtype))
     n = len(indices)
     return views[:n], views[n:2 * n], views[2 * n:]
-
-
-# Register the torch ops (cheap: no library is loaded until the first call).
-from comm.kernels import ops as _ops  # noqa: E402,F401

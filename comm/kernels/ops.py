@@ -1,13 +1,14 @@
-"""SparseLoCo encode / decode-aggregate as torch ops with reference, C++ and CUDA implementations.
+"""SparseLoCo encode / decode-aggregate as torch ops: C++ and CUDA kernels, the codec's reference as fallback.
 
 ``torch.ops.distrain.sparseloco_encode`` and ``torch.ops.distrain.sparseloco_decode_aggregate``
-dispatch on the device of their tensor arguments. The default implementation
-(CompositeExplicitAutograd) is the PyTorch reference codec (``comm.codecs.sparseloco``); the
-``CPU`` and ``CUDA`` kernels call the ctypes libraries and, when those are unavailable (not
-built, stale, ``DISTRAIN_KERNELS=reference``), run the reference instead. Registered with the
-low-level ``torch.library.Library`` API rather than ``custom_op``: the latter's Python wrapper
-layers cost ~0.3 ms per call, more than the whole kernel on a small tensor. Fake (meta)
-implementations let the ops appear in traced graphs.
+dispatch on the device of their tensor arguments. The ``CPU`` and ``CUDA`` implementations call
+the ctypes libraries; when those are unavailable (not built, stale, ``DISTRAIN_KERNELS=reference``)
+and for every other device (CompositeExplicitAutograd) they run the *reference* that the codec
+registered with ``register_reference``: this module takes tensors and geometry and never imports
+a codec, so the specification stays in ``comm.codecs`` and is handed down, not reached up for.
+Registered with the low-level ``torch.library.Library`` API rather than ``custom_op``: the
+latter's Python wrapper layers cost ~0.3 ms per call, more than the whole kernel on a small
+tensor. Fake (meta) implementations let the ops appear in traced graphs.
 
 Encode outputs are CPU tensors: the payload goes to the wire anyway, and reading the result back
 is where the CUDA kernels' data errors are checked. The kernels check buffer sizes, dtypes and
@@ -21,29 +22,39 @@ values for quantizer ``none``) and ``centroids`` (4 × fp32, empty for ``none``)
 from __future__ import annotations
 
 import ctypes
-import functools
+from typing import Callable
 
-import numpy as np
 import torch
 
-from comm.codecs.bitpack import packed_nbytes
-from comm.codecs.chunking import ChunkLayout
-from comm.codecs.index_coding import index_nbytes
+from comm.errors import IndexRangeError
 from comm.kernels import _lib
-
-_VALUE_TORCH = {"fp16": torch.float16, "fp32": torch.float32}
+from comm.kernels.geometry import ChunkLayout, chunk_layout, index_nbytes, packed_nbytes
 
 
 class KernelError(RuntimeError):
     """A kernel library rejected its arguments or a CUDA call failed (a bug, not bad data)."""
 
 
-@functools.lru_cache(maxsize=4096)
-def chunk_layout(shape: tuple[int, ...], chunk: int, topk: int) -> ChunkLayout:
-    """Cached: a model has few distinct shapes, and the layout's properties are recomputed."""
-    lay = ChunkLayout(shape, chunk, topk)
-    lay.numel, lay.block  # noqa: B018 - fill the cached properties
-    return lay
+OPS = ("sparseloco_encode", "sparseloco_decode_aggregate")
+_REFERENCES: dict[str, Callable[..., object]] = {}
+
+
+def register_reference(op: str, fn: Callable[..., object]) -> None:
+    """Install the torch reference of ``op`` (same arguments and results): the kernels' fallback."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r} (known: {', '.join(OPS)})")
+    _REFERENCES[op] = fn
+
+
+def _reference(op: str) -> Callable[..., object]:
+    fn = _REFERENCES.get(op)
+    if fn is None:
+        raise KernelError(f"distrain::{op}: no kernel library loaded and no reference registered "
+                          "(importing comm.codecs registers it)")
+    return fn
+
+
+_VALUE_TORCH = {"fp16": torch.float16, "fp32": torch.float32}
 
 
 def geometry(layout: ChunkLayout) -> _lib.Geometry:
@@ -64,8 +75,6 @@ def _raise_for(status: int, lib: ctypes.CDLL) -> None:
     if status in (_lib.ERR_NONFINITE_DELTA, _lib.ERR_NONFINITE_EF):
         raise ValueError(msg)
     if status in (_lib.ERR_INDEX, _lib.ERR_INDEX_ORDER):
-        from comm.errors import IndexRangeError
-
         raise IndexRangeError(msg)
     if status == _lib.ERR_NO_MEMORY:
         raise MemoryError(msg)
@@ -99,18 +108,8 @@ _LIB.define("sparseloco_decode_aggregate(Tensor[] indices, Tensor[] values, Tens
 def _encode_reference(ef: torch.Tensor, delta: torch.Tensor, beta: float, topk: int, chunk: int,
                       quantizer: str, value_dtype: str,
                       index_coding: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from comm.codecs.sparseloco import sparseloco_encode_
-
-    et = sparseloco_encode_(ef, delta, beta=beta, topk=topk, chunk=chunk, quantizer=quantizer,
-                            value_dtype=value_dtype, index_coding=index_coding)
-    idx = torch.from_numpy(np.ascontiguousarray(et.buffers["indices"]))
-    if quantizer == "none":
-        vals = torch.from_numpy(np.ascontiguousarray(et.buffers["values"]))
-        cents = torch.empty(0, dtype=torch.float32)
-    else:
-        vals = torch.from_numpy(np.ascontiguousarray(et.buffers["codes"]))
-        cents = torch.from_numpy(np.ascontiguousarray(et.buffers["centroids"]))
-    return idx, vals, cents
+    return _reference("sparseloco_encode")(ef, delta, beta, topk, chunk, quantizer, value_dtype,
+                                           index_coding)
 
 
 @torch.library.register_fake("distrain::sparseloco_encode")
@@ -170,33 +169,9 @@ def _encode_cuda(ef, delta, beta, topk, chunk, quantizer, value_dtype, index_cod
 # ---- decode-aggregate -----------------------------------------------------------------------------
 def _decode_reference(indices, values, centroids, shape, topk, chunk, quantizer, aggregation,
                       value_dtype, index_coding) -> torch.Tensor:
-    """Mirror of ``SparseLoCoCodec.decode_aggregate`` (kept here so it never dispatches back)."""
-    from comm.codecs.base import EncodedTensor
-    from comm.codecs.sparseloco import SparseLoCoCodec
-
-    codec = SparseLoCoCodec(topk=topk, chunk=chunk, quantizer=quantizer, aggregation=aggregation,
-                            value_dtype=value_dtype, index_coding=index_coding)
-    shape_t = tuple(int(s) for s in shape)
-    numel = codec.layout(shape_t).numel
-    total = torch.zeros(numel, dtype=torch.float32)
-    count = torch.zeros(numel, dtype=torch.float32)
-    for r in range(len(indices)):
-        bufs = {"indices": indices[r].cpu().numpy()}
-        if quantizer == "none":
-            bufs["values"] = values[r].cpu().numpy()
-        else:
-            bufs["codes"] = values[r].cpu().numpy()
-            bufs["centroids"] = centroids[r].cpu().numpy()
-        et = EncodedTensor(shape=shape_t, meta=codec.expected_meta(shape_t), buffers=bufs)
-        gidx, vals = codec.decode(et)
-        total.index_add_(0, gidx, vals)
-        count.index_add_(0, gidx, torch.ones_like(vals))
-    if aggregation == "mean_selected":
-        total = total / count.clamp(min=1.0)
-    else:
-        total = total / float(len(indices))
-    device = indices[0].device if indices else torch.device("cpu")
-    return total.reshape(shape_t).to(device)
+    return _reference("sparseloco_decode_aggregate")(indices, values, centroids, shape, topk,
+                                                     chunk, quantizer, aggregation, value_dtype,
+                                                     index_coding)
 
 
 @torch.library.register_fake("distrain::sparseloco_decode_aggregate")
