@@ -98,7 +98,7 @@ class PipelineStepResult:
     codec_s: float = 0.0  # encoding and validating boundary frames
     send_s: float = 0.0  # inside send_bytes (queueing)
     wait_s: float = 0.0  # blocked in recv_bytes: pipeline bubble + transfer time, not separable here
-    sync_s: float = 0.0  # the norm/loss all-gather and clipping
+    sync_s: float = 0.0  # norm/loss all-gather (incl. waiting for the slowest stage) and clipping
     total_s: float = 0.0
     bubble_fraction: float = 0.0  # ideal idle share (S − 1)/(M + S − 1) for equal stage times
     bytes_sent: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
@@ -232,7 +232,6 @@ class _StageRun:
         return self.sub.to_coords(h, ids) if self.sub is not None else h
 
     def backward(self, m: int) -> None:
-        ids, tgt = self.mbs[m]
         s, first, last = self.place.stage, self.stage.is_first, self.stage.is_last
         leaf, out = self.stash.pop(m)
         g = None if last else self._recv(bd.BACKWARD, s + 1, m)
@@ -252,7 +251,7 @@ class _StageRun:
             self._send(bd.BACKWARD, s - 1, m, in_grad)
 
     def _chunkwise_backward(self, m: int, inp: Tensor, g: Tensor | None) -> Tensor | None:
-        ids, tgt = self.mbs[m]
+        tgt = self.mbs[m][1]
         kw: dict[str, Any] = dict(chunks=self.chunks[m]) if self.chunks[m] is not None else {}
         if self.stage.is_last:
             count = int((tgt != IGNORE_INDEX).sum())
