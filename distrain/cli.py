@@ -97,7 +97,9 @@ class ToolCommand:
 # Tool commands by name. A module that adds one defines ``COMMAND = ToolCommand(...)`` and is
 # listed in TOOL_MODULES (imported only when the parser is built, so its imports stay lazy).
 TOOLS: dict[str, ToolCommand] = {"plot": ToolCommand("write PNG plots of a run directory", _plot_arguments, cmd_plot)}
-TOOL_MODULES: dict[str, str] = {}
+TOOL_MODULES: dict[str, str] = {
+    "compare": "distrain.compare",
+}
 
 
 def tool_commands() -> dict[str, ToolCommand]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
@@ -42,22 +45,47 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``run_dir/metrics.jsonl``; a line that is not a JSON object (e.g. the last
+    line of a run killed mid-write) is skipped with a warning instead of failing a plot."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics.jsonl in this run directory")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = None
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            log.warning("%s:%d: not a JSON object, skipped", path, n)
+    return records
 
 
 class Progress:
-    """tqdm bar when enabled and attached to a terminal-ish stream; silent otherwise."""
+    """tqdm bar when enabled and both stdout and stderr are terminals; silent otherwise.
+
+    Per-round lines go to stdout. With a bar on screen they are written through
+    ``tqdm.external_write_mode`` (bar cleared, line written and *flushed*, bar redrawn), so a line
+    never lands on the bar's terminal line. When stdout is not a terminal (``| tee log``, ``> log``)
+    there is no bar: a bar on stderr and block-buffered lines arriving later through a pipe
+    would share terminal lines, which no ordering on our side can prevent.
+    """
 
     def __init__(self, total: int, enabled: bool, desc: str = "train", initial: int = 0):
         self._bar = None
-        if enabled:
+        if enabled and _isatty(sys.stderr) and _isatty(sys.stdout):
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stderr,
                              mininterval=0.5)
+
+    @property
+    def active(self) -> bool:
+        return self._bar is not None
 
     def update(self, n: int = 1, **postfix: Any) -> None:
         if self._bar is not None:
@@ -66,14 +94,25 @@ class Progress:
                 self._bar.set_postfix({k: _fmt(v) for k, v in postfix.items()}, refresh=False)
 
     def write(self, line: str) -> None:
-        if self._bar is not None:
-            self._bar.write(line)
-        else:
+        if self._bar is None:
             print(line, flush=True)
+            return
+        from tqdm import tqdm
+
+        with tqdm.external_write_mode(file=sys.stdout):
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
 
 
 def _fmt(v: Any) -> str:

@@ -4,36 +4,54 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import Any
+
 from distrain.metrics import read_metrics
 
+# x axes of the loss plots: metrics key, axis label, file name.
+LOSS_AXES = [
+    ("step", "inner step", "loss_vs_step.png"),
+    ("tokens", "tokens (all replicas)", "loss_vs_tokens.png"),
+    ("bytes_sent", "bytes sent per replica", "loss_vs_bytes.png"),
+    ("sim_time_s", "simulated wall-clock (s)", "loss_vs_sim_time.png"),
+]
 
-def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write every plot the metrics support into ``run_dir/plots``; return the files written."""
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
-    records = read_metrics(run_dir)
+    return plt
+
+
+def loss_records(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train records with a loss, validation records with a loss)."""
     train = [r for r in records if r.get("kind") == "train" and r.get("loss") is not None]
     val = [r for r in records if r.get("kind") == "val" and r.get("val_loss") is not None]
+    return train, val
+
+
+def series(rows: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
+    """The (x, y) points of ``rows`` that have both keys."""
+    pts = [(r[x], r[y]) for r in rows if r.get(x) is not None and r.get(y) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write every plot the metrics support into ``run_dir/plots``; return the files written."""
+    plt = pyplot()
+    run_dir = Path(run_dir)
+    train, val = loss_records(read_metrics(run_dir))
     if not train and not val:
         raise ValueError(f"{run_dir}/metrics.jsonl has no loss records to plot")
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
     written: list[Path] = []
 
-    def series(rows, x, y):
-        pts = [(r[x], r[y]) for r in rows if r.get(x) is not None and r.get(y) is not None]
-        return [p[0] for p in pts], [p[1] for p in pts]
-
-    for x_key, label, fname in [
-        ("step", "inner step", "loss_vs_step.png"),
-        ("tokens", "tokens (all replicas)", "loss_vs_tokens.png"),
-        ("bytes_sent", "bytes sent per replica", "loss_vs_bytes.png"),
-        ("sim_time_s", "simulated wall-clock (s)", "loss_vs_sim_time.png"),
-    ]:
+    for x_key, label, fname in LOSS_AXES:
         tx, ty = series(train, x_key, "loss")
         vx, vy = series(val, x_key, "val_loss")
         if not tx and not vx:
