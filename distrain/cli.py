@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import Callable
 
-from distrain.config import Config, ConfigError, load_config
+from distrain.config import Config, ConfigError, ReplicaConfig, load_config
 
 
 def config_keys_help() -> str:
@@ -28,7 +28,31 @@ def config_keys_help() -> str:
                 lines.append(f"  --{prefix}{f.name}={json.dumps(v)}")
 
     walk(Config(), "")
+    lines += ["", "topology tables: each replica is a [[topology.replica]] table (or "
+              "--topology.replica='[{...}, {...}]'); topology.replicas = N is N tables of defaults:"]
+    for f in dataclasses.fields(ReplicaConfig):
+        comment = _FIELD_COMMENTS.get(f.name, "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name} = {json.dumps(default)}  {comment}")
+    lines.append("  per-worker keys (speed, up_mbps, down_mbps, latency_ms, cpus, gpus, memory_mb) take one number "
+                 "for every worker or a list, one per worker")
     return "\n".join(lines)
+
+
+_FIELD_COMMENTS = {
+    "kind": "full (one worker or `devices` joined by a fast interconnect) | pipeline (stage workers)",
+    "count": "identical replicas this table stands for",
+    "devices": "full: processes of the replica",
+    "parallel": "full: auto | single | ddp | deepspeed (inner steps over the devices)",
+    "stages": "pipeline: a stage count (balanced split) or layer bounds [0, a, ..., n_layers]",
+    "speed": "relative compute speed (1.0: network.step_time_s per step)",
+    "up_mbps": "link up (default network.up_mbps)",
+    "down_mbps": "link down (default network.down_mbps)",
+    "latency_ms": "one-way latency (default network.latency_ms)",
+    "cpus": "Ray bundle CPUs (default 1)",
+    "gpus": "Ray bundle GPUs (default 0)",
+    "memory_mb": "Ray memory reservation (default none)",
+}
 
 
 def _load(args: argparse.Namespace, overrides: list[str], default_config: str | None) -> Config:
@@ -36,7 +60,7 @@ def _load(args: argparse.Namespace, overrides: list[str], default_config: str | 
 
 
 def cmd_prepare(cfg: Config) -> int:
-    from distrain.runner import prepare_data
+    from distrain.runtime.common import prepare_data
 
     data = prepare_data(cfg, progress=cfg.logging.progress)
     print(json.dumps({k: str(v) for k, v in dataclasses.asdict(data).items()}, indent=1))
@@ -44,7 +68,7 @@ def cmd_prepare(cfg: Config) -> int:
 
 
 def cmd_train(cfg: Config) -> int:
-    from distrain.runner import run_simulation
+    from distrain.runtime.simulation import run_simulation
 
     summary = run_simulation(cfg)
     _print_summary(summary)

@@ -1,7 +1,11 @@
 """Typed run configuration: dataclass sections, TOML presets, ``--section.key=value`` overrides.
 
-Unknown keys and wrong types are errors that name the key and where it came from, so a typo in a
-preset never silently trains the wrong model.
+Unknown keys and wrong types are errors that name the key and where it came from, and every value
+is checked when the config is loaded (ranges, combinations, files that must exist, devices that
+must be present), so a typo in a preset never silently trains the wrong model and a bad value
+never costs a tokenisation pass. The topology is a list of ``[[topology.replica]]`` tables
+(``distrain.topology`` resolves them into workers); ``topology.replicas = N`` is the shorthand for
+N identical single-device full replicas.
 """
 
 from __future__ import annotations
@@ -9,18 +13,40 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distrain.tomlconf import ConfigError, apply_table, nest, parse_override, source_of, to_toml
+
+__all__ = ["ALGORITHMS", "Config", "ConfigError", "MODEL_PRESETS", "ReplicaConfig", "load_config", "save_config",
+           "to_toml"]
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
+# Presets fill the model section; explicit model keys override them.
+MODEL_PRESETS: dict[str, dict] = {
+    # ~1M parameters at vocab 4096 (embedding dominated): unit tests and the embedded default.
+    "test": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256),
+    # ~6M: the embedded simulation default.
+    "tiny": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, max_seq_len=512),
+    # ~20M at vocab 8192.
+    "20m": dict(dim=384, n_layers=8, n_heads=6, n_kv_heads=2, max_seq_len=1024),
+    "125m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, max_seq_len=2048),
+    "512m": dict(dim=1536, n_layers=16, n_heads=12, n_kv_heads=4, max_seq_len=2048),
+    "1b": dict(dim=2048, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=2048),
+}
 
-class ConfigError(ValueError):
-    """A configuration value, key or file is invalid."""
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _choice(where: str, value: str, allowed: tuple[str, ...]) -> None:
+    _need(value in allowed, f"{where}: {value!r} is not one of {', '.join(allowed)}")
 
 
 @dataclass
@@ -105,18 +131,112 @@ class OuterConfig:
     apply_delay: int = 0  # 1: apply each aggregate one round late (overlap)
 
 
+@dataclass(frozen=True)
+class Algorithm:
+    """What an outer algorithm is, in one place: the runtime asks this table, never the name."""
+
+    rounds: bool  # trains in rounds of H inner steps, then exchanges a pseudo-gradient
+    per_step: bool  # synchronises gradients every inner step (the DDP baseline)
+    defaults: dict[str, Any]  # its published outer hyper-parameters, unless the user sets them
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "none": Algorithm(rounds=False, per_step=False, defaults={}),
+    "ddp": Algorithm(rounds=False, per_step=True, defaults={}),
+    # DiLoCo: outer SGD with Nesterov momentum 0.9, lr 0.7 (Douillard et al.)
+    "diloco": Algorithm(rounds=True, per_step=False, defaults={"lr": 0.7, "momentum": 0.9, "nesterov": True}),
+    # SparseLoCo: outer SGD without momentum, alpha = 1 (error feedback replaces momentum)
+    "sparseloco": Algorithm(rounds=True, per_step=False, defaults={"lr": 1.0, "momentum": 0.0, "nesterov": False}),
+}
+
+
+@dataclass
+class ReplicaConfig:
+    """One ``[[topology.replica]]`` table: a full replica, or a pipeline replica of stage workers.
+
+    Per-worker values (``speed``, links, Ray resources) are one number for every worker of the
+    replica or a list with one entry per worker (a full replica's devices, a pipeline's stages);
+    an empty list takes the default (speed 1, ``[network]`` links, 1 CPU, no GPU, no memory).
+    """
+
+    kind: str = "full"  # full | pipeline
+    count: int = 1  # this table stands for `count` identical replicas
+    devices: int = 1  # full: processes joined by a fast interconnect
+    parallel: str = "auto"  # full: auto (single, or ddp when devices > 1) | single | ddp | deepspeed
+    stages: int | list[int] = 0  # pipeline: a stage count (balanced split) or layer bounds [0, a, ..., n_layers]
+    speed: float | list[float] = field(default_factory=list)  # relative compute speed (1.0: network.step_time_s)
+    up_mbps: float | list[float] = field(default_factory=list)  # default: network.up_mbps
+    down_mbps: float | list[float] = field(default_factory=list)  # default: network.down_mbps
+    latency_ms: float | list[float] = field(default_factory=list)  # default: network.latency_ms
+    cpus: float | list[float] = field(default_factory=list)  # Ray bundle CPUs per worker (default 1)
+    gpus: float | list[float] = field(default_factory=list)  # Ray bundle GPUs per worker (default 0)
+    memory_mb: int | list[int] = field(default_factory=list)  # Ray memory reservation per worker (default none)
+
+    def workers(self, n_layers: int) -> int:
+        """Workers of one replica of this table (devices, or stages)."""
+        if self.kind == "full":
+            return self.devices
+        return self.stages if isinstance(self.stages, int) else len(self.stages) - 1
+
+    def check(self, index: int, cfg: "Config") -> None:
+        where = f"{source_of(self)} (replica table {index})"
+        _choice(f"{where}: kind", self.kind, ("full", "pipeline"))
+        _need(self.count >= 1, f"{where}: count must be >= 1, got {self.count}")
+        _choice(f"{where}: parallel", self.parallel, ("auto", "single", "ddp", "deepspeed"))
+        n_layers = cfg.model.n_layers
+        if self.kind == "full":
+            _need(self.devices >= 1, f"{where}: devices must be >= 1, got {self.devices}")
+            _need(self.stages in (0, [], 1), f"{where}: stages is for kind = 'pipeline' (a full replica holds every layer)")
+            if self.parallel == "single":
+                _need(self.devices == 1, f"{where}: parallel = 'single' runs on one device, devices = {self.devices}; "
+                                         "use parallel = 'ddp' or 'deepspeed'")
+            if self.parallel in ("ddp", "deepspeed"):
+                _need(self.devices >= 2, f"{where}: parallel = {self.parallel!r} needs devices >= 2")
+        else:
+            _need(self.devices == 1, f"{where}: devices is for kind = 'full'; a pipeline's workers are its stages")
+            _need(self.parallel in ("auto", "single"), f"{where}: parallel is for kind = 'full'")
+            if isinstance(self.stages, int):
+                _need(2 <= self.stages <= n_layers,
+                      f"{where}: stages = {self.stages} must be between 2 and model.n_layers = {n_layers}")
+            else:
+                b = self.stages
+                _need(len(b) >= 3 and b[0] == 0 and b[-1] == n_layers and all(x < y for x, y in zip(b, b[1:])),
+                      f"{where}: stages = {b} must be layer bounds [0, ..., {n_layers}], strictly increasing, "
+                      "at least 2 stages")
+            _need(not cfg.model.tie_embeddings, f"{where}: a pipeline puts the embedding and the head on different "
+                                                "stages; model.tie_embeddings must be false")
+        n = self.workers(n_layers)
+        for key in ("speed", "up_mbps", "down_mbps", "latency_ms", "cpus", "gpus", "memory_mb"):
+            v = getattr(self, key)
+            vals = v if isinstance(v, list) else [v]
+            if isinstance(v, list) and v:
+                _need(len(v) == n, f"{where}: {key} has {len(v)} entries for the replica's {n} workers "
+                                   "(give one number for all, or one per worker)")
+            lo_ok = (lambda x: x > 0) if key in ("speed", "up_mbps", "down_mbps") else (lambda x: x >= 0)
+            _need(all(lo_ok(x) for x in vals), f"{where}: {key} must be "
+                  f"{'positive' if key in ('speed', 'up_mbps', 'down_mbps') else 'non-negative'}, got {v}")
+
+
 @dataclass
 class TopologyConfig:
-    replicas: int = 1
-    compute_speeds: list[float] = field(default_factory=list)  # relative speed per replica
+    replicas: int = 0  # shorthand: N identical single-device full replicas (0: from the tables, or 1)
+    replica: list[ReplicaConfig] = field(default_factory=list)  # [[topology.replica]] tables
     straggler_policy: str = "wait"  # wait | fewer_steps
     quorum: float = 1.0  # fraction of replicas a round needs
     round_timeout_s: float = 600.0
 
+    def tables(self) -> list[ReplicaConfig]:
+        """The replica tables, the shorthand expanded."""
+        return self.replica or [ReplicaConfig(count=max(1, self.replicas))]
+
+    @property
+    def n_replicas(self) -> int:
+        return sum(t.count for t in self.tables())
+
 
 @dataclass
 class NetworkConfig:
-    up_mbps: float = 100.0
+    up_mbps: float = 100.0  # default link of every worker (a replica table may override it)
     down_mbps: float = 100.0
     latency_ms: float = 20.0
     step_time_s: float = 0.0  # simulated seconds per inner step at speed 1.0 (0: measured)
@@ -137,21 +257,13 @@ class LoggingConfig:
     plots: bool = True
 
 
-# ---------------------------------------------------------------------------------------------
-# [runtime] — added by issue 5 (torchrun / Ray launchers); validated by distrain.layout.check_runtime.
-# How processes map onto replicas and machines. Simulation only reads ``torch_threads``.
-
-
 @dataclass
 class RuntimeConfig:
+    """How processes run (torchrun, Ray); the topology says what they are."""
+
     torch_threads: int = 0  # torch intra-op threads per worker (0: torch's default); 1 for bit-equal modes
     backend: str = "auto"  # torchrun process group: auto (nccl with CUDA, else gloo) | gloo | nccl
-    replica_devices: list[int] = field(default_factory=list)  # processes per replica under torchrun (empty: 1 each)
-    replica_parallel: str = "ddp"  # inner steps of a multi-process replica: ddp | deepspeed
-    zero_stage: int = 2  # DeepSpeed ZeRO stage (1 or 2) when replica_parallel = "deepspeed"
-    worker_cpus: list[float] = field(default_factory=list)  # Ray: CPUs of each worker's bundle (empty: 1 each)
-    worker_gpus: list[float] = field(default_factory=list)  # Ray: GPUs of each worker's bundle (empty: 0 each)
-    worker_memory_mb: list[int] = field(default_factory=list)  # Ray: memory reserved per worker (empty: none)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage (1 or 2) of replicas with parallel = "deepspeed"
     placement_strategy: str = "PACK"  # Ray placement group: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     max_restarts: int = 3  # Ray: how often a worker actor that died is restarted (then it catches up)
 
@@ -167,7 +279,11 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # issue 5
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @property
+    def algorithm(self) -> Algorithm:
+        return ALGORITHMS[self.outer.algorithm]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -181,82 +297,17 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building a Config from dictionaries with strict checking
-
-
-def _check_value(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a boolean, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_check_value(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for alt in typing.get_args(tp):
-            if alt is type(None) and value is None:
-                return None
-            try:
-                return _check_value(value, alt, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
-    raise ConfigError(f"{where}: unsupported type {tp}")
-
-
-def _apply(obj: Any, data: dict[str, Any], source: str, prefix: str = "") -> None:
-    """Set dataclass fields of ``obj`` from ``data``, recursing into nested sections."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: [{prefix.rstrip('.')}] must be a table, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    hints = typing.get_type_hints(type(obj))
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if key not in fields:
-            known = ", ".join(sorted(fields))
-            raise ConfigError(f"{source}: unknown key '{dotted}' (known here: {known})")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            _apply(current, value, source, f"{dotted}.")
-        else:
-            setattr(obj, key, _check_value(value, hints[key], f"{source}: '{dotted}'"))
-
-
-def _parse_override(arg: str) -> tuple[list[str], Any]:
-    if not arg.startswith("--") or "=" not in arg:
-        raise ConfigError(f"override {arg!r}: expected --section.key=value")
-    key, raw = arg[2:].split("=", 1)
-    parts = key.split(".")
-    if len(parts) < 2 or not all(parts):
-        raise ConfigError(f"override {arg!r}: expected --section.key=value")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # bare words are strings: --run.name=foo
-    return parts, value
-
-
-def _nest(parts: list[str], value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {parts[-1]: value}
-    for p in reversed(parts[:-1]):
-        out = {p: out}
-    return out
+# Keys that no longer exist, and the form that replaced them.
+_TABLE = "give each replica its own [[topology.replica]] table"
+REMOVED: dict[str, str] = {
+    "topology.compute_speeds": f"{_TABLE} with its speed, e.g. --topology.replica='[{{speed=1.0}}, {{speed=0.5}}]'",
+    "runtime.replica_devices": f"{_TABLE} with its devices, e.g. --topology.replica='[{{devices=2}}, {{devices=1}}]'",
+    "runtime.replica_parallel": "set parallel in the replica's [[topology.replica]] table, e.g. "
+                                "--topology.replica='[{devices=2, parallel=\"deepspeed\"}, {}]'",
+    "runtime.worker_cpus": f"{_TABLE} with its Ray resources, e.g. --topology.replica='[{{cpus=2.0}}, {{cpus=1.0}}]'",
+    "runtime.worker_gpus": f"{_TABLE} with its Ray resources, e.g. --topology.replica='[{{gpus=1.0}}, {{}}]'",
+    "runtime.worker_memory_mb": f"{_TABLE} with its Ray resources, e.g. --topology.replica='[{{memory_mb=512}}, {{}}]'",
+}
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -271,9 +322,7 @@ def resolve_config_path(path: str | Path) -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults ← model preset ← TOML file ← overrides, each checked strictly."""
-    from distrain.model import MODEL_PRESETS
-
+    """Defaults ← model preset ← TOML file ← overrides ← algorithm defaults for unset keys; checked."""
     cfg = Config()
     layers: list[tuple[str, dict[str, Any]]] = []
     if path is not None:
@@ -283,8 +332,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from e
     for arg in overrides or []:
-        parts, value = _parse_override(arg)
-        layers.append((f"override {arg}", _nest(parts, value)))
+        parts, value = parse_override(arg)
+        layers.append((f"override {arg}", nest(parts, value)))
 
     # The model preset is applied first so explicit model keys win over it.
     preset = cfg.model.preset
@@ -292,104 +341,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         preset = d.get("model", {}).get("preset", preset) if isinstance(d.get("model"), dict) else preset
     if preset not in MODEL_PRESETS:
         raise ConfigError(f"model.preset: unknown preset {preset!r} (known: {', '.join(MODEL_PRESETS)})")
-    _apply(cfg.model, MODEL_PRESETS[preset], f"model preset {preset!r}", "model.")
+    apply_table(cfg.model, MODEL_PRESETS[preset], f"model preset {preset!r}", "model.")
     cfg.model.preset = preset
 
+    explicit: set[str] = set()
     for source, d in layers:
-        _apply(cfg, d, source)
+        apply_table(cfg, d, source, removed=REMOVED.get, explicit=explicit)
+    if cfg.outer.algorithm in ALGORITHMS:
+        for key, value in ALGORITHMS[cfg.outer.algorithm].defaults.items():
+            if f"outer.{key}" not in explicit:
+                setattr(cfg.outer, key, value)
     validate(cfg)
     return cfg
-
-
-_CHOICES = {
-    ("run", "device"): {"auto", "cpu", "cuda"},
-    ("train", "precision"): {"auto", "fp32", "bf16"},
-    ("outer", "algorithm"): {"none", "ddp", "diloco", "sparseloco"},
-    ("outer", "quantizer"): {"reference", "symmetric", "none"},
-    ("outer", "index_coding"): {"gaps", "packed"},
-    ("outer", "aggregation"): {"mean_selected", "sum_over_r"},
-    ("outer", "dense_dtype"): {"fp32", "bf16"},
-    ("topology", "straggler_policy"): {"wait", "fewer_steps"},
-}
-
-
-def validate(cfg: Config) -> None:
-    for (section, key), allowed in _CHOICES.items():
-        v = getattr(getattr(cfg, section), key)
-        if v not in allowed:
-            raise ConfigError(f"{section}.{key}: {v!r} is not one of {sorted(allowed)}")
-    cw = cfg.train.chunkwise
-    if cw.mode not in {"off", "seco", "spaco"}:
-        raise ConfigError(f"train.chunkwise.mode: {cw.mode!r} is not one of off, seco, spaco")
-    if cw.sampling not in {"bernoulli", "uniform"}:
-        raise ConfigError(f"train.chunkwise.sampling: {cw.sampling!r} is not one of bernoulli, uniform")
-    if cw.mode != "off":
-        if cw.chunk_len < 1:
-            raise ConfigError("train.chunkwise.chunk_len must be >= 1 when train.chunkwise.mode is not off")
-        if not cw.pad and cfg.data.seq_len % cw.chunk_len:
-            raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) is not a multiple of train.chunkwise.chunk_len "
-                              f"({cw.chunk_len}); set train.chunkwise.pad = true to pad")
-        if cw.mode == "spaco" and cw.sparse_chunks < 1:
-            raise ConfigError("train.chunkwise.sparse_chunks (t) must be >= 1 for spaco")
-        if cw.cap and cw.cap < 1:
-            raise ConfigError(f"train.chunkwise.cap must be 0 (no cap) or >= 1, got {cw.cap}")
-    m = cfg.model
-    if m.dim % m.n_heads:
-        raise ConfigError(f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads})")
-    if m.n_heads % m.n_kv_heads:
-        raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
-    if cfg.data.seq_len > m.max_seq_len:
-        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
-    for name in ("steps", "batch_size", "grad_accum"):
-        if getattr(cfg.train, name) < 1:
-            raise ConfigError(f"train.{name} must be >= 1")
-    if cfg.topology.replicas < 1:
-        raise ConfigError("topology.replicas must be >= 1")
-    if cfg.topology.compute_speeds and len(cfg.topology.compute_speeds) != cfg.topology.replicas:
-        raise ConfigError(
-            f"topology.compute_speeds has {len(cfg.topology.compute_speeds)} entries for "
-            f"{cfg.topology.replicas} replicas"
-        )
-    if any(s <= 0 for s in cfg.topology.compute_speeds):
-        raise ConfigError("topology.compute_speeds must be positive")
-    if cfg.outer.algorithm != "none" and cfg.outer.inner_steps < 1:
-        raise ConfigError("outer.inner_steps must be >= 1")
-    if not 0 < cfg.topology.quorum <= 1:
-        raise ConfigError("topology.quorum must be in (0, 1]")
-    check_runtime(cfg)
-
-
-PARALLEL_CHOICES = ("ddp", "deepspeed")
-BACKENDS = ("auto", "gloo", "nccl")
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-
-
-def check_runtime(cfg: Config) -> None:
-    """Errors that name the key for a ``[runtime]`` section that cannot describe this topology."""
-    rt, R = cfg.runtime, cfg.topology.replicas
-    if rt.torch_threads < 0:
-        raise ConfigError("runtime.torch_threads must be >= 0 (0: torch's default)")
-    if rt.backend not in BACKENDS:
-        raise ConfigError(f"runtime.backend: {rt.backend!r} is not one of {list(BACKENDS)}")
-    if rt.replica_devices and len(rt.replica_devices) != R:
-        raise ConfigError(f"runtime.replica_devices has {len(rt.replica_devices)} entries for {R} replicas")
-    if any(d < 1 for d in rt.replica_devices):
-        raise ConfigError("runtime.replica_devices entries must be >= 1")
-    if rt.replica_parallel not in PARALLEL_CHOICES:
-        raise ConfigError(f"runtime.replica_parallel: {rt.replica_parallel!r} is not one of {list(PARALLEL_CHOICES)}")
-    if rt.zero_stage not in (1, 2):
-        raise ConfigError(f"runtime.zero_stage must be 1 or 2, got {rt.zero_stage}")
-    for key in ("worker_cpus", "worker_gpus", "worker_memory_mb"):
-        vals = getattr(rt, key)
-        if vals and len(vals) != R:
-            raise ConfigError(f"runtime.{key} has {len(vals)} entries for {R} replicas (one per Ray worker)")
-        if any(v < 0 for v in vals):
-            raise ConfigError(f"runtime.{key} entries must be >= 0")
-    if rt.max_restarts < 0:
-        raise ConfigError("runtime.max_restarts must be >= 0")
-    if rt.placement_strategy not in PLACEMENT_STRATEGIES:
-        raise ConfigError(f"runtime.placement_strategy: {rt.placement_strategy!r} is not one of {list(PLACEMENT_STRATEGIES)}")
-
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -397,28 +360,148 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(to_toml(cfg.to_dict()))
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(v)
+# ---------------------------------------------------------------------------------------------
+# Validation: every value, before any work.
+def validate(cfg: Config) -> None:
+    """Raise a one-line ConfigError for the first invalid value or combination."""
+    for check in (_check_run, _check_model, _check_data, _check_train, _check_outer, _check_topology,
+                  _check_network, _check_checkpoint, _check_logging, _check_runtime):
+        check(cfg)
 
 
-def to_toml(d: dict[str, Any], prefix: str = "") -> str:
-    lines: list[str] = []
-    scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
-    tables = {k: v for k, v in d.items() if isinstance(v, dict)}
-    if prefix and scalars:
-        lines.append(f"[{prefix}]")
-    for k, v in scalars.items():
-        lines.append(f"{k} = {_toml_value(v)}")
-    if scalars:
-        lines.append("")
-    for k, v in tables.items():
-        lines.append(to_toml(v, f"{prefix}.{k}" if prefix else k))
-    return "\n".join(lines)
+def _check_run(cfg: Config) -> None:
+    r = cfg.run
+    _choice("run.device", r.device, ("auto", "cpu", "cuda"))
+    _need(bool(r.name) and "/" not in r.name and r.name not in (".", ".."),
+          f"run.name: {r.name!r} must be a plain directory name")
+    if r.device == "cuda":
+        import torch
+
+        _need(torch.cuda.is_available(), "run.device = 'cuda' but no CUDA device is available here")
+
+
+def _check_model(cfg: Config) -> None:
+    m = cfg.model
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_seq_len"):
+        _need(getattr(m, key) >= 1, f"model.{key} must be >= 1, got {getattr(m, key)}")
+    _need(m.vocab_size >= 0 and m.ffn_dim >= 0, "model.vocab_size and model.ffn_dim must be >= 0 (0: automatic)")
+    _need(m.dim % m.n_heads == 0, f"model.dim ({m.dim}) must be divisible by model.n_heads ({m.n_heads})")
+    _need(m.n_heads % m.n_kv_heads == 0,
+          f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
+    _need((m.dim // m.n_heads) % 2 == 0, f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even (RoPE)")
+    _need(m.rope_theta > 0 and m.norm_eps > 0 and m.init_std > 0,
+          "model.rope_theta, model.norm_eps and model.init_std must be positive")
+
+
+def _check_data(cfg: Config) -> None:
+    d = cfg.data
+    _need(d.seq_len >= 1, f"data.seq_len must be >= 1, got {d.seq_len}")
+    _need(d.seq_len <= cfg.model.max_seq_len,
+          f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+    _need(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    _need(d.max_bytes >= 0, f"data.max_bytes must be >= 0 (0: no cap), got {d.max_bytes}")
+    if d.source != "stdlib":
+        _need(Path(d.source).exists(), f"data.source: {d.source} does not exist (give a file, a directory, "
+                                       "a .jsonl file, or 'stdlib')")
+    if d.tokenizer:
+        _need(Path(d.tokenizer).is_file(), f"data.tokenizer: {d.tokenizer} is not a file (a HF tokenizer.json)")
+    else:
+        _need(d.vocab_size >= 257, f"data.vocab_size must be >= 257 (every byte + end of text), got {d.vocab_size}")
+
+
+def _check_train(cfg: Config) -> None:
+    t = cfg.train
+    for key in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batches"):
+        _need(getattr(t, key) >= 1, f"train.{key} must be >= 1, got {getattr(t, key)}")
+    _need(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _need(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _need(t.warmup_steps >= 0 and t.weight_decay >= 0 and t.grad_clip >= 0,
+          "train.warmup_steps, train.weight_decay and train.grad_clip must be >= 0")
+    _need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")
+    _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+    cw = t.chunkwise
+    _choice("train.chunkwise.mode", cw.mode, ("off", "seco", "spaco"))
+    _choice("train.chunkwise.sampling", cw.sampling, ("bernoulli", "uniform"))
+    if cw.mode != "off":
+        _need(cw.chunk_len >= 1, "train.chunkwise.chunk_len must be >= 1 when train.chunkwise.mode is not off")
+        _need(cw.pad or cfg.data.seq_len % cw.chunk_len == 0,
+              f"data.seq_len ({cfg.data.seq_len}) is not a multiple of train.chunkwise.chunk_len ({cw.chunk_len}); "
+              "set train.chunkwise.pad = true to pad")
+        if cw.mode == "spaco":
+            _need(cw.sparse_chunks >= 1, "train.chunkwise.sparse_chunks (t) must be >= 1 for spaco")
+        _need(not cw.cap or cw.cap >= 1, f"train.chunkwise.cap must be 0 (no cap) or >= 1, got {cw.cap}")
+
+
+def _check_outer(cfg: Config) -> None:
+    o = cfg.outer
+    _choice("outer.algorithm", o.algorithm, tuple(ALGORITHMS))
+    _choice("outer.quantizer", o.quantizer, ("reference", "symmetric", "none"))
+    _choice("outer.index_coding", o.index_coding, ("gaps", "packed"))
+    _choice("outer.aggregation", o.aggregation, ("mean_selected", "sum_over_r"))
+    _choice("outer.dense_dtype", o.dense_dtype, ("fp32", "bf16"))
+    _need(o.inner_steps >= 1, f"outer.inner_steps must be >= 1, got {o.inner_steps}")
+    _need(o.lr > 0, f"outer.lr must be positive, got {o.lr}")
+    _need(0 <= o.momentum < 1, f"outer.momentum must be in [0, 1), got {o.momentum}")
+    _need(1 <= o.chunk <= 4096, f"outer.chunk must be in [1, 4096], got {o.chunk}")
+    _need(1 <= o.topk <= min(4096, o.chunk * o.chunk),
+          f"outer.topk must be in [1, {min(4096, o.chunk * o.chunk)}] (the elements of a {o.chunk}x{o.chunk} block), "
+          f"got {o.topk}")
+    _need(o.index_coding != "gaps" or o.chunk <= 256,
+          f"outer.index_coding = 'gaps' stores 16-bit gaps: outer.chunk must be <= 256, got {o.chunk}")
+    _need(0 <= o.ef_beta <= 1, f"outer.ef_beta must be in [0, 1], got {o.ef_beta}")
+    _need(o.apply_delay in (0, 1), f"outer.apply_delay must be 0 or 1, got {o.apply_delay}")
+
+
+def _check_topology(cfg: Config) -> None:
+    t = cfg.topology
+    _need(t.replicas >= 0, f"topology.replicas must be >= 1 (or 0 with replica tables), got {t.replicas}")
+    if t.replica:
+        n = sum(r.count for r in t.replica)
+        _need(t.replicas in (0, n), f"topology.replicas = {t.replicas} but the [[topology.replica]] tables describe "
+                                   f"{n} replicas; drop topology.replicas or make them agree")
+    for i, table in enumerate(t.tables()):
+        table.check(i, cfg)
+    _choice("topology.straggler_policy", t.straggler_policy, ("wait", "fewer_steps"))
+    _need(0 < t.quorum <= 1, f"topology.quorum must be in (0, 1], got {t.quorum}")
+    _need(t.round_timeout_s > 0, f"topology.round_timeout_s must be positive, got {t.round_timeout_s}")
+    algo, tables = cfg.algorithm, t.tables()
+    if t.n_replicas > 1:
+        _need(algo.rounds or algo.per_step, "outer.algorithm = 'none' trains one replica; set topology.replicas = 1 "
+                                            "or pick ddp, diloco or sparseloco")
+    big = [i for i, r in enumerate(tables) if r.kind == "pipeline" or r.devices > 1]
+    if big and t.n_replicas > 1:
+        _need(algo.rounds, f"replica table {big[0]} has several workers: outer.algorithm must be diloco or "
+                           "sparseloco (the outer round runs per segment)")
+    if any(r.kind == "full" and r.devices > 1 for r in tables):
+        _need(cfg.train.chunkwise.mode == "off", "multi-device replicas do not combine with train.chunkwise yet")
+    if t.straggler_policy == "fewer_steps":
+        _need(algo.rounds, "topology.straggler_policy = 'fewer_steps' needs outer.algorithm = diloco or sparseloco")
+
+
+def _check_network(cfg: Config) -> None:
+    n = cfg.network
+    _need(n.up_mbps > 0 and n.down_mbps > 0, f"network.up_mbps/down_mbps must be positive, got {n.up_mbps}, "
+                                             f"{n.down_mbps}")
+    _need(n.latency_ms >= 0 and n.step_time_s >= 0, "network.latency_ms and network.step_time_s must be >= 0")
+
+
+def _check_checkpoint(cfg: Config) -> None:
+    c = cfg.checkpoint
+    _need(c.every >= 0, f"checkpoint.every must be >= 0 (0: only at the end), got {c.every}")
+    _need(c.keep >= 1, f"checkpoint.keep must be >= 1, got {c.keep}")
+    if c.resume not in ("none", "auto"):
+        _need(Path(c.resume).is_dir(), f"checkpoint.resume: {c.resume} is not a checkpoint directory "
+                                       "(give none, auto, or a step-N directory)")
+
+
+def _check_logging(cfg: Config) -> None:
+    _need(cfg.logging.log_every >= 1, f"logging.log_every must be >= 1, got {cfg.logging.log_every}")
+
+
+def _check_runtime(cfg: Config) -> None:
+    rt = cfg.runtime
+    _need(rt.torch_threads >= 0, "runtime.torch_threads must be >= 0 (0: torch's default)")
+    _choice("runtime.backend", rt.backend, ("auto", "gloo", "nccl"))
+    _need(rt.zero_stage in (1, 2), f"runtime.zero_stage must be 1 or 2, got {rt.zero_stage}")
+    _choice("runtime.placement_strategy", rt.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+    _need(rt.max_restarts >= 0, "runtime.max_restarts must be >= 0")

@@ -1,85 +1,203 @@
-"""Process layout: which process is which replica, who talks to whom, what each Ray worker needs.
+"""Layout: the topology's workers numbered as ranks, the segments, and every group derived from them.
 
-Every launcher derives the same layout from the config, so simulation, torchrun and Ray build the
-same workers: replica ``r`` owns global ranks ``start[r] .. start[r] + devices[r] - 1``; its first
-rank is the replica's *leader*, the only rank of the replica that takes part in the outer round
-(group ``"replicas"`` = the leaders). A single-process replica is its own leader, so with one
-process per replica the layout is exactly the simulation's (rank r = replica r).
+Workers are numbered replica by replica, stage by stage, device by device: rank = the position of
+(replica, stage, device) in that order, so with single-device full replicas rank r is replica r,
+as in the simulation of old. From the ranks follow, once, for every mode:
+
+- **segments** — the common refinement of every replica's stage boundaries: layer ranges no
+  replica splits. The embedding belongs to the first segment, the final norm and head to the
+  last. The outer round runs once per segment, in the group of the workers that own it (one per
+  replica): a pipeline stage worker owns the segments inside its layers, a full replica's first
+  device (its leader) owns every segment;
+- **byte groups** for the Transport (slow links): ``segment{g}``, and ``replica{r}`` for each
+  pipeline replica (its stages reduce the clip norm there);
+- **device groups** for tensors (fast links): each multi-device full replica's ranks (DDP, ZeRO,
+  and later every sequence-parallel subgroup), plus single-rank groups for DeepSpeed;
+- **pipeline neighbours** for point-to-point boundaries;
+- **data shards**: one disjoint token stream per full-replica device, one per pipeline replica
+  (all its stages read the same micro-batches, so token ids never cross a boundary).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distrain.config import Config, ConfigError, check_runtime  # noqa: F401 - re-exported
-
-REPLICAS = "replicas"  # the outer-round group: one leader per replica
+from comm.network import Link
+from distrain.config import Config
+from distrain.topology import ReplicaSpec, WorkerSpec, resolve_topology
 
 
 @dataclass(frozen=True)
-class Layout:
-    """Ranks of every replica; ``devices[r]`` processes for replica ``r``."""
+class WorkerSlot:
+    """Where one worker sits: its replica, stage and device, and the layers it holds."""
 
-    devices: tuple[int, ...]
+    rank: int
+    replica: int
+    stage: int
+    device: int
+    layers: tuple[int, int]  # [start, end) of the model's layers
+    spec: WorkerSpec
+
+    @property
+    def is_leader(self) -> bool:
+        """Device 0 of its stage: the worker that takes part in the outer rounds."""
+        return self.device == 0
+
+
+def segment_of(name: str, n_layers: int, segments: list[tuple[int, int]]) -> int:
+    """The segment a parameter belongs to, from its name (layers keep their global index)."""
+    if name.startswith("layers."):
+        layer = int(name.split(".", 2)[1])
+        for g, (a, b) in enumerate(segments):
+            if a <= layer < b:
+                return g
+        raise ValueError(f"parameter {name}: layer {layer} is outside the model's {n_layers} layers")
+    if name.startswith("tok_embeddings."):
+        return 0
+    if name.startswith(("norm.", "output.")):
+        return len(segments) - 1
+    raise ValueError(f"parameter {name} belongs to no segment")
+
+
+class Layout:
+    """Ranks, segments and groups of one run (the same on every worker and launcher)."""
+
+    def __init__(self, replicas: list[ReplicaSpec], n_layers: int):
+        if not replicas:
+            raise ValueError("a run needs at least one replica")
+        self.replicas = list(replicas)
+        self.n_layers = n_layers
+        slots: list[WorkerSlot] = []
+        for rep in self.replicas:
+            for stage in range(rep.stages):
+                layers = (rep.bounds[stage], rep.bounds[stage + 1])
+                for device in range(rep.devices):
+                    spec = rep.workers[device if rep.kind == "full" else stage]
+                    slots.append(WorkerSlot(len(slots), rep.index, stage, device, layers, spec))
+        self.workers = slots
+        cuts = sorted({b for rep in self.replicas for b in rep.bounds})
+        self.segments: list[tuple[int, int]] = list(zip(cuts, cuts[1:]))
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Layout":
-        check_runtime(cfg)
-        devs = cfg.runtime.replica_devices or [1] * cfg.topology.replicas
-        return cls(tuple(devs))
+        return cls(resolve_topology(cfg), cfg.model.n_layers)
 
-    @property
-    def replicas(self) -> int:
-        return len(self.devices)
-
+    # ----- ranks -----------------------------------------------------------------------------
     @property
     def world_size(self) -> int:
-        return sum(self.devices)
+        return len(self.workers)
 
-    def ranks(self, replica: int) -> list[int]:
-        start = sum(self.devices[:replica])
-        return list(range(start, start + self.devices[replica]))
+    @property
+    def n_replicas(self) -> int:
+        return len(self.replicas)
 
-    def replica_of(self, rank: int) -> int:
+    def slot(self, rank: int) -> WorkerSlot:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside 0..{self.world_size - 1}")
-        for r in range(self.replicas):
-            if rank in self.ranks(r):
-                return r
-        raise AssertionError("unreachable")
+        return self.workers[rank]
+
+    def replica_of(self, rank: int) -> int:
+        return self.slot(rank).replica
+
+    def ranks(self, replica: int) -> list[int]:
+        return [w.rank for w in self.workers if w.replica == replica]
+
+    def stage_ranks(self, replica: int, stage: int) -> list[int]:
+        return [w.rank for w in self.workers if w.replica == replica and w.stage == stage]
 
     def leader(self, replica: int) -> int:
         return self.ranks(replica)[0]
 
-    def leaders(self) -> list[int]:
-        return [self.leader(r) for r in range(self.replicas)]
+    def reporter(self, replica: int) -> int:
+        """The worker whose training loss stands for the replica: the (last stage's) leader."""
+        rep = self.replicas[replica]
+        return self.stage_ranks(replica, rep.stages - 1)[0]
 
-    def is_leader(self, rank: int) -> bool:
-        return rank == self.leader(self.replica_of(rank))
+    @property
+    def eval_replica(self) -> int:
+        """Validation runs on the first full replica (the global weights, unconstrained)."""
+        return next((r.index for r in self.replicas if r.kind == "full"), 0)
 
-    def groups(self) -> dict[str, list[int]]:
-        """Named byte-collective groups for the Transport (the world group is implicit)."""
-        return {REPLICAS: self.leaders()}
+    # ----- segments and groups -----------------------------------------------------------------
+    def segments_in(self, layers: tuple[int, int]) -> list[int]:
+        return [g for g, (a, b) in enumerate(self.segments) if layers[0] <= a and b <= layers[1]]
 
-    def data_rank(self, rank: int) -> tuple[int, int]:
-        """``(shard, n_shards)`` of the token sampler: one disjoint shard per process.
+    def owned_segments(self, rank: int) -> list[int]:
+        """Segments whose outer round ``rank`` takes part in (none for a follower device)."""
+        slot = self.slot(rank)
+        return self.segments_in(slot.layers) if slot.is_leader else []
 
-        With one process per replica this is ``(replica, replicas)``, as in simulation.
-        """
-        return rank, self.world_size
+    @staticmethod
+    def segment_group(g: int) -> str:
+        return f"segment{g}"
 
+    def segment_members(self, g: int) -> list[int]:
+        return [w.rank for w in self.workers if g in self.owned_segments(w.rank)]
 
-def ray_bundles(cfg: Config) -> list[dict[str, float]]:
-    """One placement-group bundle per worker, from ``runtime.worker_cpus/gpus/memory_mb``."""
-    check_runtime(cfg)
-    rt, out = cfg.runtime, []
-    for r in range(cfg.topology.replicas):
-        b: dict[str, float] = {"CPU": float(rt.worker_cpus[r]) if rt.worker_cpus else 1.0}
-        if rt.worker_gpus and rt.worker_gpus[r] > 0:
-            b["GPU"] = float(rt.worker_gpus[r])
-        if rt.worker_memory_mb and rt.worker_memory_mb[r] > 0:
-            b["memory"] = float(rt.worker_memory_mb[r]) * 2**20
+    @staticmethod
+    def replica_group(replica: int) -> str:
+        return f"replica{replica}"
+
+    def byte_groups(self) -> dict[str, list[int]]:
+        """Named groups for the Transport (the world group is implicit)."""
+        groups = {self.segment_group(g): self.segment_members(g) for g in range(len(self.segments))}
+        for rep in self.replicas:
+            if rep.kind == "pipeline":
+                groups[self.replica_group(rep.index)] = self.ranks(rep.index)
+        return groups
+
+    def device_group_specs(self) -> list[tuple[int, ...]]:
+        """Rank tuples that need a torch process group, created once at start-up."""
+        specs: list[tuple[int, ...]] = []
+        for rep in self.replicas:
+            if rep.kind == "full" and rep.devices > 1:
+                ranks = tuple(self.ranks(rep.index))
+                specs.append(ranks)
+                if rep.parallel == "deepspeed":  # its "model-parallel" group: each process alone
+                    specs.extend((r,) for r in ranks)
+        return specs
+
+    def neighbours(self, rank: int) -> tuple[int | None, int | None]:
+        """The previous and next stage's rank of a pipeline stage worker (None at the ends)."""
+        slot = self.slot(rank)
+        rep = self.replicas[slot.replica]
+        prev = self.stage_ranks(slot.replica, slot.stage - 1)[0] if slot.stage > 0 else None
+        nxt = self.stage_ranks(slot.replica, slot.stage + 1)[0] if slot.stage < rep.stages - 1 else None
+        return prev, nxt
+
+    # ----- data, links, resources --------------------------------------------------------------
+    def data_shard(self, rank: int) -> tuple[int, int]:
+        """``(shard, n_shards)`` of the token sampler: one per full-replica device, one per pipeline."""
+        units: list[tuple[int, int]] = []  # (replica, device) of each data stream, in rank order
+        for w in self.workers:
+            key = (w.replica, w.device if self.replicas[w.replica].kind == "full" else 0)
+            if key not in units:
+                units.append(key)
+        slot = self.slot(rank)
+        own = (slot.replica, slot.device if self.replicas[slot.replica].kind == "full" else 0)
+        return units.index(own), len(units)
+
+    def links(self) -> dict[int, Link]:
+        return {w.rank: Link(w.spec.up_mbps, w.spec.down_mbps, w.spec.latency_ms) for w in self.workers}
+
+    def ray_bundle(self, rank: int) -> dict[str, float]:
+        """The placement-group bundle of one worker's actor."""
+        spec = self.slot(rank).spec
+        b: dict[str, float] = {"CPU": float(spec.cpus)}
+        if spec.gpus > 0:
+            b["GPU"] = float(spec.gpus)
+        if spec.memory_mb > 0:
+            b["memory"] = float(spec.memory_mb) * 2**20
         if not any(v > 0 for v in b.values()):
-            raise ConfigError(f"worker {r}: its Ray bundle reserves nothing (set runtime.worker_cpus > 0)")
-        out.append(b)
-    return out
+            raise ValueError(f"worker {rank}: its Ray bundle reserves nothing (give its replica cpus > 0)")
+        return b
+
+    def describe(self) -> str:
+        """One line per replica, for logs and --help examples."""
+        lines = []
+        for rep in self.replicas:
+            ranks = self.ranks(rep.index)
+            lines.append(f"replica {rep.index}: {rep.kind} ({rep.parallel}), layers {list(rep.bounds)}, "
+                         f"ranks {ranks[0]}..{ranks[-1]}")
+        lines.append(f"segments: {self.segments}")
+        return "\n".join(lines)

@@ -9,28 +9,15 @@ exchange pseudo-gradients with whoever owns the same names in other replicas.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distrain.config import ModelConfig
+from distrain.config import MODEL_PRESETS, ModelConfig  # noqa: F401 - MODEL_PRESETS re-exported
 from parallel.chunkwise_attention import prefix_causal_attention
-
-# Presets fill the model section; explicit model keys override them.
-MODEL_PRESETS: dict[str, dict] = {
-    # ~1M parameters at vocab 4096 (embedding dominated): unit tests and the embedded default.
-    "test": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256),
-    # ~6M: the embedded simulation default.
-    "tiny": dict(dim=192, n_layers=4, n_heads=6, n_kv_heads=2, max_seq_len=512),
-    # ~20M at vocab 8192.
-    "20m": dict(dim=384, n_layers=8, n_heads=6, n_kv_heads=2, max_seq_len=1024),
-    "125m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=4, max_seq_len=2048),
-    "512m": dict(dim=1536, n_layers=16, n_heads=12, n_kv_heads=4, max_seq_len=2048),
-    "1b": dict(dim=2048, n_layers=18, n_heads=16, n_kv_heads=8, max_seq_len=2048),
-}
-
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
     if cfg.ffn_dim:
@@ -153,7 +140,7 @@ class Transformer(nn.Module):
     hidden states to hidden states.
     """
 
-    def __init__(self, cfg: ModelConfig, start: int = 0, end: int | None = None):
+    def __init__(self, cfg: ModelConfig, start: int = 0, end: int | None = None, seed: int | None = None):
         super().__init__()
         end = cfg.n_layers if end is None else end
         if not 0 <= start < end <= cfg.n_layers:
@@ -174,19 +161,27 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        self.reset_parameters(seed)
 
-    def reset_parameters(self) -> None:
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Initialise every parameter; with ``seed``, each from its own generator seeded by
+        (seed, name), so a stage holding layers [a, b) starts exactly as those layers of the
+        whole model do (pipeline workers never build the whole model). Without a seed: torch's
+        global generator."""
         std = self.cfg.init_std
         # Residual-writing projections are scaled down with depth (GPT-2 / LLaMA practice).
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
+            gen = None
+            if seed is not None:
+                gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(name.encode()))
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, 0.0, out_std)
+                p.copy_(torch.randn(p.shape, generator=gen) * out_std)
             else:
-                nn.init.normal_(p, 0.0, std)
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
 
     def rope(self, start_pos: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if start_pos + length > self.rope_cos.shape[0]:
@@ -213,8 +208,8 @@ class Transformer(nn.Module):
         return self.head(h) if self.is_last else h
 
 
-def build_model(cfg: ModelConfig, start: int = 0, end: int | None = None) -> Transformer:
-    return Transformer(cfg, start, end)
+def build_model(cfg: ModelConfig, start: int = 0, end: int | None = None, seed: int | None = None) -> Transformer:
+    return Transformer(cfg, start, end, seed)
 
 
 def count_parameters(model: nn.Module) -> int:

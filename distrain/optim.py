@@ -26,5 +26,13 @@ def build_inner_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.opt
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg))
-    return opt, sched
+    return opt, schedule_at(opt, cfg, 0)
+
+
+def schedule_at(opt: torch.optim.Optimizer, cfg: TrainConfig, step: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The warm-up + cosine schedule of ``opt`` positioned at ``step`` (its learning rates set).
+
+    Building a new scheduler at a step is LambdaLR's public way to move it (catch-up, resume)."""
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", cfg.lr)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_multiplier(s, cfg), last_epoch=step - 1)

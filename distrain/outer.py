@@ -16,6 +16,10 @@ Choices that differ from the SparseLoCo reference code, on purpose:
 
 Every received frame is validated by ``comm.wire``; a rejected frame is logged and counted, and the
 round proceeds with the remaining contributions.
+
+An outer optimiser owns one set of parameters — a segment of the model (``distrain.layout``) —
+and exchanges them in that segment's group; a worker holds one per segment it owns. Other modules
+see its global weights only through ``global_state()`` and move them only through ``reset_to``.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class RoundStats:
     rejected: int
     reasons: list[str] = field(default_factory=list)
     seconds: float = 0.0  # real time spent in encode + exchange + decode + step
+    segment: int = 0
 
 
 def owned_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -59,12 +64,26 @@ def owned_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 class OuterOptimizer:
-    """Base: no synchronisation (a single replica)."""
+    """Base: no synchronisation (a single replica); its global weights are the model's."""
 
     grad_sync = None  # per-step gradient hook (DDP only)
 
+    def __init__(self, params: dict[str, nn.Parameter]):
+        self.params = params
+
     def sync_round(self, round_idx: int) -> RoundStats | None:
         return None
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """The replica-independent weights of these parameters (fp32, CPU copies)."""
+        return {n: p.detach().float().cpu().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def reset_to(self, params: dict[str, torch.Tensor]) -> None:
+        """Start from ``params`` as the global weights (initial broadcast, catch-up)."""
+        _check_names(params, self.params)
+        for n, p in self.params.items():
+            p.copy_(params[n].to(p.device, p.dtype))
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -76,11 +95,17 @@ class OuterOptimizer:
         """Apply anything still in flight (only delayed outer optimisers hold something)."""
 
 
+def _check_names(params: dict[str, torch.Tensor], own: dict[str, nn.Parameter]) -> None:
+    if set(params) != set(own):
+        raise ValueError(f"global weights name {sorted(set(params) ^ set(own))} differently from the model")
+
+
 class _FrameExchange:
     """Encode named tensors into a frame, all-gather frames, decode the valid ones."""
 
     def __init__(self, codec: Codec, shapes: dict[str, tuple[int, ...]], transport: Transport, group: str,
-                 run_id: str, rank: int):
+                 run_id: str, rank: int, device: torch.device):
+        self.device = device
         self.codec = codec
         self.shapes = shapes
         self.transport = transport
@@ -104,7 +129,8 @@ class _FrameExchange:
                 log.warning("round %d: rejected frame from member %d of %s: %s", round_idx, src, self.group, e)
         if not parts:
             raise RuntimeError(f"round {round_idx}: no valid contribution in group {self.group}: {reasons}")
-        aggregate = {n: self.codec.decode_aggregate([p[n] for p in parts], self.shapes[n]) for n in tensors}
+        aggregate = {n: self.codec.decode_aggregate([p[n] for p in parts], self.shapes[n]).to(self.device)
+                     for n in tensors}
         return aggregate, len(frame), len(parts), reasons
 
 
@@ -117,11 +143,12 @@ class PseudoGradientOuter(OuterOptimizer):
     the global weights (θ_local ← θ_global − own progress), as "eager updates" / Psyche do.
     """
 
-    def __init__(self, model: nn.Module, codec: Codec, lr: float, momentum: float, nesterov: bool,
-                 transport: Transport, group: str, run_id: str, rank: int, apply_delay: int = 0):
+    def __init__(self, params: dict[str, nn.Parameter], codec: Codec, lr: float, momentum: float, nesterov: bool,
+                 transport: Transport, group: str, run_id: str, rank: int, apply_delay: int = 0, segment: int = 0):
         if apply_delay not in (0, 1):
             raise ValueError(f"outer.apply_delay must be 0 or 1, got {apply_delay}")
-        self.params = owned_parameters(model)
+        super().__init__(params)
+        self.segment = segment
         self.global_params = {n: p.detach().float().clone() for n, p in self.params.items()}
         self.codec_state: dict[str, torch.Tensor] = {}
         self.momentum_buf: dict[str, torch.Tensor] = {}
@@ -130,8 +157,20 @@ class PseudoGradientOuter(OuterOptimizer):
         self.anchor: dict[str, torch.Tensor] | None = None  # delayed mode: θ_local at the last send
         self.pending: dict[str, torch.Tensor] | None = None  # delayed mode: aggregate not applied yet
         shapes = {n: tuple(p.shape) for n, p in self.params.items()}
-        self.exchange = _FrameExchange(codec, shapes, transport, group, run_id, rank)
+        device = next(iter(params.values())).device
+        self.exchange = _FrameExchange(codec, shapes, transport, group, run_id, rank, device)
         self.dense_bytes = sum(p.numel() * 4 for p in self.params.values())
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        return {n: t.detach().cpu().clone() for n, t in self.global_params.items()}
+
+    @torch.no_grad()
+    def reset_to(self, params: dict[str, torch.Tensor]) -> None:
+        """New global weights: in-flight state (delayed mode) is dropped, momentum and error
+        feedback are kept (a restarted worker has them at zero anyway)."""
+        super().reset_to(params)
+        self.global_params = {n: params[n].detach().float().clone().to(p.device) for n, p in self.params.items()}
+        self.anchor, self.pending = None, None
 
     def _outer_step(self, agg: dict[str, torch.Tensor], round_idx: int) -> None:
         for n, update in agg.items():
@@ -165,7 +204,7 @@ class PseudoGradientOuter(OuterOptimizer):
             for n, p in self.params.items():
                 p.copy_(self.global_params[n])
         return RoundStats(round_idx, wire, self.dense_bytes, contributors, len(reasons), reasons,
-                          time.perf_counter() - t0)
+                          time.perf_counter() - t0, self.segment)
 
     @torch.no_grad()
     def flush(self) -> None:
@@ -195,11 +234,13 @@ class PseudoGradientOuter(OuterOptimizer):
 class DDPOuter(OuterOptimizer):
     """Average gradients over all replicas before every inner optimiser step (dense fp32)."""
 
-    def __init__(self, model: nn.Module, transport: Transport, group: str, run_id: str, rank: int):
-        self.params = owned_parameters(model)
+    def __init__(self, params: dict[str, nn.Parameter], transport: Transport, group: str, run_id: str, rank: int):
+        super().__init__(params)
         self.names = list(self.params)
         shapes = {n: tuple(p.shape) for n, p in self.params.items()}
-        self.exchange = _FrameExchange(make_codec("dense", dtype="fp32"), shapes, transport, group, run_id, rank)
+        device = next(iter(params.values())).device
+        self.exchange = _FrameExchange(make_codec("dense", dtype="fp32"), shapes, transport, group, run_id, rank,
+                                       device)
         self.step = 0
         self.wire = 0
         self.dense_bytes = sum(p.numel() * 4 for p in self.params.values())
@@ -236,12 +277,14 @@ def make_codec_from_config(cfg: Config) -> Codec:
     return make_codec("dense", dtype=o.dense_dtype)
 
 
-def make_outer(cfg: Config, model: nn.Module, rank: int, transport: Transport, group: str) -> OuterOptimizer:
+def make_outer(cfg: Config, params: dict[str, nn.Parameter], rank: int, transport: Transport, group: str,
+               segment: int = 0) -> OuterOptimizer:
+    """The configured outer optimiser over ``params`` (one segment), exchanging in ``group``."""
+    o, algo = cfg.outer, cfg.algorithm
     run_id = f"{cfg.run.name}-{cfg.hash()}"
-    o = cfg.outer
-    if o.algorithm == "none":
-        return OuterOptimizer()
-    if o.algorithm == "ddp":
-        return DDPOuter(model, transport, group, run_id, rank)
-    return PseudoGradientOuter(model, make_codec_from_config(cfg), o.lr, o.momentum, o.nesterov,
-                               transport, group, run_id, rank, apply_delay=o.apply_delay)
+    if algo.per_step:
+        return DDPOuter(params, transport, group, run_id, rank)
+    if not algo.rounds:
+        return OuterOptimizer(params)
+    return PseudoGradientOuter(params, make_codec_from_config(cfg), o.lr, o.momentum, o.nesterov,
+                               transport, group, run_id, rank, apply_delay=o.apply_delay, segment=segment)

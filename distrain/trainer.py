@@ -1,7 +1,11 @@
-"""The inner training step of one replica: micro-batches, accumulation, clipping, AdamW.
+"""The inner training step of one worker: micro-batches, accumulation, clipping, AdamW.
 
 This is also the "AdamW DDP" baseline when a ``grad_sync`` hook averages gradients across
-replicas before the optimiser step.
+replicas before the optimiser step, and the inner schedule of a DDP replica when the model is
+wrapped in ``DistributedDataParallel``. Every inner schedule (this one, DeepSpeed's, the
+pipeline's) offers the same small protocol to the worker: ``train_step``, ``evaluate``,
+``seek(step)`` (move the step and learning-rate schedule: catch-up) and ``refresh()`` (the weights
+were overwritten from outside: the outer step).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from torch import nn
 
 from distrain.config import TrainConfig
 from distrain.model import cross_entropy
-from distrain.optim import build_inner_optimizer
+from distrain.optim import build_inner_optimizer, schedule_at
 
 GradSync = Callable[[list[torch.Tensor]], None]
 
@@ -112,6 +116,14 @@ class InnerTrainer:
         self.scheduler.step()
         self.step += 1
         return StepResult(loss, tokens, float(norm), lr, time.perf_counter() - t0)
+
+    def seek(self, step: int) -> None:
+        """Be at inner step ``step`` without training (a restarted worker catching up)."""
+        self.step = int(step)
+        self.scheduler = schedule_at(self.optimizer, self.cfg, self.step)
+
+    def refresh(self) -> None:
+        """The parameters were overwritten in place; AdamW reads them as they are (nothing to do)."""
 
     @torch.no_grad()
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:

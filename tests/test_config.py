@@ -12,13 +12,13 @@ def write(tmp_path, text):
 
 def test_defaults_preset_file_and_overrides(tmp_path):
     p = write(tmp_path, '[model]\npreset = "tiny"\nn_layers = 3\n[train]\nlr = 3e-4\n[train.chunkwise]\nmode = "seco"\n')
-    cfg = load_config(p, ["--train.lr=1e-4", "--run.name=abc", "--topology.compute_speeds=[1.0, 0.5]",
-                          "--topology.replicas=2", "--train.chunkwise.chunk_len=32"])
+    cfg = load_config(p, ["--train.lr=1e-4", "--run.name=abc", "--topology.replica=[{speed=1.0}, {speed=0.5}]",
+                          "--outer.algorithm=sparseloco", "--train.chunkwise.chunk_len=32"])
     assert cfg.model.dim == 192  # from the preset
     assert cfg.model.n_layers == 3  # file beats preset
     assert cfg.train.lr == 1e-4  # override beats file
     assert cfg.run.name == "abc"  # bare word is a string
-    assert cfg.topology.compute_speeds == [1.0, 0.5]
+    assert [t.speed for t in cfg.topology.replica] == [1.0, 0.5] and cfg.topology.n_replicas == 2
     assert cfg.train.chunkwise.mode == "seco" and cfg.train.chunkwise.chunk_len == 32
     assert isinstance(cfg.train.lr, float)
 
@@ -53,8 +53,8 @@ def test_bad_overrides():
         load_config(None, ["--train.nope=1"])
     with pytest.raises(ConfigError, match="expected --section.key=value"):
         load_config(None, ["--train"])
-    with pytest.raises(ConfigError, match="compute_speeds has 1 entries for 2 replicas"):
-        load_config(None, ["--topology.replicas=2", "--topology.compute_speeds=[1.0]"])
+    with pytest.raises(ConfigError, match="speed has 1 entries for the replica's 2 workers"):
+        load_config(None, ["--topology.replica=[{devices=2, speed=[1.0]}]"])
 
 
 def test_missing_file():
@@ -65,11 +65,12 @@ def test_missing_file():
 def test_resolved_config_round_trips(tmp_path):
     from distrain.config import save_config
 
-    cfg = load_config(None, ["--train.lr=2e-3", "--topology.compute_speeds=[2.0]", "--train.chunkwise.mode=spaco",
+    cfg = load_config(None, ["--train.lr=2e-3", "--topology.replica=[{speed=2.0, cpus=[2.0]}, {kind='pipeline', stages=2}]",
+                             "--outer.algorithm=diloco", "--train.chunkwise.mode=spaco",
                                            "--train.chunkwise.chunk_len=32", "--train.chunkwise.sparse_chunks=2"])
     save_config(cfg, tmp_path / "r.toml")
     again = load_config(tmp_path / "r.toml")
-    assert again == cfg
+    assert again == cfg and again.topology.replica[1].stages == 2 and again.outer.momentum == 0.9
 
 
 def test_cli_help_lists_keys(capsys):
@@ -97,7 +98,7 @@ def test_unsupported_chunkwise_combinations(overrides, needle):
 
 def test_chunkwise_training_through_the_trainer(tiny_config):
     """SeCO and SpaCO run from the config in the ordinary trainer (and so in every run mode)."""
-    from distrain.runner import Simulation
+    from distrain.runtime.simulation import Simulation
 
     for mode in ("seco", "spaco"):
         cfg = tiny_config("--train.steps=4", f"--train.chunkwise.mode={mode}", "--train.chunkwise.chunk_len=8",

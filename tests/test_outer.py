@@ -41,7 +41,8 @@ def run_rounds(codec, rounds: int, lr=1.0, momentum=0.0, nesterov=False, apply_d
     def body(t: SimulatedTransport):
         model = Tiny()
         transport = wrap(t) if wrap else t
-        outer = PseudoGradientOuter(model, codec, lr, momentum, nesterov, transport, "g", "run", t.rank, apply_delay)
+        outer = PseudoGradientOuter(owned_parameters(model), codec, lr, momentum, nesterov, transport, "g", "run",
+                                    t.rank, apply_delay)
         stats = []
         for r in range(rounds):
             local_progress(model, t.rank, r)
@@ -162,6 +163,12 @@ class Corrupting(Transport):
     def barrier(self, group):
         self.inner.barrier(group)
 
+    def send_bytes(self, dst, payload):
+        self.inner.send_bytes(dst, payload)
+
+    def recv_bytes(self, src):
+        return self.inner.recv_bytes(src)
+
 
 def _reencode(frame: bytes, change) -> bytes:
     """Decode a valid frame, let ``change`` edit its buffers, and re-encode it with a valid crc."""
@@ -234,7 +241,7 @@ def test_ddp_grad_sync_averages_gradients():
 
     def body(t):
         model = Tiny()
-        ddp = DDPOuter(model, t, "g", "run", t.rank)
+        ddp = DDPOuter(owned_parameters(model), t, "g", "run", t.rank)
         g = torch.Generator().manual_seed(t.rank)
         noise = [torch.randn(p.shape, generator=g) for p in owned_parameters(model).values()]
         grads = [torch.full_like(p, float(t.rank + 1)) + n for p, n in zip(owned_parameters(model).values(), noise)]

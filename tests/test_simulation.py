@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from distrain.checkpoint import list_checkpoints
-from distrain.runner import Simulation
+from distrain.runtime.common import rank_checkpoint_dir
+from distrain.runtime.simulation import Simulation, SimulationPool
 
 
 def final_weights(sim: Simulation) -> dict[str, torch.Tensor]:
@@ -29,10 +30,10 @@ def test_resume_gives_the_same_run(tiny_config, monkeypatch, algo, replicas):
     w_straight = final_weights(straight)
 
     first = Simulation(tiny_config(*common, "--run.name=cut"))
-    n_rounds = first.n_rounds()
+    n_rounds = first.loop.total
     # kill the run during its third round, after the checkpoint at step 6
     done = {"rounds": 0}
-    original = Simulation._run_round
+    original = SimulationPool.run_round
 
     def crash_in_round_three(self, *args, **kwargs):
         if done["rounds"] == 2:
@@ -40,18 +41,22 @@ def test_resume_gives_the_same_run(tiny_config, monkeypatch, algo, replicas):
         done["rounds"] += 1
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Simulation, "_run_round", crash_in_round_three)
+    monkeypatch.setattr(SimulationPool, "run_round", crash_in_round_three)
     with pytest.raises(RuntimeError, match="killed"):
         first.run()
-    monkeypatch.setattr(Simulation, "_run_round", original)
-    assert [p.name for p in list_checkpoints(first.ckpt_dir)][0] == "step-6"
+    monkeypatch.setattr(SimulationPool, "run_round", original)
+    for r in range(replicas):
+        assert [p.name for p in list_checkpoints(rank_checkpoint_dir(first.run_dir, r))][0] == "step-6"
     resumed_cfg = tiny_config(*common, "--run.name=cut", "--checkpoint.resume=auto")
     resumed = Simulation(resumed_cfg)
-    assert resumed.round == n_rounds // 2
+    resumed.loop.start()
+    assert resumed.loop.state.round == n_rounds // 2 and resumed.loop.resumed_from == 6
+    resumed.loop.start = lambda: None  # started above
     s2 = resumed.run()
     for k, v in w_straight.items():
         assert torch.equal(v, resumed.workers[0].model.state_dict()[k]), k
     assert s2.final_val_loss == s1.final_val_loss
+    assert s2.first_val_loss == s1.first_val_loss  # the real first validation loss, not nan
     assert losses(resumed.run_dir) == losses(straight.run_dir)
     assert s2.tokens == s1.tokens
 
@@ -77,7 +82,7 @@ def test_simulated_clock_is_compute_plus_bytes_over_bandwidth(tiny_config):
 
 
 def test_straggler_policies(tiny_config):
-    common = ["--outer.algorithm=sparseloco", "--topology.replicas=2", "--topology.compute_speeds=[1.0, 0.5]",
+    common = ["--outer.algorithm=sparseloco", "--topology.replica=[{speed=1.0}, {speed=0.5}]",
               "--train.steps=8", "--outer.inner_steps=4", "--network.step_time_s=1.0", "--network.latency_ms=0.0",
               "--network.up_mbps=1000.0", "--network.down_mbps=1000.0"]
     wait = Simulation(tiny_config(*common, "--topology.straggler_policy=wait", "--run.name=wait"))

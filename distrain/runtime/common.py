@@ -1,0 +1,117 @@
+"""What every launch mode shares around the loop: run directory, data, checkpoints per rank, faults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distrain.checkpoint import LoadedCheckpoint, list_checkpoints, read_checkpoint, save_checkpoint
+from distrain.config import Config, save_config
+from distrain.data import PreparedData, TokenSampler, prepare, read_shard
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.run.out_dir) / cfg.run.name
+
+
+def setup_run_dir(cfg: Config) -> Path:
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.toml")
+    return run_dir
+
+
+def prepare_data(cfg: Config, progress: bool = False) -> PreparedData:
+    """Tokenise the configured source (cached) and fix the model's vocabulary size from it."""
+    data = prepare(cfg.data, cfg.run.seed, progress=progress)
+    if cfg.model.vocab_size and cfg.model.vocab_size < data.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size}")
+    if not cfg.model.vocab_size:
+        cfg.model.vocab_size = data.vocab_size
+    return data
+
+
+def train_tokens(data: PreparedData) -> Any:
+    return read_shard(data.train_path)
+
+
+def validation_batches(cfg: Config, data: PreparedData) -> list[Batch]:
+    val = TokenSampler(read_shard(data.val_path), cfg.data.seq_len, cfg.train.batch_size, 0, 1, cfg.run.seed)
+    return val.val_batches(cfg.train.eval_batches)
+
+
+def apply_torch_threads(cfg: Config) -> None:
+    """``runtime.torch_threads`` > 0 pins torch's intra-op threads: results depend on it bit-wise."""
+    if cfg.runtime.torch_threads > 0:
+        torch.set_num_threads(cfg.runtime.torch_threads)
+
+
+# ----- per-rank checkpoints: checkpoints/rank-K/step-N (every mode) -------------------------------
+def rank_checkpoint_dir(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"rank-{rank}"
+
+
+def save_rank_checkpoint(run_dir: Path, rank: int, step: int, state: dict[str, Any], meta: dict[str, Any],
+                         keep: int) -> Path:
+    return save_checkpoint(rank_checkpoint_dir(run_dir, rank), step, state, {**meta, "rank": rank}, keep=keep)
+
+
+def rank_checkpoint_steps(run_dir: Path, rank: int) -> list[int]:
+    """Steps this rank has a checkpoint directory for, newest first (not yet verified)."""
+    return [int(p.name.split("-", 1)[1]) for p in list_checkpoints(rank_checkpoint_dir(run_dir, rank))]
+
+
+def read_rank_checkpoint(run_dir: Path, rank: int, step: int) -> LoadedCheckpoint:
+    """One rank's checkpoint at ``step``, verified (size, checksum, format) before loading."""
+    return read_checkpoint(rank_checkpoint_dir(run_dir, rank) / f"step-{step}")
+
+
+def newest_common_step(steps_per_rank: list[list[int]], exclude: set[int] = frozenset()) -> int | None:
+    """The newest step every rank has a checkpoint for (the agreed resume point), or None."""
+    if not steps_per_rank:
+        return None
+    common = set(steps_per_rank[0]).intersection(*map(set, steps_per_rank[1:])) - set(exclude)
+    return max(common) if common else None
+
+
+# ----- fault injection for the launchers' tests and demos ----------------------------------------
+@dataclass(frozen=True)
+class Fault:
+    """``KIND:rank=R,round=N[,delay=S]`` — what to break, where, and when.
+
+    - ``exit`` (torchrun): rank R exits at the start of round N, on the first attempt only, so
+      torchrun's elastic restart has something to resume;
+    - ``kill`` (Ray): worker R stops after its inner steps of round N, before sending its frame,
+      and the driver kills its actor S seconds into the round (Ray restarts it);
+    - ``stale`` (Ray): worker R re-sends its previous round's frame in round N.
+    """
+
+    kind: str
+    rank: int
+    round: int
+    delay: float = 0.0
+
+    KINDS = ("exit", "kill", "stale")
+
+    @classmethod
+    def parse(cls, spec: str) -> "Fault":
+        kind, _, rest = spec.partition(":")
+        if kind not in cls.KINDS:
+            raise ValueError(f"fault {spec!r}: kind must be one of {', '.join(cls.KINDS)}")
+        fields: dict[str, str] = {}
+        for part in filter(None, rest.split(",")):
+            k, eq, v = part.partition("=")
+            if not eq or k not in ("rank", "round", "delay"):
+                raise ValueError(f"fault {spec!r}: expected rank=R,round=N[,delay=S], got {part!r}")
+            fields[k] = v
+        if "rank" not in fields or "round" not in fields:
+            raise ValueError(f"fault {spec!r}: rank and round are required")
+        try:
+            return cls(kind, int(fields["rank"]), int(fields["round"]), float(fields.get("delay", 0.0)))
+        except ValueError:
+            raise ValueError(f"fault {spec!r}: rank and round must be integers, delay a number") from None

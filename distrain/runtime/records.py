@@ -1,0 +1,151 @@
+"""The coordinator's account of a run: one record format for every mode, the progress, the summary."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distrain.config import Config
+from distrain.layout import Layout
+from distrain.metrics import MetricsLogger, Progress, human_bytes
+from distrain.worker import RoundReport
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    rounds: int
+    steps: int
+    tokens: int
+    first_val_loss: float
+    final_val_loss: float
+    wire_bytes_per_replica_per_round: float
+    dense_fp32_bytes_per_replica_per_round: float
+    sim_time_s: float  # simulation: simulated wall-clock; real modes: the real round-loop wall-clock
+    utilisation: float
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["run_dir"] = str(self.run_dir)
+        return d
+
+
+def crossed(step: int, steps: int, every: int) -> bool:
+    """Did the last ``steps`` inner steps, ending at ``step``, cross a multiple of ``every``?"""
+    return bool(every) and step // every > (step - steps) // every
+
+
+def round_record(round_idx: int, step: int, reports: list[RoundReport], layout: Layout, total_tokens: int,
+                 bytes_sent: int, clock_s: float, utilisation: float, wall_s: float) -> dict[str, Any]:
+    """The ``kind = "train"`` record of one round, from the reports of the workers that finished it.
+
+    Loss: mean over replicas of the loss of the worker that stands for each (``layout.reporter``).
+    Bytes: per replica, the sum of its workers' frames over every segment; the record carries the
+    mean over replicas (``wire_bytes``) and per segment (``segment_bytes``). ``bytes_sent`` is the
+    running total before this round; the record carries the new total.
+    """
+    reporters = {layout.reporter(r.replica): r for r in reports if r.rank == layout.reporter(r.replica)}
+    losses = [r.train_loss for r in reporters.values() if math.isfinite(r.train_loss)]
+    first = reporters[min(reporters)] if reporters else reports[0]
+    round_tokens = sum(r.tokens for r in reports)
+    rec: dict[str, Any] = {
+        "kind": "train", "round": round_idx, "step": step, "tokens": total_tokens,
+        "loss": float(np.mean(losses)) if losses else float("nan"), "lr": first.lr,
+        "tokens_per_s": round_tokens / max(1e-9, wall_s), "sim_time_s": clock_s, "utilisation": utilisation,
+        "workers": len(reports), "replicas": len({r.replica for r in reports}),
+    }
+    stats = [(r.replica, s) for r in reports for s in r.outer]
+    if stats:
+        per_replica: dict[int, list[float]] = {}
+        per_segment: dict[int, list[float]] = {}
+        for replica, s in stats:
+            per_replica.setdefault(replica, [0.0, 0.0])
+            per_replica[replica][0] += s.wire_bytes
+            per_replica[replica][1] += s.dense_bytes
+            per_segment.setdefault(s.segment, []).append(s.wire_bytes)
+        sent = float(np.mean([v[0] for v in per_replica.values()]))
+        dense = float(np.mean([v[1] for v in per_replica.values()]))
+        bytes_sent += int(sent)
+        rec.update(wire_bytes=sent, dense_bytes=dense, compression=dense / max(1.0, sent),
+                   rejected=sum(s.rejected for _, s in stats), contributors=min(s.contributors for _, s in stats),
+                   segment_bytes=[float(np.mean(per_segment[g])) for g in sorted(per_segment)])
+    rec["bytes_sent"] = bytes_sent
+    return rec
+
+
+def round_line(rec: dict[str, Any], clock: str = "sim") -> str:
+    seg = rec.get("segment_bytes") or []
+    per_seg = f" [{' '.join(human_bytes(b) for b in seg)}]" if len(seg) > 1 else ""
+    return (f"round {rec['round']:4d} step {rec['step']:5d} loss {rec['loss']:.4f} "
+            f"sent {human_bytes(rec.get('wire_bytes', 0))}/replica{per_seg} ({rec.get('compression', 1):.0f}x < fp32) "
+            f"{clock} {rec['sim_time_s']:.1f}s util {rec['utilisation']:.2f}")
+
+
+class RoundLogger:
+    """The coordinator's metrics.jsonl records, progress bar and the summary's averages."""
+
+    def __init__(self, cfg: Config, run_dir: Path, total_rounds: int, start_round: int = 0, bytes_sent: int = 0,
+                 clock: str = "sim"):
+        self.cfg = cfg
+        self.metrics = MetricsLogger(run_dir, cfg.logging.tensorboard, append=start_round > 0)
+        self.progress = Progress(total_rounds, cfg.logging.progress, desc=cfg.outer.algorithm, initial=start_round)
+        self.total_rounds = total_rounds
+        self.bytes_sent = bytes_sent
+        self.clock = clock
+        self.wire: list[float] = []
+        self.dense: list[float] = []
+        self.first_val = float("nan")
+        self.val_loss = float("nan")
+
+    def initial_val(self, val_loss: float) -> None:
+        self.first_val = self.val_loss = val_loss
+        self.metrics.log({"kind": "val", "step": 0, "round": 0, "tokens": 0, "bytes_sent": 0,
+                          "sim_time_s": 0.0, "val_loss": val_loss}, step=0)
+
+    def train(self, rec: dict[str, Any]) -> None:
+        self.bytes_sent = rec["bytes_sent"]
+        self.wire.append(rec.get("wire_bytes", 0.0))
+        self.dense.append(rec.get("dense_bytes", 0.0))
+        self.metrics.log(rec, step=rec["step"])
+
+    def eval_due(self, rec: dict[str, Any], steps: int) -> bool:
+        return rec["round"] == self.total_rounds or crossed(rec["step"], steps, self.cfg.train.eval_every)
+
+    def checkpoint_due(self, rec: dict[str, Any], steps: int) -> bool:
+        return rec["round"] == self.total_rounds or crossed(rec["step"], steps, self.cfg.checkpoint.every)
+
+    def val(self, rec: dict[str, Any], val_loss: float) -> None:
+        self.val_loss = val_loss
+        self.metrics.log({"kind": "val", "step": rec["step"], "round": rec["round"], "tokens": rec["tokens"],
+                          "bytes_sent": rec["bytes_sent"], "sim_time_s": rec["sim_time_s"], "val_loss": val_loss},
+                         step=rec["step"])
+        rec["val_loss"] = val_loss
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Any other record (e.g. ``kind = "event"``: a worker dropped, a resume)."""
+        self.metrics.log(record, step=record.get("step"))
+
+    def show(self, rec: dict[str, Any]) -> None:
+        self.progress.update(1, loss=rec["loss"], val=self.val_loss, tok_s=rec["tokens_per_s"],
+                             sent=human_bytes(rec["bytes_sent"]), ratio=rec.get("compression", 1.0))
+        if self.cfg.algorithm.rounds:
+            self.progress.write(round_line(rec, self.clock))
+
+    def say(self, line: str) -> None:
+        """A line the user should see whatever the verbosity (e.g. where a run resumed)."""
+        self.progress.write(line)
+
+    def summary(self, run_dir: Path, rounds: int, steps: int, tokens: int, clock_s: float, utilisation: float,
+                wall_s: float) -> RunSummary:
+        return RunSummary(run_dir, rounds, steps, tokens, self.first_val, self.val_loss,
+                          float(np.mean(self.wire)) if self.wire else 0.0,
+                          float(np.mean(self.dense)) if self.dense else 0.0, clock_s, utilisation, wall_s)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.metrics.close()
