@@ -123,6 +123,7 @@ class ToolCommand:
 TOOLS: dict[str, ToolCommand] = {"plot": ToolCommand("write PNG plots of a run directory", _plot_arguments, cmd_plot)}
 TOOL_MODULES: dict[str, str] = {
     "compare": "distrain.compare",
+    "estimate": "distrain.estimate",
 }
 
 
