@@ -84,6 +84,10 @@ class DataConfig:
     val_fraction: float = 0.02
     max_bytes: int = 32_000_000  # cap on raw text read from the source (0: no cap)
     text_key: str = "text"  # field of JSONL records
+    # Document batches for adaptive sequence parallelism (issue 11; distrain.data.documents).
+    sampler: str = "windows"  # windows (seq_len windows of the stream) | documents (whole documents)
+    max_doc_len: int = 0  # documents: longer ones are cut into pieces of this many tokens (0: model.max_seq_len)
+    batch_tokens: int = 0  # documents: token budget of one global batch (0: train.batch_size * max_doc_len)
 
 
 @dataclass
@@ -407,6 +411,21 @@ def _check_data(cfg: Config) -> None:
         _need(Path(d.tokenizer).is_file(), f"data.tokenizer: {d.tokenizer} is not a file (a HF tokenizer.json)")
     else:
         _need(d.vocab_size >= 257, f"data.vocab_size must be >= 257 (every byte + end of text), got {d.vocab_size}")
+    # -- document batches (issue 11: data.sampler, data.max_doc_len, data.batch_tokens) --
+    _choice("data.sampler", d.sampler, ("windows", "documents"))
+    _need(d.max_doc_len >= 0, f"data.max_doc_len must be >= 0 (0: model.max_seq_len), got {d.max_doc_len}")
+    _need(d.max_doc_len <= cfg.model.max_seq_len,
+          f"data.max_doc_len ({d.max_doc_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len})")
+    _need(d.batch_tokens >= 0, f"data.batch_tokens must be >= 0 (0: train.batch_size * max_doc_len), got {d.batch_tokens}")
+    longest = d.max_doc_len or cfg.model.max_seq_len
+    _need(not d.batch_tokens or d.batch_tokens >= longest,
+          f"data.batch_tokens ({d.batch_tokens}) must be >= the longest piece, data.max_doc_len ({longest})")
+    if d.sampler == "documents":
+        _need(cfg.train.chunkwise.mode == "off", "data.sampler = 'documents' does not combine with train.chunkwise")
+        # Only adaptive-SP replicas consume document batches, and the runtime does not run them yet:
+        # refuse rather than silently train on windows. (Drop this check when parallel = "sp" lands.)
+        _need(False, "data.sampler = 'documents' feeds adaptive sequence-parallel replicas, which the runtime "
+                     "does not run yet; use distrain.data.DocumentSampler directly, or data.sampler = 'windows'")
 
 
 def _check_train(cfg: Config) -> None:

@@ -146,6 +146,11 @@ class Worker:
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         return {n: tuple(p.shape) for n, p in owned_parameters(self.model).items()}
 
+    def segment_shapes(self, g: int) -> dict[str, tuple[int, ...]]:
+        """Shapes of this worker's parameters in segment ``g`` (a catch-up frame's schema)."""
+        lay = self.layout
+        return {n: s for n, s in self.param_shapes().items() if segment_of(n, lay.n_layers, lay.segments) == g}
+
     @torch.no_grad()
     def load_global(self, params: dict[str, torch.Tensor]) -> None:
         """Start from ``params`` (every parameter this worker holds) as the global weights."""

@@ -63,6 +63,11 @@ def rank_state(run_dir: Path, rank: int) -> dict:
     return load_latest(run_dir / "checkpoints" / f"rank-{rank}").state
 
 
+def global_weights(state: dict) -> dict[str, torch.Tensor]:
+    """A worker checkpoint's global weights, over every segment it owns."""
+    return {k: v for seg in state["worker"]["outer"].values() for k, v in seg["global"].items()}
+
+
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -90,7 +95,7 @@ def baseline(setup):
 
 
 def test_torchrun_equals_simulation_bit_for_bit(setup, baseline):
-    from distrain.runner import Simulation
+    from distrain.runtime.simulation import Simulation
 
     over, _ = setup
     threads = torch.get_num_threads()
@@ -99,11 +104,11 @@ def test_torchrun_equals_simulation_bit_for_bit(setup, baseline):
         summary = sim.run()
     finally:
         torch.set_num_threads(threads)
-    tr = rank_state(baseline, 0)["worker"]
-    assert_same(sim.workers[0].outer.global_params, tr["outer"]["global"])
-    assert_same(sim.workers[0].model.state_dict(), tr["trainer"]["model"])
+    tr = rank_state(baseline, 0)
+    assert_same(sim.workers[0].global_state(), global_weights(tr))
+    assert_same(sim.workers[0].model.state_dict(), tr["worker"]["trainer"]["model"])
     for r in (1, 2):  # every replica ends the run on the global weights
-        assert_same(tr["outer"]["global"], rank_state(baseline, r)["worker"]["outer"]["global"])
+        assert_same(global_weights(tr), global_weights(rank_state(baseline, r)))
     sim_losses = [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"]
     tr_rows = metrics(baseline)
     assert [m["loss"] for m in tr_rows if m["kind"] == "train"] == sim_losses
@@ -125,17 +130,18 @@ def test_killed_rank_restarts_elastically_from_the_last_checkpoint(setup, baseli
     rows = metrics(run)
     resumed = [m for m in rows if m.get("event") == "resumed"]
     assert resumed == [{"kind": "event", "event": "resumed", "step": 6, "round": 2, "attempt": 1}]
+    assert "resumed from step 6 (round 2 of 4)" in res.stdout  # said whatever the verbosity
     steps_before_crash = max(m["step"] for m in rows[: rows.index(resumed[0])] if m["kind"] == "train")
     assert steps_before_crash - resumed[0]["step"] <= 6  # lost no more than the checkpoint interval
     for r in range(3):
-        assert_same(rank_state(baseline, r)["worker"]["outer"]["global"], rank_state(run, r)["worker"]["outer"]["global"])
+        assert_same(global_weights(rank_state(baseline, r)), global_weights(rank_state(run, r)))
 
 
 def multi_process_run(setup, name: str, parallel: str) -> Path:
     over, root = setup
-    cfg = write_config(root / f"{name}.toml", over + [f"--run.name={name}", "--topology.replicas=2",
-                                                     "--runtime.replica_devices=[2, 1]",
-                                                     f"--runtime.replica_parallel={parallel}"])
+    over = [o for o in over if not o.startswith("--topology.replicas=")]
+    cfg = write_config(root / f"{name}.toml", over + [f"--run.name={name}",
+                                                     f"--topology.replica=[{{devices=2, parallel='{parallel}'}}, {{}}]"])
     res = torchrun(cfg, 3)
     assert res.returncode == 0, res.stdout[-4000:]
     return root / "runs" / name
@@ -152,7 +158,7 @@ def check_two_replicas(run: Path) -> None:
     m0 = {k.removeprefix("module."): v for k, v in r0["trainer"]["model"].items()}
     m1 = {k.removeprefix("module."): v for k, v in r1["trainer"]["model"].items()}
     assert_same(m0, m1)
-    assert_same(r0["outer"]["global"], r2["outer"]["global"])
+    assert_same(global_weights({"worker": r0}), global_weights({"worker": r2}))
     assert r1["outer"] == {}  # only the leader takes part in the outer round
     vals = [m["val_loss"] for m in metrics(run) if m["kind"] == "val"]
     assert torch.isfinite(torch.tensor(vals)).all() and vals[-1] < vals[0] - 0.2
@@ -164,6 +170,28 @@ def check_two_replicas(run: Path) -> None:
 
 def test_ddp_replica_of_two_processes_beside_a_single_process_replica(ddp_run):
     check_two_replicas(ddp_run)
+
+
+def test_heterogeneous_topology_torchrun_equals_simulation(setup, ddp_run):
+    """The same 2-device DDP replica + 1-device replica in simulation (threads over in-process gloo
+    groups) ends on the torchrun job's weights and losses, bit for bit."""
+    from distrain.runtime.simulation import Simulation
+
+    over, root = setup
+    over = [o for o in over if not o.startswith("--topology.replicas=")]
+    threads = torch.get_num_threads()
+    try:
+        sim = Simulation(load_config(None, over + ["--run.name=ddp_sim", "--topology.replica=[{devices=2}, {}]"]))
+        sim.run()
+    finally:
+        torch.set_num_threads(threads)
+    for r in (0, 2):  # the leaders hold the global weights
+        assert_same(sim.workers[r].global_state(), global_weights(rank_state(ddp_run, r)))
+    for r in range(3):  # and every device, the follower too, the same model
+        tr = {k.removeprefix("module."): v for k, v in rank_state(ddp_run, r)["worker"]["trainer"]["model"].items()}
+        assert_same(sim.workers[r].model.state_dict(), tr)
+    assert [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"] == \
+        [m["loss"] for m in metrics(ddp_run) if m["kind"] == "train"]
 
 
 @pytest.mark.slow
@@ -178,7 +206,7 @@ def test_deepspeed_zero2_replica_inside_a_two_replica_sparseloco_run(setup, ddp_
     run = multi_process_run(setup, "zero2", "deepspeed")
     check_two_replicas(run)
     zero = [rank_state(run, r)["worker"]["trainer"]["zero"] for r in (0, 1)]
-    n_params = sum(t.numel() for t in rank_state(run, 0)["worker"]["outer"]["global"].values())
+    n_params = sum(t.numel() for t in global_weights(rank_state(run, 0)).values())
     assert all(z["stage"] == 2 for z in zero)
     assert sum(z["partition_numel"] for z in zero) >= n_params  # each holds its shard (plus padding)
     assert all(z["partition_numel"] <= n_params // 2 + 64 for z in zero)

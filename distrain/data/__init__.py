@@ -9,6 +9,7 @@ from distrain.data.corpus import (
     source_fingerprint,
     stdlib_files,
 )
+from distrain.data.documents import DocumentBatch, DocumentSampler, document_lengths, document_pieces
 from distrain.data.prepare import PreparedData, cache_key, prepare
 from distrain.data.sampler import TokenSampler, fixed_batches
 from distrain.data.shards import ShardFormatError, ShardHeader, ShardWriter, read_header, read_shard, write_shard
@@ -18,6 +19,8 @@ __all__ = [
     "EOS_TOKEN",
     "STDLIB_SOURCE",
     "CorpusError",
+    "DocumentBatch",
+    "DocumentSampler",
     "PreparedData",
     "ShardFormatError",
     "ShardHeader",
@@ -26,6 +29,8 @@ __all__ = [
     "Tokenizer",
     "TokenizerError",
     "cache_key",
+    "document_lengths",
+    "document_pieces",
     "fixed_batches",
     "iter_documents",
     "iter_jsonl",

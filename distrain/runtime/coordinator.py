@@ -8,9 +8,10 @@ members are dropped — they stop being live, and a late contribution is answere
 worker knows to catch up. Below the quorum the collective fails for everyone. The driver marks a
 worker whose actor died absent at once, so a crash costs no deadline.
 
-The Coordinator also keeps the latest global weights (an object-store reference to a dense wire
-frame, published after every round), which a restarted or new worker loads to rejoin, a short
-history of round records, and the counters a resumed job continues from; it checkpoints them
+The Coordinator also keeps the latest global weights — one object-store reference per segment to
+a dense wire frame, published after every round by a live owner of that segment — which a
+restarted worker loads for the segments it holds to rejoin, a short history of round records, and
+the loop state a resumed job continues from; it checkpoints them
 (``checkpoints/coordinator/step-N``) so a restarted job resumes.
 
 ``Coordinator`` is plain Python (unit-testable, no Ray); ``CoordinatorActor`` adds what needs Ray
@@ -62,8 +63,8 @@ class Coordinator:
         self.live: set[int] = set(range(world_size))
         self.round = 0  # rounds completed
         self.global_round = -1  # the round the global weights are the start of
-        self.global_item: Any = None
-        self.counters: dict[str, int] = {"bytes_sent": 0, "tokens": 0, "step": 0}
+        self.global_items: dict[str, Any] = {}  # segment (as a string) → [ref] to its dense frame
+        self.loop: dict[str, Any] = {}
         self.records: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self._open: dict[Key, _Gather] = {}
@@ -154,20 +155,20 @@ class Coordinator:
         return sorted(self.live)
 
     # ----- global weights, rounds, metrics ------------------------------------------------------
-    def set_global(self, round_idx: int, item: Any) -> None:
-        """The global weights at the start of ``round_idx`` (a ``[ref]`` to a dense frame)."""
-        self.global_round, self.global_item = int(round_idx), item
+    def set_global(self, round_idx: int, items: dict[str, Any]) -> None:
+        """The global weights at the start of ``round_idx``: segment → ``[ref]`` to a dense frame."""
+        self.global_round, self.global_items = int(round_idx), dict(items)
 
-    def get_global(self) -> tuple[int, Any]:
-        return self.global_round, self.global_item
+    def get_global(self) -> tuple[int, dict[str, Any]]:
+        return self.global_round, dict(self.global_items)
 
-    def end_round(self, round_idx: int, record: dict[str, Any] | None = None, counters: dict[str, int] | None = None) -> None:
+    def end_round(self, round_idx: int, record: dict[str, Any] | None = None, loop: dict[str, Any] | None = None) -> None:
         """Round ``round_idx - 1`` is over: keep its record, forget collectives two rounds old."""
         self.round = int(round_idx)
         if record is not None:
             self.records = (self.records + [dict(record)])[-HISTORY:]
-        if counters:
-            self.counters.update({k: int(v) for k, v in counters.items()})
+        if loop:
+            self.loop = dict(loop)
         for key in [k for k in self._open if k[1] < self.round - 1]:
             del self._open[key]
 
@@ -178,18 +179,18 @@ class Coordinator:
     def status(self) -> dict[str, Any]:
         open_now = {f"{k[0]}/{k[1]}/{k[2]}": sorted(g.items) for k, g in self._open.items() if g.status == "open"}
         return {"round": self.round, "live": self.live_ranks(), "world_size": self.world_size,
-                "global_round": self.global_round, "counters": dict(self.counters), "open": open_now,
+                "global_round": self.global_round, "loop": dict(self.loop), "open": open_now,
                 "last_record": self.records[-1] if self.records else None}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"round": self.round, "counters": dict(self.counters), "global_round": self.global_round,
+        return {"round": self.round, "loop": dict(self.loop), "global_round": self.global_round,
                 "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["world_size"]) != self.world_size:
             raise ValueError(f"coordinator checkpoint is for {state['world_size']} workers, this job has {self.world_size}")
         self.round = int(state["round"])
-        self.counters = {k: int(v) for k, v in state["counters"].items()}
+        self.loop = dict(state["loop"])
         self.global_round = int(state["global_round"])
 
 
@@ -201,31 +202,39 @@ class CoordinatorActor(Coordinator):
     """The Coordinator as a Ray actor: adds checkpointing of the global weights it references."""
 
     def save(self, run_dir: str, step: int, keep: int) -> str:
-        """Write round, counters and the global weights frame (as raw bytes) to ``checkpoints/coordinator``."""
+        """Write round, loop state and every segment's global frame (raw bytes) to ``checkpoints/coordinator``."""
         import ray
 
         from distrain.checkpoint import save_checkpoint
 
-        if self.global_item is None:
+        if not self.global_items:
             raise RuntimeError("no global weights published yet")
-        frame = ray.get(self.global_item[0])
-        if not isinstance(frame, bytes):
-            raise TypeError(f"global weights object is {type(frame).__name__}, not bytes")
-        state = {**self.state_dict(), "global_frame": torch.frombuffer(bytearray(frame), dtype=torch.uint8)}
+        frames = {}
+        for g, item in self.global_items.items():
+            frame = ray.get(item[0])
+            if not isinstance(frame, bytes):
+                raise TypeError(f"global weights object of segment {g} is {type(frame).__name__}, not bytes")
+            frames[g] = torch.frombuffer(bytearray(frame), dtype=torch.uint8)
+        state = {**self.state_dict(), "global_frames": frames}
         path = save_checkpoint(coordinator_checkpoint_dir(Path(run_dir)), step, state,
                                {"round": self.round, "step": step}, keep=keep)
         return str(path)
 
-    def load(self, run_dir: str) -> dict[str, Any] | None:
-        """Resume from the newest good coordinator checkpoint; returns its state (None: none)."""
+    def steps(self, run_dir: str) -> list[int]:
+        from distrain.checkpoint import list_checkpoints
+
+        return [int(p.name.split("-", 1)[1]) for p in list_checkpoints(coordinator_checkpoint_dir(Path(run_dir)))]
+
+    def load(self, run_dir: str, step: int) -> dict[str, Any] | None:
+        """Resume from the coordinator checkpoint of ``step``; its loop state (None: unusable)."""
         import ray
 
-        from distrain.checkpoint import load_latest
+        from distrain.checkpoint import CheckpointError, read_checkpoint
 
-        loaded = load_latest(coordinator_checkpoint_dir(Path(run_dir)))
-        if loaded is None:
+        try:
+            loaded = read_checkpoint(coordinator_checkpoint_dir(Path(run_dir)) / f"step-{step}")
+        except CheckpointError:
             return None
         self.load_state_dict(loaded.state)
-        frame = loaded.state["global_frame"].numpy().tobytes()
-        self.global_item = [ray.put(frame)]
-        return {**self.state_dict(), "step": loaded.step}
+        self.global_items = {g: [ray.put(t.numpy().tobytes())] for g, t in loaded.state["global_frames"].items()}
+        return dict(self.loop)

@@ -164,23 +164,25 @@ class RoundLoop:
         s.elapsed_s += wall_s
 
     def run(self) -> RunSummary | None:
-        cfg, pool, s = self.cfg, self.pool, self.state
         t_start = time.perf_counter()
         self.start()
+        cfg, pool, s = self.cfg, self.pool, self.state
         logger = RoundLogger(cfg, self.run_dir, self.total, s.round, s.bytes_sent, pool.clock_name) \
             if pool.is_coordinator else None
         try:
             if self.resumed_from is not None:
                 if logger is not None:
                     logger.first_val, logger.val_loss = s.first_val, s.first_val
-                    logger.log({"kind": "event", "event": "resumed", "step": self.resumed_from, "round": s.round})
+                    logger.log({"kind": "event", "event": "resumed", "step": self.resumed_from, "round": s.round,
+                                **pool.summary_extra()})
                     logger.say(f"resumed from step {self.resumed_from} (round {s.round} of {self.total})")
             elif s.round == 0:
                 s.first_val = pool.evaluate()
                 if logger is not None:
                     logger.initial_val(s.first_val)
             pool.publish_global(s.round)
-            while s.round < self.total:
+            for round_idx in range(s.round, self.total):  # bounded by construction
+                assert s.round == round_idx, f"loop state at round {s.round}, expected {round_idx}"
                 events = pool.catch_up(s.round)
                 t0 = time.perf_counter()
                 reports = pool.run_round(s.round, cfg.train.steps - s.step)

@@ -1,0 +1,207 @@
+"""Inside a Ray actor: one ``Worker``, built exactly as the simulation and torchrun build it.
+
+The actor runs several threads (``max_concurrency``) so that peers can ``deliver`` point-to-point
+messages while its round runs. A multi-device full replica's actors join a ``torch.distributed``
+world of their own (gloo over TCP on the leader's node, the address handed out by the driver), as
+Ray Train does; its device groups map job ranks to positions in that world. Model weights and
+pseudo-gradients leave the actor only as ``bytes`` wire frames, validated on receipt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from comm.device_groups import ProcessDeviceGroups
+from comm.ray_transport import RayTransport
+from distrain.checkpoint import CheckpointError
+from distrain.config import Config, load_config
+from distrain.layout import Layout
+from distrain.runtime.common import (
+    Fault,
+    apply_torch_threads,
+    prepare_data,
+    rank_checkpoint_steps,
+    read_rank_checkpoint,
+    save_rank_checkpoint,
+    train_tokens,
+    validation_batches,
+)
+from distrain.worker import Worker, build_worker, decode_params, encode_params, run_id
+from comm.errors import CommError
+
+log = logging.getLogger(__name__)
+
+
+def config_from_toml(text: str) -> Config:
+    """A resolved config sent as TOML text (strictly re-checked by ``load_config``)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(text)
+        path = f.name
+    try:
+        return load_config(path)
+    finally:
+        os.unlink(path)
+
+
+class NeedsCatchUpError(CommError):
+    """A worker was asked to run a round it is not at (it restarted, or missed a round)."""
+
+
+class FaultyTransport(RayTransport):
+    """Fault injection on the worker side of a Ray job.
+
+    ``stale_round``: in that round this worker re-sends its previous round's frame.
+    ``hold_round``: in that round this worker stops after its inner steps, before sending its
+    frame, for up to ``hold_s`` — the window in which the driver kills its actor, so the kill
+    lands mid-round every time (not before the round started, nor after it finished).
+    """
+
+    def __init__(self, *args: Any, stale_round: int = -1, hold_round: int = -1, hold_s: float = 60.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._stale_round, self._hold_round, self._hold_s = stale_round, hold_round, hold_s
+        self._last: bytes | None = None
+        self._current = 0
+
+    def begin_round(self, round_idx: int) -> None:
+        super().begin_round(round_idx)
+        self._current = round_idx
+
+    def all_gather_bytes(self, group: str, payload: bytes) -> list[bytes | None]:
+        if self._current == self._hold_round:
+            log.warning("fault injection: worker %d holds in round %d until it is killed", self.rank, self._current)
+            time.sleep(self._hold_s)
+        send = self._last if self._current == self._stale_round and self._last is not None else payload
+        self._last = payload
+        return super().all_gather_bytes(group, send)
+
+
+class WorkerHost:
+    """One worker in a Ray actor; the driver (``distrain.runtime.ray``) calls its methods."""
+
+    def __init__(self, cfg_toml: str, rank: int, coordinator: Any, faults: tuple[str, ...] = ()):
+        self.cfg = cfg = config_from_toml(cfg_toml)
+        apply_torch_threads(cfg)
+        self.rank = rank
+        self.layout = Layout.from_config(cfg)
+        self.data = prepare_data(cfg)  # cached by the driver (or prepared here, on another node)
+        kwargs: dict[str, Any] = dict(groups=self.layout.byte_groups(), timeout_s=cfg.topology.round_timeout_s)
+        parsed = [Fault.parse(f) for f in faults if f]
+        for f in parsed:
+            kwargs["stale_round" if f.kind == "stale" else "hold_round"] = f.round
+        cls = FaultyTransport if parsed else RayTransport
+        self.transport: RayTransport = cls(coordinator, rank, self.layout.world_size, **kwargs)
+        self.worker: Worker | None = None
+        self.val_batches = validation_batches(cfg, self.data)
+        self.run = run_id(cfg)
+        self.next_round = 0
+
+    # ----- start-up ------------------------------------------------------------------------------
+    def rendezvous(self) -> str:
+        """``host:port`` on this actor's node for its replica's torch.distributed world."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return f"{host}:{s.getsockname()[1]}"
+
+    def setup(self, peers: dict[int, Any], address: str | None) -> int:
+        """Join the replica's device world (when it has several devices) and build the worker."""
+        self.transport.set_peers(peers)
+        slot = self.layout.slot(self.rank)
+        rep = self.layout.replicas[slot.replica]
+        groups = None
+        if rep.kind == "full" and rep.devices > 1:
+            import torch.distributed as dist
+
+            if address is None:
+                raise ValueError(f"worker {self.rank}: a replica of {rep.devices} devices needs a rendezvous address")
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            ranks = self.layout.ranks(rep.index)
+            dist.init_process_group("gloo", init_method=f"tcp://{address}", rank=ranks.index(self.rank),
+                                    world_size=len(ranks), timeout=timedelta(seconds=self.cfg.topology.round_timeout_s))
+            specs = [s for s in self.layout.device_group_specs() if set(s) <= set(ranks)]
+            groups = ProcessDeviceGroups(specs, self.rank, to_local={r: i for i, r in enumerate(ranks)},
+                                         timeout_s=self.cfg.topology.round_timeout_s)
+        self.worker = build_worker(self.cfg, self.layout, self.rank, train_tokens(self.data), self.transport, groups)
+        return os.getpid()
+
+    def info(self) -> dict[str, Any]:
+        return {"rank": self.rank, "pid": os.getpid(), "next_round": self.next_round,
+                "threads": torch.get_num_threads(), "ready": self.worker is not None}
+
+    def deliver(self, src: int, round_idx: int, seq: int, payload: bytes) -> None:
+        """A peer's point-to-point message (called by the peer's transport, not awaited)."""
+        self.transport.mailbox.put(src, round_idx, seq, payload)
+
+    # ----- rounds --------------------------------------------------------------------------------
+    def _worker(self) -> Worker:
+        if self.worker is None:
+            raise NeedsCatchUpError(f"worker {self.rank} is not set up (it restarted)")
+        return self.worker
+
+    def run_round(self, round_idx: int, max_steps: int) -> dict[str, Any]:
+        worker = self._worker()
+        if round_idx != self.next_round:
+            raise NeedsCatchUpError(f"worker {self.rank} is at round {self.next_round}, asked for {round_idx}")
+        self.next_round = -1  # a round that fails half-way leaves the worker needing a catch-up
+        self.transport.begin_round(round_idx)
+        report = worker.run_round(round_idx, max_steps)
+        self.next_round = round_idx + 1
+        return report.to_dict()
+
+    def finish(self) -> None:
+        self._worker().finish()
+
+    def export_global(self, round_idx: int, segment: int) -> tuple[bytes, int]:
+        """One segment's global weights at the start of ``round_idx`` as a dense wire frame, and
+        its size (a second, tiny return value the driver can check without fetching the frame)."""
+        frame = encode_params(self._worker().syncs[segment].global_state(), self.run, round_idx, self.rank)
+        return frame, len(frame)
+
+    def catch_up(self, round_idx: int, items: dict[str, list[Any]]) -> int:
+        """Load the global weights of the segments this worker holds (start of ``round_idx``) and join."""
+        import ray
+
+        worker = self._worker()
+        params: dict[str, torch.Tensor] = {}
+        for g in self.layout.segments_in(self.layout.slot(self.rank).layers):
+            data = ray.get(items[str(g)][0])
+            if not isinstance(data, bytes):
+                raise TypeError(f"global weights object of segment {g} is {type(data).__name__}, not bytes")
+            params.update(decode_params(data, worker.segment_shapes(g), self.run, round_idx))
+        worker.catch_up(params, round_idx)
+        self.next_round = round_idx
+        return os.getpid()
+
+    def evaluate(self) -> float:
+        return self._worker().evaluate(self.val_batches)
+
+    def save(self, run_dir: str, step: int, loop: dict[str, Any], meta: dict[str, Any]) -> None:
+        state = {"loop": loop, "round": self.next_round, "worker": self._worker().state_dict(),
+                 "rng": torch.get_rng_state()}
+        save_rank_checkpoint(Path(run_dir), self.rank, step, state, meta, self.cfg.checkpoint.keep)
+
+    def load(self, run_dir: str, step: int) -> bool:
+        """Resume this worker from its own checkpoint at ``step``; False if it has none usable."""
+        if step not in rank_checkpoint_steps(Path(run_dir), self.rank):
+            return False
+        try:
+            st = read_rank_checkpoint(Path(run_dir), self.rank, step).state
+        except CheckpointError as e:
+            log.warning("worker %d: %s", self.rank, e)
+            return False
+        self._worker().load_state_dict(st["worker"])
+        self.next_round = int(st["round"])
+        torch.set_rng_state(st["rng"])
+        return True

@@ -1,0 +1,159 @@
+"""torchrun: one process per worker; the RoundLoop runs on every rank, rank 0 logs.
+
+Every rank builds the layout from the same config, the byte groups (``TorchTransport``) and the
+device groups (``ProcessDeviceGroups``) in the same order, and its own worker. The pool's calls
+are collectives over the world, so every rank takes the same decisions: round reports and small
+control values are all-gathered as msgpack (never pickled), the evaluation replica's leader
+computes the validation loss and broadcasts it, the initial weights go from each segment's first
+owner to the others as validated dense frames. Each rank checkpoints its own worker (with the
+loop state) under ``checkpoints/rank-K/step-N``; a restarted job resumes every rank at the newest
+step all ranks can read. torch collectives cannot drop a member: a dead rank means an elastic
+restart (``--max-restarts``), not a smaller round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import sys
+from typing import Any
+
+import msgpack
+import torch
+
+from comm.device_groups import ProcessDeviceGroups
+from comm.torch_transport import TorchTransport
+from comm.transport import WORLD
+from distrain.checkpoint import CheckpointError
+from distrain.config import Config, save_config
+from distrain.layout import Layout
+from distrain.runtime.common import (
+    Fault,
+    prepare_data,
+    rank_checkpoint_steps,
+    read_rank_checkpoint,
+    run_dir_of,
+    save_rank_checkpoint,
+    train_tokens,
+    validation_batches,
+)
+from distrain.runtime.loop import RoundLoop, WorkerPool
+from distrain.runtime.records import RunSummary
+from distrain.worker import RoundReport, build_worker, decode_params, encode_params, run_id
+
+log = logging.getLogger("distrain.torchrun")
+
+
+def restart_count() -> int:
+    """How many times torchrun's elastic agent has restarted this job (0: first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+class TorchrunPool(WorkerPool):
+    """This rank's worker among the others; every method is a collective over the world."""
+
+    mode = "torchrun"
+
+    def __init__(self, cfg: Config, layout: Layout, transport: TorchTransport, fault: Fault | None = None):
+        self.cfg, self.layout, self.transport, self.fault = cfg, layout, transport, fault
+        self.rank = transport.rank
+        self.run_dir = run_dir_of(cfg)
+        if self.rank == 0:  # rank 0 prepares (tokenises) while the others wait, then they hit the cache
+            data = prepare_data(cfg, progress=cfg.logging.progress)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.toml")
+        transport.barrier(WORLD)
+        if self.rank != 0:
+            data = prepare_data(cfg)
+        groups = ProcessDeviceGroups(layout.device_group_specs(), self.rank, timeout_s=cfg.topology.round_timeout_s)
+        self.worker = build_worker(cfg, layout, self.rank, train_tokens(data), transport, groups)
+        self.eval_rank = layout.leader(layout.eval_replica)
+        self.val_batches = validation_batches(cfg, data) if self.rank == self.eval_rank else []
+
+    @property
+    def is_coordinator(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def restarted(self) -> bool:
+        return restart_count() > 0
+
+    def _gather(self, obj: Any) -> list[Any]:
+        """All ranks' small control values (msgpack, never pickle)."""
+        got = self.transport.all_gather_bytes(WORLD, msgpack.packb(obj, use_bin_type=True))
+        return [msgpack.unpackb(b, raw=False, strict_map_key=False) for b in got]  # type: ignore[arg-type]
+
+    # ----- WorkerPool --------------------------------------------------------------------------
+    def checkpoint_steps(self) -> list[list[int]]:
+        return self._gather(rank_checkpoint_steps(self.run_dir, self.rank))
+
+    def load(self, step: int) -> dict[str, Any] | None:
+        try:
+            state = read_rank_checkpoint(self.run_dir, self.rank, step).state
+        except CheckpointError as e:
+            log.warning("rank %d: checkpoint step %d unusable: %s", self.rank, step, e)
+            state = None
+        if not all(self._gather(state is not None)):
+            return None
+        self.worker.load_state_dict(state["worker"])
+        torch.set_rng_state(state["rng"])
+        return state["loop"]
+
+    def initial_sync(self) -> None:
+        """Each segment's weights from its first owner to the other owners (validated dense frames,
+        never pickled): identical seeds make this a no-op on one machine; across machines it rules
+        out any difference in initialisation. Devices of a replica then take their leader's."""
+        rid = run_id(self.cfg)
+        shapes = self.worker.param_shapes()
+        received: dict[str, torch.Tensor] = {}
+        for g in self.layout.owned_segments(self.rank):
+            group = self.layout.segment_group(g)
+            src = self.layout.segment_members(g)[0]
+            mine = self.worker.syncs[g].global_state()
+            frame = encode_params(mine, rid, 0, self.rank) if self.rank == src else None
+            data = self.transport.broadcast_bytes(group, frame, src=src)
+            received.update(decode_params(data, {n: shapes[n] for n in mine}, rid, 0))
+        self.worker.load_global(received if received else self.worker.global_state())
+
+    def _maybe_fail(self, round_idx: int) -> None:
+        f = self.fault
+        if f and f.kind == "exit" and f.rank == self.rank and f.round == round_idx and restart_count() == 0:
+            log.warning("fault injection: rank %d exits at the start of round %d", self.rank, round_idx)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(17)
+
+    def run_round(self, round_idx: int, max_steps: int) -> list[RoundReport]:
+        self._maybe_fail(round_idx)
+        report = self.worker.run_round(round_idx, max_steps)
+        self.transport.flush()
+        return [RoundReport.from_dict(d) for d in self._gather(report.to_dict())]
+
+    def finish(self) -> None:
+        self.worker.finish()
+
+    def evaluate(self) -> float:
+        loss = self.worker.evaluate(self.val_batches) if self.rank == self.eval_rank else None
+        got = self.transport.broadcast_bytes(WORLD, struct.pack("<d", loss) if loss is not None else None,
+                                             src=self.eval_rank)
+        return struct.unpack("<d", got)[0]
+
+    def save(self, step: int, loop: dict[str, Any]) -> None:
+        meta = {"round": loop["round"], "step": step, "tokens": loop["tokens"], "config_hash": self.cfg.hash(),
+                "world_size": self.layout.world_size}
+        state = {"loop": loop, "worker": self.worker.state_dict(), "rng": torch.get_rng_state()}
+        save_rank_checkpoint(self.run_dir, self.rank, step, state, meta, self.cfg.checkpoint.keep)
+
+    def summary_extra(self) -> dict[str, Any]:
+        return {"attempt": restart_count()}
+
+
+def run_torchrun(cfg: Config, fault: Fault | None = None) -> RunSummary | None:
+    """This rank's part of a torchrun job (the process group is initialised); rank 0's summary."""
+    layout = Layout.from_config(cfg)
+    transport = TorchTransport(layout.byte_groups(), timeout_s=cfg.topology.round_timeout_s)
+    pool = TorchrunPool(cfg, layout, transport, fault)
+    summary = RoundLoop(cfg, pool, pool.run_dir).run()
+    transport.barrier(WORLD)
+    return summary
