@@ -124,6 +124,7 @@ TOOLS: dict[str, ToolCommand] = {"plot": ToolCommand("write PNG plots of a run d
 TOOL_MODULES: dict[str, str] = {
     "compare": "distrain.compare",
     "estimate": "distrain.estimate",
+    "plan-sp": "distrain.plan_sp",
 }
 
 

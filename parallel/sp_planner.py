@@ -521,12 +521,12 @@ def _check_fits(lens: np.ndarray, classes: list[DeviceClass], degrees: list[int]
         raise SequenceTooLongError(
             f"sequence {k} has {int(lens[k])} tokens, more than the largest group can hold ({biggest:.0f} tokens: "
             f"{max(d for d in degrees if d <= len(classes[0].devices))} devices x {classes[0].capacity:.0f}); "
-            "cut documents shorter (data.max_doc_len) or give the devices more capacity")
+            "cut sequences shorter (data.max_doc_len; plan-sp --max-len) or give the devices more capacity")
     total = float(lens.sum())
     cap_all = sum(len(c.devices) * c.capacity for c in classes)
     if total > cap_all:
         raise PlanError(f"the batch has {int(total)} tokens, more than all devices hold together ({cap_all:.0f}); "
-                        "lower the batch's token budget (data.batch_tokens)")
+                        "make the batch smaller (data.batch_tokens; plan-sp --batch)")
     return classes
 
 
