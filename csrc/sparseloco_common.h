@@ -153,14 +153,14 @@ DL_HD uint16_t f32_to_f16_saturated(float f) {
 }
 
 /* Reference quantizer code of one value: clamp(round_half_even((v - shift) / scale + 2), 0, 3),
- * three fp32 operations in this order (callers compile without FMA contraction). */
+ * three fp32 operations in this order (callers compile without FMA contraction). The rounding
+ * needs no rintf: round_half_even(t) >= 1 iff t > 0.5, >= 2 iff t >= 1.5, >= 3 iff t > 2.5 (each
+ * tie goes to its even neighbour), so the code is three comparisons (NaN gives 0), branch-free
+ * and vectorisable. */
 DL_HD uint32_t code_reference(float v, float shift, float scale) {
   float t = (v - shift) / scale;
   t = t + 2.0f;
-  float r = rintf(t);
-  if (!(r >= 0.0f)) return 0;  // also NaN -> 0, unreachable with finite inputs
-  if (r >= 3.0f) return 3;
-  return (uint32_t)r;
+  return (uint32_t)(t > 0.5f) + (uint32_t)(t >= 1.5f) + (uint32_t)(t > 2.5f);
 }
 
 /* Symmetric quantizer code: 0 (neg, big) | 1 (neg, small) | 2 (pos, small) | 3 (pos, big). */

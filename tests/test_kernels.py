@@ -118,6 +118,36 @@ def test_encode_ties(quantizer):
                 delta_fn=lambda g: torch.randint(-2, 3, (130, 192), generator=g).float())
 
 
+def _adversarial(kind: str, shape, g: torch.Generator) -> torch.Tensor:
+    n = int(np.prod(shape))
+    if kind == "one_hot_segment":  # every large value in one row segment of each block
+        x = torch.randn(shape, generator=g).reshape(-1) * 1e-3
+        hot = (torch.arange(n) % 4096) < 32  # the first half of the first row of a 64-wide block
+        x[hot] = torch.randn(int(hot.sum()), generator=g) * 10
+        return x.reshape(shape)
+    if kind == "ramp":  # strictly increasing magnitudes: the top k are the last elements
+        return torch.arange(n, dtype=torch.float32).reshape(shape) * 1e-3
+    if kind == "equal_signs":  # one magnitude everywhere: the k lowest indices win
+        return torch.where(torch.rand(shape, generator=g) < 0.5, -1.5, 1.5)
+    if kind == "exponent_spread":  # magnitudes over 2^-40 .. 2^40
+        e = torch.randint(-40, 40, shape, generator=g).float()
+        return torch.randn(shape, generator=g).sign() * torch.exp2(e)
+    if kind == "few_levels":  # heavy ties at the threshold, straddling segment maxima
+        return torch.randint(-3, 4, shape, generator=g).float() * 0.25
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["one_hot_segment", "ramp", "equal_signs", "exponent_spread",
+                                  "few_levels"])
+@pytest.mark.parametrize("shape,topk,chunk", [((256, 192), 64, 64), ((128, 4096), 7, 64),
+                                              ((96, 130), 300, 100), ((5000,), 64, 64),
+                                              ((64, 64), 4096, 64), ((200, 64), 1, 64)])
+def test_encode_adversarial_distributions(kind, shape, topk, chunk):
+    """The threshold-filter selection must equal the reference on data built to defeat it."""
+    kw = dict(beta=0.5, topk=topk, chunk=chunk, quantizer="reference", index_coding="packed")
+    encode_both(shape, kw, rounds=2, delta_fn=lambda g: _adversarial(kind, shape, g))
+
+
 def test_encode_all_zero():
     """Every |v| ties at 0: the lowest indices are kept, σ = 0 falls back to scale 1."""
     kw = dict(beta=0.95, topk=64, chunk=64, quantizer="reference")
