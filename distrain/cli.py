@@ -125,6 +125,7 @@ TOOL_MODULES: dict[str, str] = {
     "compare": "distrain.compare",
     "estimate": "distrain.estimate",
     "plan-sp": "distrain.plan_sp",
+    "profile-sp": "distrain.profile_sp",
 }
 
 
@@ -179,7 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"distrain: config error: {e}", file=sys.stderr)
         return 2
-    return fn(cfg)
+    from distrain.runtime.common import ResumeMismatchError
+
+    try:
+        return fn(cfg)
+    except ResumeMismatchError as e:
+        print(f"distrain: cannot resume: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

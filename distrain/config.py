@@ -133,6 +133,8 @@ class OuterConfig:
     aggregation: str = "mean_selected"  # mean_selected | sum_over_r
     dense_dtype: str = "fp32"  # DiLoCo wire dtype: fp32 | bf16
     apply_delay: int = 0  # 1: apply each aggregate one round late (overlap)
+    robust_clip: float = 2.0  # clip a contribution above this multiple of the round's low-median norm (0: off)
+    robust_reject: float = 10.0  # reject one above this multiple as an outlier
 
 
 @dataclass(frozen=True)
@@ -469,6 +471,8 @@ def _check_outer(cfg: Config) -> None:
           f"outer.index_coding = 'gaps' stores 16-bit gaps: outer.chunk must be <= 256, got {o.chunk}")
     _need(0 <= o.ef_beta <= 1, f"outer.ef_beta must be in [0, 1], got {o.ef_beta}")
     _need(o.apply_delay in (0, 1), f"outer.apply_delay must be 0 or 1, got {o.apply_delay}")
+    _need(o.robust_clip == 0 or 1 <= o.robust_clip <= o.robust_reject,
+          f"outer.robust_clip must be 0 (off) or in [1, outer.robust_reject = {o.robust_reject}], got {o.robust_clip}")
 
 
 def _check_topology(cfg: Config) -> None:

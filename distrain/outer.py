@@ -34,6 +34,7 @@ from torch import nn
 
 from comm.codecs import Codec, make_codec
 from comm.errors import FrameError
+from comm.robust import RobustPolicy, robust_aggregate_inputs
 from comm.transport import Transport
 from comm.wire import FrameMeta, decode_frame, encode_frame
 from distrain.config import Config
@@ -101,11 +102,19 @@ def _check_names(params: dict[str, torch.Tensor], own: dict[str, nn.Parameter]) 
 
 
 class _FrameExchange:
-    """Encode named tensors into a frame, all-gather frames, decode the valid ones."""
+    """Encode named tensors into a frame, all-gather frames, decode the valid ones, bound each
+    contribution's norm (``comm.robust``) and aggregate on the weights' device.
+
+    A frame is checked against the member it came from (a member re-sending another's frame does
+    not count twice), then judged by its norm against the round's others: clipped, or rejected as
+    an outlier. Nothing a peer sends can abort the round: with no usable contribution the
+    aggregate is ``None`` and the step is skipped.
+    """
 
     def __init__(self, codec: Codec, shapes: dict[str, tuple[int, ...]], transport: Transport, group: str,
-                 run_id: str, rank: int, device: torch.device):
+                 run_id: str, rank: int, device: torch.device, policy: RobustPolicy | None = None):
         self.device = device
+        self.policy = policy
         self.codec = codec
         self.shapes = shapes
         self.transport = transport
@@ -117,21 +126,30 @@ class _FrameExchange:
         encoded = {n: self.codec.encode(n, t, state) for n, t in tensors.items()}
         frame = encode_frame(FrameMeta.for_codec(self.run_id, round_idx, self.rank, self.codec), encoded)
         frames = self.transport.all_gather_bytes(self.group, frame)
-        parts, reasons = [], []
-        for src, data in enumerate(frames):
+        decoded, reasons = [], []
+        for member, data in zip(self.transport.members(self.group), frames):
             if data is None:
                 continue
             try:
-                _, decoded = decode_frame(data, self.shapes, self.run_id, round_idx, codec=self.codec)
-                parts.append(decoded)
+                _, parts = decode_frame(data, self.shapes, self.run_id, round_idx, codec=self.codec, worker=member)
+                decoded.append((member, parts))
             except FrameError as e:
-                reasons.append(f"{type(e).__name__} from member {src}: {e}")
-                log.warning("round %d: rejected frame from member %d of %s: %s", round_idx, src, self.group, e)
-        if not parts:
-            raise RuntimeError(f"round {round_idx}: no valid contribution in group {self.group}: {reasons}")
-        aggregate = {n: self.codec.decode_aggregate([p[n] for p in parts], self.shapes[n]).to(self.device)
+                reasons.append(f"{type(e).__name__} from member {member}: {e}")
+                log.warning("round %d: rejected frame from member %d of %s: %s", round_idx, member, self.group, e)
+        kept = decoded
+        if self.policy is not None:
+            judged = robust_aggregate_inputs(self.codec, decoded, self.policy)
+            kept = judged.kept
+            for why in judged.rejected + judged.clipped:
+                log.warning("round %d, %s: %s", round_idx, self.group, why)
+            reasons += judged.rejected
+        if not kept:
+            log.warning("round %d: no usable contribution in group %s (%s): the outer step is skipped",
+                        round_idx, self.group, "; ".join(reasons) or "none arrived")
+            return None, len(frame), 0, reasons
+        aggregate = {n: self.codec.decode_aggregate([t[n] for _, t in kept], self.shapes[n], device=self.device)
                      for n in tensors}
-        return aggregate, len(frame), len(parts), reasons
+        return aggregate, len(frame), len(kept), reasons
 
 
 class PseudoGradientOuter(OuterOptimizer):
@@ -144,7 +162,8 @@ class PseudoGradientOuter(OuterOptimizer):
     """
 
     def __init__(self, params: dict[str, nn.Parameter], codec: Codec, lr: float, momentum: float, nesterov: bool,
-                 transport: Transport, group: str, run_id: str, rank: int, apply_delay: int = 0, segment: int = 0):
+                 transport: Transport, group: str, run_id: str, rank: int, apply_delay: int = 0, segment: int = 0,
+                 policy: RobustPolicy | None = None):
         if apply_delay not in (0, 1):
             raise ValueError(f"outer.apply_delay must be 0 or 1, got {apply_delay}")
         super().__init__(params)
@@ -158,7 +177,7 @@ class PseudoGradientOuter(OuterOptimizer):
         self.pending: dict[str, torch.Tensor] | None = None  # delayed mode: aggregate not applied yet
         shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         device = next(iter(params.values())).device
-        self.exchange = _FrameExchange(codec, shapes, transport, group, run_id, rank, device)
+        self.exchange = _FrameExchange(codec, shapes, transport, group, run_id, rank, device, policy)
         self.dense_bytes = sum(p.numel() * 4 for p in self.params.values())
 
     def global_state(self) -> dict[str, torch.Tensor]:
@@ -172,10 +191,14 @@ class PseudoGradientOuter(OuterOptimizer):
         self.global_params = {n: params[n].detach().float().clone().to(p.device) for n, p in self.params.items()}
         self.anchor, self.pending = None, None
 
-    def _outer_step(self, agg: dict[str, torch.Tensor], round_idx: int) -> None:
+    def _outer_step(self, agg: dict[str, torch.Tensor] | None, round_idx: int) -> None:
+        if agg is None:
+            return  # nothing usable arrived: the global weights stay where they are
+        bad = [n for n, update in agg.items() if not torch.isfinite(update).all()]
+        if bad:  # cannot come from bounded contributions; never let it reach the weights
+            log.error("round %d: non-finite aggregate for %s: the outer step is skipped", round_idx, bad)
+            return
         for n, update in agg.items():
-            if not torch.isfinite(update).all():
-                raise FloatingPointError(f"round {round_idx}: non-finite aggregate for {n}")
             if self.momentum:
                 buf = self.momentum_buf.get(n)
                 buf = update.clone() if buf is None else buf.mul_(self.momentum).add_(update)
@@ -234,13 +257,14 @@ class PseudoGradientOuter(OuterOptimizer):
 class DDPOuter(OuterOptimizer):
     """Average gradients over all replicas before every inner optimiser step (dense fp32)."""
 
-    def __init__(self, params: dict[str, nn.Parameter], transport: Transport, group: str, run_id: str, rank: int):
+    def __init__(self, params: dict[str, nn.Parameter], transport: Transport, group: str, run_id: str, rank: int,
+                 policy: RobustPolicy | None = None):
         super().__init__(params)
         self.names = list(self.params)
         shapes = {n: tuple(p.shape) for n, p in self.params.items()}
         device = next(iter(params.values())).device
         self.exchange = _FrameExchange(make_codec("dense", dtype="fp32"), shapes, transport, group, run_id, rank,
-                                       device)
+                                       device, policy)
         self.step = 0
         self.wire = 0
         self.dense_bytes = sum(p.numel() * 4 for p in self.params.values())
@@ -251,8 +275,9 @@ class DDPOuter(OuterOptimizer):
     def grad_sync(self, grads: list[torch.Tensor]) -> None:
         named = {n: g.float() for n, g in zip(self.names, grads)}
         agg, wire, self.contributors, reasons = self.exchange.exchange(self.step, named, {})
-        for g, n in zip(grads, self.names):
-            g.copy_(agg[n])
+        if agg is not None:  # nothing usable arrived: this replica steps on its own gradients
+            for g, n in zip(grads, self.names):
+                g.copy_(agg[n])
         self.step += 1
         self.wire += wire
         self.reasons += reasons
@@ -282,9 +307,11 @@ def make_outer(cfg: Config, params: dict[str, nn.Parameter], rank: int, transpor
     """The configured outer optimiser over ``params`` (one segment), exchanging in ``group``."""
     o, algo = cfg.outer, cfg.algorithm
     run_id = f"{cfg.run.name}-{cfg.hash()}"
+    policy = RobustPolicy(o.robust_clip, o.robust_reject) if o.robust_clip else None
     if algo.per_step:
-        return DDPOuter(params, transport, group, run_id, rank)
+        return DDPOuter(params, transport, group, run_id, rank, policy)
     if not algo.rounds:
         return OuterOptimizer(params)
     return PseudoGradientOuter(params, make_codec_from_config(cfg), o.lr, o.momentum, o.nesterov,
-                               transport, group, run_id, rank, apply_delay=o.apply_delay, segment=segment)
+                               transport, group, run_id, rank, apply_delay=o.apply_delay, segment=segment,
+                               policy=policy)

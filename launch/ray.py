@@ -1,4 +1,4 @@
-"""Ray entry point: the driver of a Ray job (see ``distrain.ray_runtime``).
+"""Ray entry point: the driver of a Ray job (see ``distrain.runtime.ray``).
 
     export RAY_AUTH_MODE=token
     ray start --head --node-ip-address=127.0.0.1 --num-cpus=4 --object-store-memory=200000000
@@ -17,8 +17,7 @@ import logging
 import sys
 
 from distrain.config import ConfigError, load_config
-from distrain.layout import check_runtime
-from distrain.runner import Fault
+from distrain.runtime.common import Fault
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -40,27 +39,22 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, overrides)
-        check_runtime(cfg)
         faults = [Fault.parse(f) for f in args.fault]
     except (ConfigError, ValueError) as e:
         print(f"launch.ray: config error: {e}", file=sys.stderr)
         return 2
     import ray
 
-    from distrain.ray_runtime import RayJob
+    from distrain.runtime.ray import run_ray_job
 
     if args.address == "local":
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=True)
     else:
         ray.init(address=args.address, log_to_driver=True)
-    job = None
     try:
-        job = RayJob(cfg, faults)
-        summary = job.run()
+        summary = run_ray_job(cfg, faults)
         print(json.dumps(summary.to_dict()), flush=True)
     finally:
-        if job is not None:
-            job.close()
         ray.shutdown()
     return 0
 

@@ -10,6 +10,7 @@ from comm.codecs import make_codec
 from comm.simulated import SimulatedHub, SimulatedTransport, run_ranks
 from comm.transport import Transport
 from comm.wire import decode_frame, encode_frame
+from comm.robust import RobustPolicy
 from distrain.outer import DDPOuter, PseudoGradientOuter, owned_parameters
 
 R = 3
@@ -35,14 +36,15 @@ def sparse_codec(**kw):
     return make_codec("sparseloco", **{"topk": 64, "chunk": 64, "beta": 0.95, **kw})
 
 
-def run_rounds(codec, rounds: int, lr=1.0, momentum=0.0, nesterov=False, apply_delay=0, wrap=None):
-    hub = SimulatedHub(R, {"g": list(range(R))}, timeout_s=30)
+def run_rounds(codec, rounds: int, lr=1.0, momentum=0.0, nesterov=False, apply_delay=0, wrap=None, policy=None,
+               replicas=R):
+    hub = SimulatedHub(replicas, {"g": list(range(replicas))}, timeout_s=30)
 
     def body(t: SimulatedTransport):
         model = Tiny()
         transport = wrap(t) if wrap else t
         outer = PseudoGradientOuter(owned_parameters(model), codec, lr, momentum, nesterov, transport, "g", "run",
-                                    t.rank, apply_delay)
+                                    t.rank, apply_delay, policy=policy)
         stats = []
         for r in range(rounds):
             local_progress(model, t.rank, r)
@@ -170,10 +172,10 @@ class Corrupting(Transport):
         return self.inner.recv_bytes(src)
 
 
-def _reencode(frame: bytes, change) -> bytes:
+def _reencode(frame: bytes, change, codec=None) -> bytes:
     """Decode a valid frame, let ``change`` edit its buffers, and re-encode it with a valid crc."""
     shapes = {n: tuple(p.shape) for n, p in Tiny().named_parameters()}
-    codec = sparse_codec()
+    codec = codec or sparse_codec()
     meta, tensors = decode_frame(frame, shapes, "run", _round_of(frame), codec=codec)
     edited = {n: change(et) for n, et in tensors.items()}
     return encode_frame(meta, edited)
@@ -260,3 +262,94 @@ def test_ddp_grad_sync_averages_gradients():
 def results_noise(rank):
     g = torch.Generator().manual_seed(rank)
     return [torch.randn(p.shape, generator=g) for p in owned_parameters(Tiny()).values()]
+
+
+# --- hostile (valid, finite) frames: robust aggregation keeps the round on the honest ones ----------
+
+
+class Hostile(Corrupting):
+    """Member 1's frame, as received by everyone, replaced by ``mutate(frame, frames)``."""
+
+    def all_gather_bytes(self, group, payload):
+        frames = self.inner.all_gather_bytes(group, payload)
+        frames[1] = self.mutate(frames[1], frames)
+        return frames
+
+
+def _dense(values_change):
+    def change(frame, frames):
+        return _reencode(frame, lambda et: _scaled_values(et, values_change), codec=make_codec("dense", dtype="fp32"))
+    return change
+
+
+def _scaled_values(et, change):
+    from comm.codecs import EncodedTensor
+
+    bufs = {k: change(v.copy()) if v.dtype.kind == "f" else v for k, v in et.buffers.items()}
+    return EncodedTensor(shape=et.shape, meta=et.meta, buffers=bufs)
+
+
+def _flip_exponent(v):
+    bits = v.view("<u4")
+    bits[0] ^= 0x40000000  # the top exponent bit of a small value: ~2^128 times larger, still finite
+    return v
+
+
+HOSTILE = {
+    "huge-centroids": (sparse_codec, lambda f, frames: _reencode(f, lambda et: _with_buffer(et, "centroids", 3e38))),
+    "flipped-exponent": (lambda: make_codec("dense", dtype="fp32"), _dense(_flip_exponent)),
+    "huge-dense": (lambda: make_codec("dense", dtype="fp32"), _dense(lambda v: v * 1e30)),
+    "resent-other-members-frame": (sparse_codec, lambda f, frames: frames[0]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_a_hostile_frame_cannot_move_the_weights_or_abort_the_round(kind):
+    """4 replicas, member 1 hostile every round: the rounds complete, everyone stays finite and in
+    sync, and the weights equal a run in which member 1's frame never arrived."""
+    make, mutate = HOSTILE[kind]
+    policy = RobustPolicy()
+    hostile = run_rounds(make(), rounds=3, wrap=lambda t: Hostile(t, mutate), policy=policy, replicas=4)
+    missing = run_rounds(make(), rounds=3, wrap=lambda t: Hostile(t, lambda f, frames: None), policy=policy,
+                         replicas=4)
+    for params, _, stats in hostile:
+        assert all(s.contributors == 3 and s.rejected == 1 for s in stats), [s.reasons for s in stats]
+        assert all(torch.isfinite(p).all() for p in params.values())
+    for (params, outer, _), (ref, ref_outer, _) in zip(hostile, missing):
+        for n in params:
+            assert torch.equal(outer.global_params[n], ref_outer.global_params[n]), n
+    if kind == "resent-other-members-frame":
+        assert "names worker 0" in hostile[0][2][0].reasons[0] or "worker 0" in hostile[0][2][0].reasons[0]
+
+
+def test_moderately_large_contributions_are_clipped_not_dropped():
+    """A frame 4x the others' norm is scaled to 2x the reference: it still counts, bounded."""
+    policy = RobustPolicy(clip_ratio=2.0, reject_ratio=10.0)
+    big = run_rounds(make_codec("dense", dtype="fp32"), rounds=1, policy=policy, replicas=4,
+                     wrap=lambda t: Hostile(t, _dense(lambda v: v * 4.0)))
+    honest = run_rounds(make_codec("dense", dtype="fp32"), rounds=1, policy=policy, replicas=4)
+    unbounded = run_rounds(make_codec("dense", dtype="fp32"), rounds=1, policy=None, replicas=4,
+                           wrap=lambda t: Hostile(t, _dense(lambda v: v * 4.0)))
+    s = big[0][2][0]
+    assert s.contributors == 4 and s.rejected == 0
+    n = "w"
+    g_big, g_honest, g_unb = big[0][1].global_params[n], honest[0][1].global_params[n], unbounded[0][1].global_params[n]
+    assert 0 < (g_big - g_honest).norm() < (g_unb - g_honest).norm()
+
+
+def test_with_no_usable_contribution_the_step_is_skipped_not_raised():
+    policy = RobustPolicy()
+    results = run_rounds(sparse_codec(), rounds=1, policy=policy,
+                         wrap=lambda t: _AllBad(t))
+    for params, outer, stats in results:
+        assert stats[0].contributors == 0 and stats[0].rejected == R
+        for n, p in params.items():
+            assert torch.equal(p, Tiny().state_dict()[n])  # back on the (unchanged) global weights
+
+
+class _AllBad(Corrupting):
+    def __init__(self, inner):
+        super().__init__(inner, None)
+
+    def all_gather_bytes(self, group, payload):
+        return [b"XXXX" + f[4:] for f in self.inner.all_gather_bytes(group, payload)]

@@ -104,7 +104,7 @@ def cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def tiny_config(path: Path, corpus: Path, cache: Path, out: Path, name: str) -> Path:
+def tiny_config(path: Path, corpus: Path, cache: Path, out: Path, name: str, *extra: str) -> Path:
     cfg = load_config(REPO / "configs" / "ray_local.toml", [
         f"--data.source={corpus}", f"--data.cache_dir={cache}", "--data.vocab_size=320", "--data.seq_len=32",
         "--data.val_fraction=0.1", "--model.dim=64", "--model.n_layers=2",
@@ -112,9 +112,18 @@ def tiny_config(path: Path, corpus: Path, cache: Path, out: Path, name: str) -> 
         "--train.warmup_steps=2", "--train.eval_batches=2", "--train.steps=12", "--outer.inner_steps=3",
         "--train.eval_every=6", "--checkpoint.every=6", f"--run.out_dir={out}", f"--run.name={name}",
         "--logging.tensorboard=false", "--logging.plots=false", "--topology.round_timeout_s=60.0",
-        "--runtime.worker_cpus=[2.0, 1.0, 1.0]", "--train.lr=2e-3"])
+        "--topology.replica=[{cpus=2.0}, {count=2, cpus=1.0}]", "--train.lr=2e-3", *extra])
     save_config(cfg, path)
     return path
+
+
+def global_weights(state: dict) -> dict[str, torch.Tensor]:
+    """A worker checkpoint's global weights, over every segment it owns."""
+    return {k: v for seg in state["worker"]["outer"].values() for k, v in seg["global"].items()}
+
+
+def rank_state(run_dir: Path, rank: int) -> dict:
+    return load_latest(run_dir / "checkpoints" / f"rank-{rank}").state
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -135,7 +144,7 @@ def baseline(cluster, tiny_corpus, data_cache, tmp_path_factory):
 
 
 def test_ray_job_submit_equals_the_simulation(baseline):
-    from distrain.runner import Simulation
+    from distrain.runtime.simulation import Simulation
 
     root, cfg_path = baseline
     run_dir = root / "runs" / "base"
@@ -145,8 +154,8 @@ def test_ray_job_submit_equals_the_simulation(baseline):
         summary = sim.run()
     finally:
         torch.set_num_threads(threads)
-    ray_global = load_latest(run_dir / "checkpoints" / "rank-0").state["worker"]["outer"]["global"]
-    for k, v in sim.workers[0].outer.global_params.items():
+    ray_global = global_weights(rank_state(run_dir, 0))
+    for k, v in sim.workers[0].global_state().items():
         assert torch.equal(v, ray_global[k]), k
     rows = metrics(run_dir)
     train = [m for m in rows if m["kind"] == "train"]
@@ -154,7 +163,7 @@ def test_ray_job_submit_equals_the_simulation(baseline):
     assert [m["workers"] for m in train] == [3, 3, 3, 3]
     assert [m["val_loss"] for m in rows if m["kind"] == "val"][-1] == summary.final_val_loss
     coord = load_latest(run_dir / "checkpoints" / "coordinator")
-    assert coord.state["round"] == 4 and coord.state["counters"]["tokens"] == summary.tokens
+    assert coord.state["round"] == 4 and coord.state["loop"]["tokens"] == summary.tokens
 
 
 def test_worker_killed_mid_round_is_dropped_restarted_and_caught_up(cluster, baseline, tiny_corpus, data_cache):
@@ -183,11 +192,11 @@ def test_worker_killed_mid_round_is_dropped_restarted_and_caught_up(cluster, bas
     # the restarted replica lost its error feedback and AdamW moments, one round had 2 of 3
     # contributions and another 2 valid frames: keep at least 60 % of the clean run's improvement
     assert abs(final[-1] - clean[-1]) < 0.4 * (clean[0] - clean[-1])
-    weights = load_latest(root / "runs" / "fault" / "checkpoints" / "coordinator").state["global_frame"]
-    assert weights.numel() > 0
+    weights = load_latest(root / "runs" / "fault" / "checkpoints" / "coordinator").state["global_frames"]
+    assert weights["0"].numel() > 0
+    ref = global_weights(rank_state(root / "runs" / "fault", 0))
     for r in range(3):  # every worker, the restarted one too, ends on the same global weights
-        g = load_latest(root / "runs" / "fault" / "checkpoints" / f"rank-{r}").state["worker"]["outer"]["global"]
-        ref = load_latest(root / "runs" / "fault" / "checkpoints" / "rank-0").state["worker"]["outer"]["global"]
+        g = global_weights(rank_state(root / "runs" / "fault", r))
         assert all(torch.isfinite(v).all() and torch.equal(v, ref[k]) for k, v in g.items())
 
 
@@ -205,11 +214,39 @@ def test_restarted_job_resumes_from_the_coordinator_checkpoint(cluster, baseline
                "--run.name=cut", "--checkpoint.resume=auto"], cluster["env"])
     assert res.returncode == 0, res.stdout[-4000:]
     rows = metrics(cut)
-    assert rows[0] == {"kind": "event", "event": "resumed", "round": 2, "step": 6}
+    assert rows[0] == {"kind": "event", "event": "resumed", "round": 2, "step": 6, "workers": 3}
+    assert "resumed from step 6 (round 2 of 4)" in res.stdout
     assert [m["round"] for m in rows if m["kind"] == "train"] == [3, 4]
     assert [m["tokens"] for m in rows if m["kind"] == "train"][-1] == [
         m["tokens"] for m in metrics(base) if m["kind"] == "train"][-1]
     for r in range(3):
-        a = load_latest(base / "checkpoints" / f"rank-{r}").state["worker"]["outer"]["global"]
-        b = load_latest(cut / "checkpoints" / f"rank-{r}").state["worker"]["outer"]["global"]
+        a, b = global_weights(rank_state(base, r)), global_weights(rank_state(cut, r))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_heterogeneous_ray_job_equals_the_simulation(cluster, baseline, tiny_corpus, data_cache):
+    """A 2-device DDP replica (two actors joined in a torch.distributed world of their own inside a
+    STRICT_PACK placement group) beside a single-device replica: the Ray job ends on the
+    simulation's weights and losses, bit for bit."""
+    from distrain.runtime.simulation import Simulation
+
+    root, _ = baseline
+    cfg = tiny_config(root / "hetero.toml", tiny_corpus, data_cache, root / "runs", "hetero",
+                      "--topology.replica=[{devices=2}, {}]")
+    res = run([sys.executable, "-m", "launch.ray", "--address", cluster["gcs"], "--config", str(cfg)], cluster["env"])
+    assert res.returncode == 0, res.stdout[-4000:]
+    threads = torch.get_num_threads()
+    try:
+        sim = Simulation(load_config(cfg, ["--run.name=hetero_sim"]))
+        sim.run()
+    finally:
+        torch.set_num_threads(threads)
+    run_dir = root / "runs" / "hetero"
+    for r in (0, 2):
+        got = global_weights(rank_state(run_dir, r))
+        assert all(torch.equal(v, got[k]) for k, v in sim.workers[r].global_state().items())
+    follower = {k.removeprefix("module."): v for k, v in rank_state(run_dir, 1)["worker"]["trainer"]["model"].items()}
+    assert all(torch.equal(v, follower[k]) for k, v in sim.workers[1].model.state_dict().items())
+    train = [m for m in metrics(run_dir) if m["kind"] == "train"]
+    assert [m["loss"] for m in train] == [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"]
+    assert [m["workers"] for m in train] == [3, 3, 3, 3] and [m["replicas"] for m in train] == [2, 2, 2, 2]

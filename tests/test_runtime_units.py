@@ -14,11 +14,11 @@ import torch
 
 from comm.errors import ShapeMismatchError, StaleFrameError
 from distrain.config import ConfigError, load_config
-from distrain.coordinator import Coordinator
-from distrain.layout import Layout, ray_bundles
+from distrain.layout import Layout
 from distrain.optim import lr_multiplier
 from distrain.outer import RoundStats
-from distrain.runner import Fault, newest_common_step
+from distrain.runtime.common import Fault, newest_common_step
+from distrain.runtime.coordinator import Coordinator
 from distrain.worker import RoundReport, decode_params, encode_params
 
 
@@ -106,43 +106,16 @@ def test_old_collectives_are_forgotten_and_state_round_trips():
         c.contribute("replicas", 0, 0, "all_gather", None, r, [r])
     c.end_round(3, {"loss": 1.0}, {"tokens": 12, "step": 9})
     assert c.poll("replicas", 0, 0, 0)[0] == "error"  # expired
-    c.set_global(3, ["w"])
+    c.set_global(3, {"0": ["w0"], "1": ["w1"]})
+    assert c.get_global() == (3, {"0": ["w0"], "1": ["w1"]})
     d, _ = coord()
     d.load_state_dict(c.state_dict())
-    assert (d.round, d.counters["tokens"], d.global_round) == (3, 12, 3)
+    assert (d.round, d.loop["tokens"], d.global_round) == (3, 12, 3)
     with pytest.raises(ValueError, match="for 3 workers, this job has 4"):
         coord(world=4)[0].load_state_dict(c.state_dict())
 
 
-# ----- layout, config, faults ------------------------------------------------------------------
-def test_layout_of_heterogeneous_replicas():
-    cfg = load_config(None, ["--topology.replicas=3", "--runtime.replica_devices=[2, 1, 3]",
-                             "--outer.algorithm=sparseloco"])
-    lay = Layout.from_config(cfg)
-    assert lay.world_size == 6 and lay.leaders() == [0, 2, 3]
-    assert [lay.replica_of(r) for r in range(6)] == [0, 0, 1, 2, 2, 2]
-    assert lay.groups() == {"replicas": [0, 2, 3]}
-    assert Layout.from_config(load_config(None, ["--topology.replicas=2"])).data_rank(1) == (1, 2)
-
-
-@pytest.mark.parametrize("override,message", [
-    ("--runtime.replica_devices=[1, 1]", "replica_devices has 2 entries for 3 replicas"),
-    ("--runtime.worker_cpus=[1.0]", "worker_cpus has 1 entries"),
-    ("--runtime.replica_parallel=fsdp", "replica_parallel"),
-    ("--runtime.zero_stage=3", "zero_stage must be 1 or 2"),
-    ("--runtime.placement_strategy=RANDOM", "placement_strategy"),
-])
-def test_bad_runtime_sections_name_the_key(override, message):
-    with pytest.raises(ConfigError, match=message):  # rejected when the config is loaded
-        load_config(None, ["--topology.replicas=3", override])
-
-
-def test_ray_bundles_follow_the_heterogeneous_topology():
-    cfg = load_config(None, ["--topology.replicas=3", "--runtime.worker_cpus=[4.0, 1.0, 1.0]",
-                             "--runtime.worker_gpus=[1.0, 0.0, 0.0]", "--runtime.worker_memory_mb=[0, 512, 0]"])
-    assert ray_bundles(cfg) == [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 1.0, "memory": 512.0 * 2**20}, {"CPU": 1.0}]
-
-
+# ----- faults, resume agreement ------------------------------------------------------------------
 def test_fault_specs():
     assert Fault.parse("kill:rank=1,round=2,delay=0.5") == Fault("kill", 1, 2, 0.5)
     assert Fault.parse("exit:round=3,rank=0") == Fault("exit", 0, 3)
@@ -173,7 +146,8 @@ def test_weights_frame_is_bit_exact_and_validated():
 
 
 def test_round_report_survives_msgpack():
-    rep = RoundReport(2, 5, 3, 18, 384, 4.25, 1e-3, 0.3, RoundStats(5, 100, 4000, 3, 1, ["stale"], 0.01),
+    rep = RoundReport(2, 1, 5, 3, 18, 384, 4.25, 1e-3, 0.3,
+                      [RoundStats(5, 100, 4000, 3, 1, ["stale"], 0.01, 0), RoundStats(5, 80, 3000, 3, 0, [], 0.01, 1)],
                       extra={"train_s": 0.2})
     assert RoundReport.from_dict(msgpack.unpackb(msgpack.packb(rep.to_dict()), raw=False)) == rep
 
@@ -181,20 +155,22 @@ def test_round_report_survives_msgpack():
 def test_catch_up_puts_weights_schedule_and_data_where_a_never_failed_replica_is(tiny_config):
     from comm.simulated import SimulatedHub
     from distrain.data import TokenSampler, read_shard
-    from distrain.runner import prepare_data
+    from distrain.runtime.common import prepare_data
     from distrain.worker import build_worker
 
     cfg = tiny_config("--outer.algorithm=sparseloco", "--topology.replicas=2", "--outer.inner_steps=3",
                       "--train.steps=30", "--train.warmup_steps=4")
     data = prepare_data(cfg)
     tokens = read_shard(data.train_path)
-    hub = SimulatedHub(2, {"replicas": [0, 1]})
-    w = build_worker(cfg, 1, 1, tokens, hub.transport(1))
-    new = {n: t + 1.0 for n, t in w.global_params().items()}
+    layout = Layout.from_config(cfg)
+    hub = SimulatedHub(2, layout.byte_groups())
+    w = build_worker(cfg, layout, 1, tokens, hub.transport(1))
+    new = {n: t + 1.0 for n, t in w.global_state().items()}
     w.catch_up(new, rounds_done=4)  # 4 rounds of 3 steps
     assert w.trainer.step == 12
     assert w.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.train.lr * lr_multiplier(12, cfg.train))
-    assert all(torch.equal(w.outer.global_params[n], new[n]) for n in new)
+    assert w.trainer.scheduler.get_last_lr()[0] == pytest.approx(cfg.train.lr * lr_multiplier(12, cfg.train))
+    assert all(torch.equal(w.global_state()[n], new[n]) for n in new)
     assert all(torch.equal(p.detach(), new[n]) for n, p in w.model.named_parameters())
     fresh = TokenSampler(tokens, cfg.data.seq_len, cfg.train.batch_size, rank=1, world_size=2, seed=cfg.run.seed)
     for _ in range(12):
@@ -234,6 +210,15 @@ def _transport_body(rank: int, world: int, port: int, out: str) -> None:
             except NotAMemberError as e:
                 res["not_member"] = str(e)
         t.barrier("world")
+        # point to point: every rank sends to both neighbours before it receives (no deadlock),
+        # several messages per link arrive in order, an empty message is a message
+        left, right = (rank - 1) % world, (rank + 1) % world
+        for i in range(3):
+            t.send_bytes(right, f"{rank}>{right}#{i}".encode() * (i * 5000))
+            t.send_bytes(left, b"")
+        res["p2p"] = [t.recv_bytes(left) == f"{left}>{rank}#{i}".encode() * (i * 5000) for i in range(3)]
+        res["p2p_empty"] = [t.recv_bytes(right) for _ in range(3)] == [b"", b"", b""]
+        t.flush()
         try:
             TorchTransport({"pair": [rank, (rank + 1) % world]})  # every rank a different spec
         except CommError as e:
@@ -254,3 +239,23 @@ def test_torch_transport_variable_sizes_groups_broadcast(tmp_path):
     assert res[0]["pair"] == res[2]["pair"] == ["from0", "from2"]
     assert res[0]["bcast"] and res[2]["bcast"]
     assert "not a member of group 'pair'" in res[1]["not_member"]
+    assert all(res[r]["p2p"] == [True, True, True] and res[r]["p2p_empty"] for r in range(3))
+
+
+def test_ray_mailbox_orders_by_sequence_and_drops_older_rounds():
+    from comm.errors import CollectiveTimeoutError
+    from comm.ray_transport import Mailbox
+
+    box = Mailbox()
+    box.begin_round(2)
+    box.put(5, 2, 1, b"second")  # a threaded actor may run deliveries out of order
+    box.put(5, 2, 0, b"first")
+    box.put(5, 1, 2, b"left over from a failed round")
+    box.put(5, 3, 0, b"early: next round")
+    assert box.take(5, 0, 1.0) == b"first" and box.take(5, 1, 1.0) == b"second"
+    with pytest.raises(CollectiveTimeoutError, match="no message #2 from rank 5 in round 2"):
+        box.take(5, 2, 0.1)
+    box.begin_round(3)
+    assert box.take(5, 0, 1.0) == b"early: next round"
+    with pytest.raises(Exception, match="not bytes"):
+        box.put(5, 3, 1, "a str")

@@ -126,3 +126,22 @@ def test_plot_of_a_directory_without_metrics_is_an_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
         plot_run(tmp_path)
+
+
+def test_resuming_with_another_model_names_the_differing_keys(tiny_config, capsys):
+    from distrain.cli import main
+    from distrain.config import save_config
+
+    common = ["--outer.algorithm=sparseloco", "--topology.replicas=2", "--train.steps=6", "--outer.inner_steps=3",
+              "--checkpoint.every=3", "--run.name=mismatch"]
+    first = Simulation(tiny_config(*common))
+    first.run()
+    cfg = tiny_config(*common, "--model.dim=32", "--checkpoint.resume=auto")
+    save_config(cfg, first.run_dir.parent / "other.toml")
+    assert main(["simulate", "--config", str(first.run_dir.parent / "other.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distrain: cannot resume:") and "model.dim: 64 (checkpoint) vs 32 (config)" in err
+    # a longer run of the same model resumes (train.steps may change)
+    longer = Simulation(tiny_config(*common, "--train.steps=9", "--checkpoint.resume=auto"))
+    s = longer.run()
+    assert longer.loop.resumed_from == 6 and s.steps == 9

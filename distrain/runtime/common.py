@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from distrain.checkpoint import LoadedCheckpoint, list_checkpoints, read_checkpoint, save_checkpoint
+from distrain.checkpoint import CheckpointError, LoadedCheckpoint, check_config, list_checkpoints, read_checkpoint, save_checkpoint
 from distrain.config import Config, save_config
 from distrain.data import PreparedData, TokenSampler, prepare, read_shard
 
@@ -56,9 +56,11 @@ def rank_checkpoint_dir(run_dir: Path, rank: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"rank-{rank}"
 
 
-def save_rank_checkpoint(run_dir: Path, rank: int, step: int, state: dict[str, Any], meta: dict[str, Any],
-                         keep: int) -> Path:
-    return save_checkpoint(rank_checkpoint_dir(run_dir, rank), step, state, {**meta, "rank": rank}, keep=keep)
+def save_rank_checkpoint(cfg: Config, run_dir: Path, rank: int, step: int, state: dict[str, Any],
+                         meta: dict[str, Any]) -> Path:
+    """One rank's checkpoint, with the run's configuration stored beside it for the resume check."""
+    return save_checkpoint(rank_checkpoint_dir(run_dir, rank), step, state, {**meta, "rank": rank},
+                           keep=cfg.checkpoint.keep, config=cfg.to_dict())
 
 
 def rank_checkpoint_steps(run_dir: Path, rank: int) -> list[int]:
@@ -66,9 +68,31 @@ def rank_checkpoint_steps(run_dir: Path, rank: int) -> list[int]:
     return [int(p.name.split("-", 1)[1]) for p in list_checkpoints(rank_checkpoint_dir(run_dir, rank))]
 
 
-def read_rank_checkpoint(run_dir: Path, rank: int, step: int) -> LoadedCheckpoint:
-    """One rank's checkpoint at ``step``, verified (size, checksum, format) before loading."""
-    return read_checkpoint(rank_checkpoint_dir(run_dir, rank) / f"step-{step}")
+def read_rank_checkpoint(cfg: Config, run_dir: Path, rank: int, step: int) -> LoadedCheckpoint:
+    """One rank's checkpoint at ``step``, verified (size, checksum, format) before loading.
+
+    Raises ``CheckpointError`` when it is unusable (then an older step may be tried) and
+    ``ResumeMismatchError`` when it was written with another configuration (then nothing is)."""
+    loaded = read_checkpoint(rank_checkpoint_dir(run_dir, rank) / f"step-{step}")
+    try:
+        check_config(loaded, cfg.to_dict())
+    except CheckpointError as e:
+        raise ResumeMismatchError(str(e)) from None
+    return loaded
+
+
+class ResumeMismatchError(ValueError):
+    """The checkpoint to resume was written with another configuration (the keys are named)."""
+
+
+def wanted_resume_step(cfg: Config) -> int | None:
+    """``checkpoint.resume`` as a path to a ``step-N`` directory: that step (None for none/auto)."""
+    if cfg.checkpoint.resume in ("none", "auto"):
+        return None
+    name = Path(cfg.checkpoint.resume).name
+    if not name.startswith("step-") or not name[5:].isdigit():
+        raise ValueError(f"checkpoint.resume: {cfg.checkpoint.resume} is not a step-N checkpoint directory")
+    return int(name[5:])
 
 
 def newest_common_step(steps_per_rank: list[list[int]], exclude: set[int] = frozenset()) -> int | None:

@@ -27,7 +27,7 @@ from typing import Any
 
 from distrain.config import Config
 from distrain.layout import Layout
-from distrain.runtime.common import newest_common_step
+from distrain.runtime.common import newest_common_step, wanted_resume_step
 from distrain.runtime.records import RoundLogger, RunSummary, crossed, round_record
 from distrain.worker import RoundReport, nominal_steps
 
@@ -134,10 +134,17 @@ class RoundLoop:
     def _resume(self) -> int | None:
         """Load the newest step every rank has and can read; None: nothing to resume from."""
         steps = self.pool.checkpoint_steps()
+        wanted = wanted_resume_step(self.cfg)
+        if wanted is not None:  # checkpoint.resume names one step: that one or nothing
+            if newest_common_step(steps) is None or wanted not in set.intersection(*map(set, steps)):
+                raise ValueError(f"checkpoint.resume: step {wanted} is not checkpointed by every rank of this run")
+            steps = [[wanted]]
         bad: set[int] = set()
         for _ in range(1 + max((len(s) for s in steps), default=0)):
             step = newest_common_step(steps, bad)
             if step is None:
+                if wanted is not None:
+                    raise ValueError(f"checkpoint.resume: step {wanted} cannot be read on every rank")
                 return None
             got = self.pool.load(step)
             if got is not None:

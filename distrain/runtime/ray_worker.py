@@ -190,14 +190,14 @@ class WorkerHost:
     def save(self, run_dir: str, step: int, loop: dict[str, Any], meta: dict[str, Any]) -> None:
         state = {"loop": loop, "round": self.next_round, "worker": self._worker().state_dict(),
                  "rng": torch.get_rng_state()}
-        save_rank_checkpoint(Path(run_dir), self.rank, step, state, meta, self.cfg.checkpoint.keep)
+        save_rank_checkpoint(self.cfg, Path(run_dir), self.rank, step, state, meta)
 
     def load(self, run_dir: str, step: int) -> bool:
         """Resume this worker from its own checkpoint at ``step``; False if it has none usable."""
         if step not in rank_checkpoint_steps(Path(run_dir), self.rank):
             return False
         try:
-            st = read_rank_checkpoint(Path(run_dir), self.rank, step).state
+            st = read_rank_checkpoint(self.cfg, Path(run_dir), self.rank, step).state
         except CheckpointError as e:
             log.warning("worker %d: %s", self.rank, e)
             return False

@@ -90,7 +90,7 @@ class SimulationPool(WorkerPool):
 
     def load(self, step: int) -> dict[str, Any] | None:
         try:
-            states = [read_rank_checkpoint(self.run_dir, r, step).state for r in range(self.layout.world_size)]
+            states = [read_rank_checkpoint(self.cfg, self.run_dir, r, step).state for r in range(self.layout.world_size)]
         except CheckpointError:
             return None
         for w, st in zip(self.workers, states):
@@ -115,8 +115,7 @@ class SimulationPool(WorkerPool):
         meta = {"round": loop["round"], "step": step, "tokens": loop["tokens"], "config_hash": self.cfg.hash()}
         state = {"loop": loop, "pool": {"network": self.hub.network.state_dict()}, "rng": torch.get_rng_state()}
         for w in self.workers:
-            save_rank_checkpoint(self.run_dir, w.rank, step, {**state, "worker": w.state_dict()}, meta,
-                                 self.cfg.checkpoint.keep)
+            save_rank_checkpoint(self.cfg, self.run_dir, w.rank, step, {**state, "worker": w.state_dict()}, meta)
 
     def clock(self, state: LoopState) -> tuple[float, float]:
         return self.clock_s(), self.utilisation()

@@ -90,7 +90,7 @@ class TorchrunPool(WorkerPool):
 
     def load(self, step: int) -> dict[str, Any] | None:
         try:
-            state = read_rank_checkpoint(self.run_dir, self.rank, step).state
+            state = read_rank_checkpoint(self.cfg, self.run_dir, self.rank, step).state
         except CheckpointError as e:
             log.warning("rank %d: checkpoint step %d unusable: %s", self.rank, step, e)
             state = None
@@ -143,7 +143,7 @@ class TorchrunPool(WorkerPool):
         meta = {"round": loop["round"], "step": step, "tokens": loop["tokens"], "config_hash": self.cfg.hash(),
                 "world_size": self.layout.world_size}
         state = {"loop": loop, "worker": self.worker.state_dict(), "rng": torch.get_rng_state()}
-        save_rank_checkpoint(self.run_dir, self.rank, step, state, meta, self.cfg.checkpoint.keep)
+        save_rank_checkpoint(self.cfg, self.run_dir, self.rank, step, state, meta)
 
     def summary_extra(self) -> dict[str, Any]:
         return {"attempt": restart_count()}
