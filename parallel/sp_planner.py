@@ -667,16 +667,22 @@ class PlanAhead:
         self.close()
 
 
-def broadcast_plan(plan: SPPlan | None, src: int, group: Any = None) -> SPPlan:
-    """Every rank of ``group`` returns the plan of global rank ``src`` (length, then JSON bytes)."""
+def broadcast_json(obj: Any, src: int, group: Any = None) -> Any:
+    """Every rank of ``group`` returns global rank ``src``'s JSON-able object (length, then UTF-8 bytes)."""
     import torch
     import torch.distributed as dist
 
-    data = json.dumps(plan.to_dict()).encode() if plan is not None else b""
+    data = json.dumps(obj).encode() if obj is not None else b""
     n = torch.tensor([len(data)], dtype=torch.int64)
     dist.broadcast(n, src, group=group)
-    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(int(n), dtype=torch.uint8)
-    if buf.numel() != int(n):
+    if data and len(data) == int(n):
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    else:
         buf = torch.empty(int(n), dtype=torch.uint8)
     dist.broadcast(buf, src, group=group)
-    return SPPlan.from_dict(json.loads(bytes(buf.tolist()).decode()))
+    return json.loads(buf.numpy().tobytes().decode())
+
+
+def broadcast_plan(plan: SPPlan | None, src: int, group: Any = None) -> SPPlan:
+    """Every rank of ``group`` returns the plan of global rank ``src`` (JSON bytes, never pickle)."""
+    return SPPlan.from_dict(broadcast_json(plan.to_dict() if plan is not None else None, src, group))
