@@ -86,6 +86,19 @@ inline uint32_t kth_bound(const uint32_t* v, int64_t n, int64_t k, int bits) {
   return t;
 }
 
+/* The exact k-th largest of v[0..n), given lo <= it <= hi: the same descent, started below the
+ * leading bits that lo and hi share. */
+inline uint32_t kth_at_least(const uint32_t* v, int64_t n, int64_t k, uint32_t lo, uint32_t hi) {
+  if (lo == hi) return lo;
+  const int first = 31 - __builtin_clz(lo ^ hi);  // highest bit where lo and hi differ
+  uint32_t t = lo & ~((2u << first) - 1u);         // their common prefix, zeros below
+  for (int b = first; b >= 0; --b) {
+    const uint32_t x = t | (1u << b);
+    if (count_at_least(v, n, x) >= k) t = x;
+  }
+  return t;
+}
+
 /* Per-thread buffers of one selection (sized for the largest chunk; reused for every chunk). */
 struct SelectScratch {
   uint32_t* key;   // n: candidate keys
@@ -165,8 +178,11 @@ inline void select_chunk(const float* base, int64_t stride, int64_t cr, const Ch
     return;
   }
   // The exact k-th largest key T: every key > T is kept, and of the keys == T the lowest indices
-  // (they come first) until k are kept.
-  const uint32_t T = kth_bound(s.key, m, k, 31);
+  // (they come first) until k are kept. t <= T <= the largest key, so T shares their common
+  // leading bits and the descent only resolves the bits below.
+  uint32_t top = 0;
+  for (int64_t i = 0; i < p.G; ++i) top = std::max(top, segmax[i]);
+  const uint32_t T = kth_at_least(s.key, m, k, t, top);
   int64_t ties = k - count_at_least(s.key, m, T + 1);  // keys == T that are kept
   int64_t j = 0;
   for (int64_t i = 0; i < m && j < k; ++i) {

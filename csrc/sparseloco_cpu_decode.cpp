@@ -135,8 +135,11 @@ int32_t decode_aggregate(const Geo& g, int64_t R, const uint8_t* const* indices,
           s.cnt[l] = 0.0f;
         }
         float* o = out + (bi * g.cr) * g.cols + bj * g.cc;
-        for (int64_t rr = 0; rr < g.cr; ++rr)
-          std::memcpy(o + rr * g.cols, s.acc + rr * w, sizeof(float) * (size_t)w);
+        for (int64_t rr = 0; rr < g.cr; ++rr) {  // short rows: an inline loop beats memcpy calls
+          float* __restrict dst = o + rr * g.cols;
+          const float* __restrict src = s.acc + rr * w;
+          for (int64_t j = 0; j < w; ++j) dst[j] = src[j];
+        }
         for (int64_t h = 0; h < nhit; ++h) s.acc[s.hit[h]] = 0.0f;
       }
     }
