@@ -13,7 +13,6 @@
 namespace dlcpu {
 
 constexpr int64_t kMinWorkPerThread = 1 << 15;  // elements; below this a thread costs more than it saves
-constexpr int64_t kMinFieldsPerThread = 1 << 13;  // selected fields (the passes over them are light)
 constexpr int64_t kItemElems = 1 << 16;         // dense elements per work item (~256 KiB of fp32)
 constexpr int64_t kFieldBlock = 4096;           // selected fields per statistics/packing block (multiple of 8)
 

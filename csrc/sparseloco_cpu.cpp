@@ -228,17 +228,11 @@ int32_t encode(float* ef, const float* delta, float beta, const Geo& g, int32_t 
   const int64_t n = g.numel();
   const int T = dlcpu::thread_count(num_threads, n);
 
-  // 1. Reject a non-finite pseudo-gradient before touching ef (the reference raises first).
-  uint32_t bad = 0;
-#pragma omp parallel for num_threads(T) reduction(| : bad) schedule(static)
-  for (int64_t b = 0; b < (n + dlcpu::kItemElems - 1) / dlcpu::kItemElems; ++b)
-    bad |= nonfinite_run(delta + b * dlcpu::kItemElems,
-                         std::min(dlcpu::kItemElems, n - b * dlcpu::kItemElems));
-  if (bad) return DL_ERR_NONFINITE_DELTA;
-
-  // 2. EF update + top-k: the only pass that writes the dense data.
+  // 1. Reject a non-finite pseudo-gradient before touching ef (the reference raises first), then
+  // 2. EF update + top-k, the only pass that writes the dense data: one parallel region, one
+  // barrier between them (each barrier costs a time slice when a thread is preempted).
   Plans plans;
-  plans.full = dlcpu::plan_chunk(g.cr, g.cc < g.cols ? g.cc : g.cols, g.k_full);
+  plans.full = dlcpu::plan_chunk(g.cr, g.cc, g.k_full);
   plans.last = dlcpu::plan_chunk(g.cr, g.width(g.n_chunks - 1), g.k_last);
   plans.gmax = std::max(plans.full.G, plans.last.G);
   const dlcpu::Items items = dlcpu::items_of(g);
@@ -250,21 +244,29 @@ int32_t encode(float* ef, const float* delta, float beta, const Geo& g, int32_t 
   int64_t* coff = ws.coff.get((size_t)T * nf);
   Fields f{ws.idx.get((size_t)g.nnz), ws.val.get((size_t)g.nnz), ws.off.get((size_t)g.nnz),
            ws.codes.get((size_t)g.nnz)};
-  uint32_t nonfinite = 0;
-#pragma omp parallel num_threads(T) reduction(| : nonfinite)
+  const int64_t check_blocks = (n + dlcpu::kItemElems - 1) / dlcpu::kItemElems;
+  uint32_t bad = 0, nonfinite = 0;
+#pragma omp parallel num_threads(T)
   {
-    const int t = omp_get_thread_num();
-    dlcpu::SelectScratch s{ckey + (size_t)t * nf, cidx + (size_t)t * nf, cval + (size_t)t * nf,
-                           coff + (size_t)t * nf};
-    uint32_t* sm = segmax + (size_t)t * items.group * plans.gmax;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t it = 0; it < items.count; ++it)
-      nonfinite |= update_and_select_item(ef, delta, beta, g, items, plans, it, sm, s, f);
+#pragma omp for schedule(dynamic, 4) reduction(| : bad)
+    for (int64_t b = 0; b < check_blocks; ++b)
+      bad |= nonfinite_run(delta + b * dlcpu::kItemElems,
+                           std::min(dlcpu::kItemElems, n - b * dlcpu::kItemElems));
+    if (!bad) {  // the same value in every thread after the loop's barrier
+      const int t = omp_get_thread_num();
+      dlcpu::SelectScratch s{ckey + (size_t)t * nf, cidx + (size_t)t * nf, cval + (size_t)t * nf,
+                             coff + (size_t)t * nf};
+      uint32_t* sm = segmax + (size_t)t * items.group * plans.gmax;
+#pragma omp for schedule(dynamic, 1) reduction(| : nonfinite) nowait
+      for (int64_t it = 0; it < items.count; ++it)
+        nonfinite |= update_and_select_item(ef, delta, beta, g, items, plans, it, sm, s, f);
+    }
   }
+  if (bad) return DL_ERR_NONFINITE_DELTA;
   if (nonfinite) return DL_ERR_NONFINITE_EF;
 
   // 3.-5. Quantize the selected values, subtract what is sent, pack.
-  const int Ts = dlcpu::thread_count(num_threads, g.nnz * (dlcpu::kMinWorkPerThread / dlcpu::kMinFieldsPerThread));
+  const int Ts = dlcpu::thread_count(num_threads, g.nnz);  // one thread below 32K fields
   const float* v = f.val;
   double* part = ws.part.get((size_t)nblocks(g.nnz) * dl::kLevels);
   int64_t* pcount = ws.pcount.get((size_t)nblocks(g.nnz) * dl::kLevels);

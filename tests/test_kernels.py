@@ -321,7 +321,7 @@ def test_decode_rejects_bad_input(path):
 @pytest.mark.parametrize("path", ["kernel", "reference"])
 def test_decode_rejects_bad_gaps(path):
     codec = SparseLoCoCodec(topk=64, chunk=64, index_coding="gaps")
-    part = codec.encode("w", torch.randn(64, 128), {})  # two chunks of 64 x 64, k = 64 each
+    part = codec.encode("w", torch.randn(64, 128, generator=torch.Generator().manual_seed(5)), {})
     agg = codec.decode_aggregate if path == "kernel" else functools.partial(reference_aggregate, codec)
     nnz = part.meta["nnz"]
     idx = part.buffers["indices"].copy()
@@ -330,7 +330,7 @@ def test_decode_rejects_bad_gaps(path):
     with pytest.raises(IndexRangeError, match="strictly increasing"):
         agg([zero_gap], (64, 128))
     idx = part.buffers["indices"].copy()
-    idx[nnz - 1] = 0xFF  # last gap of chunk 1 pushes its index past 4095
+    idx[nnz - 1] = idx[2 * nnz - 1] = 0xFF  # last gap of chunk 1 (65535) pushes it past 4095
     past_end = EncodedTensor(part.shape, part.meta, {**part.buffers, "indices": idx})
     with pytest.raises(IndexRangeError, match="out of range"):
         agg([past_end], (64, 128))
