@@ -79,7 +79,7 @@ def _profile(rank: int, world: int, opts: dict) -> dict:
 
     from distrain.config import ModelConfig
     from distrain.model import build_model
-    from parallel.sp_cost import SPCosts, alltoall_bytes_per_token, mape
+    from parallel.sp_cost import SPCosts, alltoall_bytes_per_token, makespan, mape
     from parallel.sp_planner import SPPlan, allowed_degrees, broadcast_json, broadcast_plan, homogeneous_plan, plan_step
     from parallel.sp_profile import (
         activation_bytes_per_token,
@@ -87,7 +87,7 @@ def _profile(rank: int, world: int, opts: dict) -> dict:
         fit_costs,
         homogeneous_groups,
         model_bytes_per_token,
-        time_plan,
+        time_plans,
     )
     from parallel.ulysses import GroupCache
 
@@ -99,7 +99,7 @@ def _profile(rank: int, world: int, opts: dict) -> dict:
     cache = GroupCache()
     cache.precreate([tuple(g) for d in degrees if d > 1 for g in homogeneous_groups(world, d)])
     t0 = time.perf_counter()
-    samples = []
+    items, shapes = [], []  # (plan, lengths) to time; (composition, degree) of the profiled ones
     for d in degrees:
         groups = homogeneous_groups(world, d)
         fillers = [[i] for i in range(len(groups) * d, world)]  # leftover devices stay busy, as in training
@@ -107,11 +107,8 @@ def _profile(rank: int, world: int, opts: dict) -> dict:
             small = [max(1, -(-n // d)) for n in comp]  # a filler's share: about one device's part of comp
             plan = SPPlan(groups + fillers, [j for j in range(len(groups)) for _ in comp] +
                           [len(groups) + j for j in range(len(fillers)) for _ in small], 0.0)
-            lengths = comp * len(groups) + small * len(fillers)
-            # the step's makespan, not each group's time: with more processes than cores, which group
-            # the scheduler favours varies from run to run, the time all of them take does not
-            makespan_s, _ = time_plan(model, plan, lengths, rank, cache, vocab, repeats=reps)
-            samples.append((comp, d, makespan_s))
+            items.append((plan, comp * len(groups) + small * len(fillers)))
+            shapes.append((comp, d))
     nominal = model_bytes_per_token(model)
     a = next(iter(model.layers.values())).attention
     measured = {}
@@ -121,14 +118,21 @@ def _profile(rank: int, world: int, opts: dict) -> dict:
             measured[d] = raw * nominal / alltoall_bytes_per_token(len(model.layers), a.n_heads, a.n_kv_heads,
                                                                     a.head_dim, 4, degree=d)
     memory = activation_bytes_per_token(model, (max(2, max_len // 4), max_len), vocab) if rank == 0 else 0.0
-    fit = fit_costs(samples, nominal, measured, memory).to_dict() if rank == 0 else None
-    costs = SPCosts.from_dict(broadcast_json(fit, 0))
-    profile_s = time.perf_counter() - t0
 
+    def fit(times: list[float]) -> tuple[SPCosts, list]:
+        # the step's makespan per sample, not each group's time: with more processes than cores, which
+        # group the scheduler favours varies from run to run, the time all of them take does not
+        samples = [(c, d, t) for (c, d), t in zip(shapes, times)]
+        got = fit_costs(samples, nominal, measured, memory).to_dict() if rank == 0 else None
+        return SPCosts.from_dict(broadcast_json(got, 0)), samples
+
+    # A quick fit (one run each) chooses the validation plans; then the profiled and the validation
+    # plans are timed together, interleaved, and the final fit never sees the validation plans.
+    prelim, _ = fit(time_plans(model, items, rank, cache, vocab, repeats=1))
     pool = _pool(opts["lengths"], max_len, opts["seed"])
     cap = max(1, max_len // 2)  # memory for half the longest sequence: long ones need groups
     rng = np.random.default_rng([opts["seed"], 11])
-    rows = []
+    checks = []
     for i in range(opts["validate"]):
         draw = pool[rng.integers(0, pool.size, 4 * world * max_len)]
         lengths = draw[: max(1, int(np.searchsorted(np.cumsum(draw), 0.7 * world * cap)))].tolist()
@@ -136,16 +140,21 @@ def _profile(rank: int, world: int, opts: dict) -> dict:
         if rank == 0:
             if i % 3 == 2:  # every third: a homogeneous plan, so the check covers plans of every shape
                 d = degrees[(i // 3) % len(degrees)]
-                plan = homogeneous_plan(lengths, world, costs, d, capacity=cap) or \
-                    plan_step(lengths, world, costs, degrees=degrees, capacity=cap, time_limit_s=1.0)
+                plan = homogeneous_plan(lengths, world, prelim, d, capacity=cap) or \
+                    plan_step(lengths, world, prelim, degrees=degrees, capacity=cap, time_limit_s=1.0)
             else:
-                plan = plan_step(lengths, world, costs, degrees=degrees, capacity=cap, time_limit_s=1.0)
-        plan = broadcast_plan(plan, 0)
-        measured_s, _ = time_plan(model, plan, lengths, rank, cache, vocab, repeats=reps)
+                plan = plan_step(lengths, world, prelim, degrees=degrees, capacity=cap, time_limit_s=1.0)
+        checks.append((broadcast_plan(plan, 0), lengths))
+    times = time_plans(model, items + checks, rank, cache, vocab, repeats=reps)
+    costs, samples = fit(times[:len(items)])
+    profile_s = time.perf_counter() - t0
+    rows = []
+    for (plan, lengths), t in zip(checks, times[len(items):]):
+        predicted = makespan(plan.groups, plan.assignment, lengths, costs, None, world)
         rows.append({"groups": plan.groups, "tokens": int(sum(lengths)), "sequences": len(lengths),
-                     "predicted_s": plan.predicted_step_s, "measured_s": measured_s})
+                     "predicted_s": predicted, "measured_s": t})
     err = mape([r["predicted_s"] for r in rows], [r["measured_s"] for r in rows]) if rows else None
-    return {"costs": costs.to_dict(), "devices": world, "degrees": degrees, "max_len": max_len,
+    return {"costs": costs.to_dict(), "devices": world, "degrees": degrees, "max_len": max_len, "repeats": reps,
             "model": dataclasses.asdict(mcfg), "threads": opts["threads"],
             "samples": [{"lengths": c, "degree": d, "seconds": t} for c, d, t in samples],
             "measured_alltoall_gbps": {str(k): v for k, v in measured.items()},
@@ -174,6 +183,9 @@ def profile(cfg: Any, devices: int, *, max_len: int = 0, lengths: str | None = N
             while not ctx.join(timeout=1.0):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"profile-sp did not finish within {timeout_s:.0f} s")
+        except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:  # died without writing its error
+            errors = sorted(Path(out).glob("error-*.txt"))
+            raise RuntimeError(errors[0].read_text() if errors else f"a profile-sp process died: {e}") from None
         finally:
             for p in ctx.processes:
                 if p.is_alive():

@@ -4,8 +4,8 @@ Why: the planner is only as good as its coefficients, and they depend on the mod
 and the links; ``distrain profile-sp`` runs these functions on every process of a replica (all
 processes call each function together) and fits ``parallel.sp_cost.SPCosts`` from the result.
 
-* ``time_plan``: wall seconds of one forward + backward of a plan, the slowest device's (what the
-  cost model predicts as the makespan), and each group's own. Every group works at once, as in
+* ``time_plans``: wall seconds of one forward + backward of each of several plans, the slowest
+  device's (what the cost model predicts as the makespan). Every group works at once, as in
   training, so shared resources (cores, memory bandwidth, links) are loaded as they will be;
   profiles keep every device busy (devices a group size leaves over run a filler group).
 * ``alltoall_gbps``: bytes each device holds / seconds of one ``all_to_all_single`` among groups
@@ -21,6 +21,7 @@ processes call each function together) and fits ``parallel.sp_cost.SPCosts`` fro
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -57,29 +58,37 @@ def synthetic_batch(lengths: Sequence[int], vocab: int, seed: int = 0) -> tuple[
     return tok[:-1], tok[1:], cu
 
 
-def time_plan(model: Any, plan: SPPlan, lengths: Sequence[int], device: int, group_for: GroupProvider, vocab: int,
-              repeats: int = 3, warmup: int = 1) -> tuple[float, list[float]]:
-    """Fastest of ``repeats`` runs of (the slowest device's forward + backward seconds of ``plan``, each
-    group's own seconds: the slowest of its members). The fastest run, not the median: on shared
-    machines other jobs only ever add time."""
+def time_once(model: Any, plan: SPPlan, batch: tuple[torch.Tensor, torch.Tensor, list[int]], device: int,
+              group_for: GroupProvider) -> list[float]:
+    """One forward + backward of ``plan`` on every device at once: each group's seconds (its slowest member's)."""
     import torch.distributed as dist
 
-    inputs, targets, cu = synthetic_batch(lengths, vocab)
-    world = dist.get_world_size()
-    runs = []
-    for i in range(warmup + repeats):
-        for p in model.parameters():
-            p.grad = None
-        dist.barrier()
-        t0 = time.perf_counter()
-        sp_forward_backward(model, inputs, targets, cu, plan, device, group_for)
-        t = torch.zeros(world, dtype=torch.float64)
-        t[dist.get_rank()] = time.perf_counter() - t0
-        dist.all_reduce(t)
-        if i >= warmup:
-            runs.append([max(float(t[r]) for r in g) for g in plan.groups])
-    per_group = [min(r[j] for r in runs) for j in range(len(plan.groups))]
-    return min(max(r) for r in runs), per_group
+    inputs, targets, cu = batch
+    for p in model.parameters():
+        p.grad = None
+    dist.barrier()
+    t0 = time.perf_counter()
+    sp_forward_backward(model, inputs, targets, cu, plan, device, group_for)
+    t = torch.zeros(dist.get_world_size(), dtype=torch.float64)
+    t[dist.get_rank()] = time.perf_counter() - t0
+    dist.all_reduce(t)
+    return [max(float(t[r]) for r in g) for g in plan.groups]
+
+
+def time_plans(model: Any, items: Sequence[tuple[SPPlan, Sequence[int]]], device: int, group_for: GroupProvider,
+               vocab: int, repeats: int = 5) -> list[float]:
+    """The fastest of ``repeats`` makespans of each (plan, lengths), the items interleaved: every item
+    sees the same spread of background load, so a busy moment on a shared machine slows one run of
+    each, not all runs of one (the fastest run counts: other jobs only ever add time). One untimed
+    warm-up run of each item first."""
+    batches = [synthetic_batch(lengths, vocab) for _, lengths in items]
+    for (plan, _), b in zip(items, batches):
+        time_once(model, plan, b, device, group_for)
+    best = [math.inf] * len(items)
+    for _ in range(repeats):
+        for i, ((plan, _), b) in enumerate(zip(items, batches)):
+            best[i] = min(best[i], max(time_once(model, plan, b, device, group_for)))
+    return best
 
 
 def alltoall_gbps(device: int, n_devices: int, degree: int, group_for: GroupProvider, nbytes: int = 1 << 22,
