@@ -340,8 +340,12 @@ class SparseLoCoCodec(Codec):
                             self.aggregation, dev)
             return out.reshape(shape)
         lay = self.layout(shape)
+        specs = self.buffer_layout(shape)
         for part in parts:  # the kernels check index ranges (and gap order) themselves
-            self._check_structure(part)
+            try:
+                check_layout(part, specs)
+            except ValueError as exc:
+                raise SchemaError(f"sparseloco tensor {part.shape}: {exc}") from None
             if self.index_coding == "packed" and not padding_is_zero(part.buffers["indices"], lay.nnz,
                                                                      lay.index_bits):
                 raise SchemaError("non-zero padding bits after the last index")

@@ -105,6 +105,11 @@ def decode_aggregate(indices: Sequence[Buffer], values: Sequence[Buffer],
     layout = chunk_layout(tuple(int(s) for s in shape), int(chunk), int(topk))
     dev = torch.device(device if device is not None else "cpu")
     cents = list(centroids) if quantizer != "none" else []
+    if dev.type == "cpu" and all(isinstance(b, np.ndarray) for b in [*indices, *values, *cents]):
+        out = _ops.decode_cpu_arrays(layout, list(indices), list(values), cents, quantizer,
+                                     aggregation, value_dtype, index_coding)
+        if out is not None:
+            return out
     if dev.type == "cpu":
         idx, val, cen = (_as_cpu(list(indices)), _as_cpu(list(values)), _as_cpu(cents))
     else:

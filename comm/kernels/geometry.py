@@ -69,35 +69,35 @@ class ChunkLayout:
             return largest_divisor_at_most(rows, self.chunk), largest_divisor_at_most(cols, self.chunk)
         return 1, min(self.chunk, self.numel)
 
-    @property
+    @cached_property
     def n_full(self) -> int:
         """Elements in a full chunk (every chunk for 2-D; all but possibly the last for 1-D)."""
         cr, cc = self.block
         return cr * cc
 
-    @property
+    @cached_property
     def n_chunks(self) -> int:
         return -(-self.numel // self.n_full)
 
-    @property
+    @cached_property
     def n_last(self) -> int:
         """Elements in the last chunk (== n_full unless a flattened tensor has a remainder)."""
         return self.numel - (self.n_chunks - 1) * self.n_full
 
-    @property
+    @cached_property
     def k_full(self) -> int:
         return k_for(self.n_full, self.topk)
 
-    @property
+    @cached_property
     def k_last(self) -> int:
         return k_for(self.n_last, self.topk)
 
-    @property
+    @cached_property
     def nnz(self) -> int:
         """Total selected elements of the tensor."""
         return (self.n_chunks - 1) * self.k_full + self.k_last
 
-    @property
+    @cached_property
     def index_bits(self) -> int:
         return (self.n_full - 1).bit_length()
 

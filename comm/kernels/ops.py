@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 from typing import Callable
 
+import numpy as np
 import torch
 
 from comm.errors import IndexRangeError
@@ -224,6 +225,49 @@ def _decode_cpu(indices, values, centroids, shape, topk, chunk, quantizer, aggre
     status = lib.dl_cpu_sparseloco_decode_aggregate(
         ctypes.byref(geo), len(indices), _ptr_array(indices), _ptr_array(values),
         cents.data_ptr() if cents is not None else None, _lib.QUANTIZER_CODES[quantizer],
+        _lib.VALUE_DTYPE_CODES[value_dtype], _lib.INDEX_CODING_CODES[index_coding],
+        _lib.AGGREGATION_CODES[aggregation], out.data_ptr(), torch.get_num_threads())
+    _raise_for(status, lib)
+    return out
+
+
+_VALUE_NUMPY = {"fp16": np.dtype("<f2"), "fp32": np.dtype("<f4")}
+
+
+def decode_cpu_arrays(layout: ChunkLayout, indices: list[np.ndarray], values: list[np.ndarray],
+                      centroids: list[np.ndarray], quantizer: str, aggregation: str,
+                      value_dtype: str, index_coding: str) -> torch.Tensor | None:
+    """The CPU kernel straight on received numpy buffers: no tensor wrapping and no dispatch,
+    which cost more than the kernel on small tensors. None when the library is not loaded."""
+    lib = _lib.library("cpu")
+    if lib is None:
+        return None
+    n = len(indices)
+    if n == 0 or len(values) != n or (quantizer != "none" and len(centroids) != n):
+        raise ValueError(f"decode_aggregate needs one indices/values(/centroids) buffer per part, "
+                         f"got {len(indices)}/{len(values)}/{len(centroids)}")
+    want_idx = index_nbytes(index_coding, layout.nnz, layout.index_bits)
+    want_val = ((layout.nnz, _VALUE_NUMPY[value_dtype]) if quantizer == "none"
+                else (packed_nbytes(layout.nnz, 2), np.dtype(np.uint8)))
+    idx = [np.ascontiguousarray(a) for a in indices]
+    val = [np.ascontiguousarray(a) for a in values]
+    for r in range(n):
+        for a, size, dtype, name in ((idx[r], want_idx, np.dtype(np.uint8), "indices"),
+                                     (val[r], *want_val, "values")):
+            if a.size != size or a.dtype != dtype:
+                raise ValueError(f"part {r}: {name} is {a.dtype}[{a.size}], expected {dtype}[{size}]")
+    cents = None
+    if quantizer != "none":
+        cents = np.ascontiguousarray(np.concatenate([np.asarray(c).reshape(-1) for c in centroids]),
+                                     dtype=np.float32)
+        if cents.size != 4 * n:
+            raise ValueError(f"centroids: {cents.size} floats for {n} parts, expected {4 * n}")
+    out = torch.empty(layout.shape, dtype=torch.float32)
+    status = lib.dl_cpu_sparseloco_decode_aggregate(
+        ctypes.byref(geometry(layout)), n,
+        (ctypes.c_void_p * n)(*[a.ctypes.data if a.size else None for a in idx]),
+        (ctypes.c_void_p * n)(*[a.ctypes.data if a.size else None for a in val]),
+        cents.ctypes.data if cents is not None else None, _lib.QUANTIZER_CODES[quantizer],
         _lib.VALUE_DTYPE_CODES[value_dtype], _lib.INDEX_CODING_CODES[index_coding],
         _lib.AGGREGATION_CODES[aggregation], out.data_ptr(), torch.get_num_threads())
     _raise_for(status, lib)
