@@ -9,7 +9,10 @@
    — 3 actors on a private local Ray instance. tokens/s = tokens trained by all replicas / wall-clock
    of the round loop (process start, data loading and the first evaluation excluded; the
    end-to-end seconds of each mode are reported beside). All three reach the same weights.
-2. Overlap. The simulation with outer.apply_delay = 0 and 1 over slow simulated links (1 Mbit/s,
+2. Heterogeneous equivalence. A 2-device DDP replica beside a single-device replica (3 workers),
+   in the three modes: ``hetero_identical`` is true when every worker's checkpointed model and
+   global weights are bit-identical across simulation, torchrun and Ray.
+3. Overlap. The simulation with outer.apply_delay = 0 and 1 over slow simulated links (1 Mbit/s,
    20 ms): final validation loss and simulated wall-clock. With apply_delay = 1 each round's
    all-gather runs in the background of the next round's inner steps (network model
    ``overlap=True``) and its aggregate is applied one round late.
@@ -34,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from distrain.config import load_config, save_config  # noqa: E402
-from distrain.runner import Simulation  # noqa: E402
+from distrain.runtime.simulation import Simulation  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "runtime.json"
 
@@ -67,6 +70,23 @@ def run_process(cmd: list[str], run_dir: Path, timeout: float = 900) -> dict:
     return {**summary, "end_to_end_s": wall, "loop_s": summary["sim_time_s"]}
 
 
+def final_states(run_dir: Path, world: int) -> list[dict[str, torch.Tensor]]:
+    """Every worker's checkpointed model and global weights at the end of a run."""
+    from distrain.checkpoint import load_latest
+
+    out = []
+    for r in range(world):
+        st = load_latest(run_dir / "checkpoints" / f"rank-{r}").state["worker"]
+        model = {f"model/{k.removeprefix('module.')}": v for k, v in st["trainer"]["model"].items()}
+        glob = {f"global/{k}": v for seg in st["outer"].values() for k, v in seg["global"].items()}
+        out.append({**model, **glob})
+    return out
+
+
+def same_tensors(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:
+    return all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke run of the benchmark)")
@@ -86,11 +106,25 @@ def main() -> None:
          "launch.torchrun", "--config", str(base), "--run.name=torchrun"], out / "runs" / "torchrun")
     modes["ray"] = run_process(
         [sys.executable, "-m", "launch.ray", "--address", "local", "--num-cpus", "3", "--config", str(base),
-         "--run.name=ray", "--runtime.worker_cpus=[1.0, 1.0, 1.0]"], out / "runs" / "ray")
+         "--run.name=ray"], out / "runs" / "ray")
     tps = {m: r["tokens"] / r["loop_s"] for m, r in modes.items()}
     same = {m: r["final_val_loss"] == modes["sim"]["final_val_loss"] for m, r in modes.items()}
 
-    # 2. overlap: delayed apply over slow links, in simulation
+    # 2. heterogeneous topology: one 2-device DDP replica and one single-device replica
+    het = out / "hetero.toml"
+    save_config(load_config("torchrun_cpu", throughput_config(out / "runs", steps) + [
+        "--topology.replicas=0", "--topology.replica=[{devices=2}, {}]", "--checkpoint.every=15"]), het)
+    hetero = {"sim": run_sim(het, "het_sim")}
+    hetero["torchrun"] = run_process(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m",
+         "launch.torchrun", "--config", str(het), "--run.name=het_torchrun"], out / "runs" / "het_torchrun")
+    hetero["ray"] = run_process(
+        [sys.executable, "-m", "launch.ray", "--address", "local", "--num-cpus", "3", "--config", str(het),
+         "--run.name=het_ray"], out / "runs" / "het_ray")
+    states = {m: final_states(out / "runs" / f"het_{m}", 3) for m in hetero}
+    hetero_identical = all(same_tensors(states["sim"], states[m]) for m in ("torchrun", "ray"))
+
+    # 3. overlap: delayed apply over slow links, in simulation
     slow = out / "overlap.toml"
     save_config(load_config("torchrun_cpu", [
         f"--run.out_dir={out / 'runs'}", f"--train.steps={overlap_steps}", f"--train.eval_every={overlap_steps}",
@@ -109,6 +143,7 @@ def main() -> None:
         "torchrun_tokens_per_s": tps["torchrun"],
         "ray_tokens_per_s": tps["ray"],
         "overlap": overlap,
+        "hetero_identical": hetero_identical,
         "machine": machine(),
         "command": command,
         "details": {
@@ -119,6 +154,10 @@ def main() -> None:
             "loop_s": {m: r["loop_s"] for m, r in modes.items()},
             "tokens": {m: r["tokens"] for m, r in modes.items()},
             "final_val_loss_equal_to_sim": same,
+            "hetero_job": "the throughput job with [[topology.replica]] devices = 2 (DDP) and devices = 1: "
+                          "3 workers; every worker's model and global weights compared bit for bit",
+            "hetero_tokens_per_s": {m: r["tokens"] / r["loop_s"] for m, r in hetero.items()},
+            "hetero_final_val_loss": {m: r["final_val_loss"] for m, r in hetero.items()},
             "overlap_job": f"configs/torchrun_cpu.toml, 3 replicas, {overlap_steps} steps, simulated links "
                            "1 Mbit/s up and down, 20 ms latency, 0.25 s per inner step",
         },

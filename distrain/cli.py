@@ -33,6 +33,8 @@ def config_keys_help() -> str:
     for f in dataclasses.fields(ReplicaConfig):
         comment = _FIELD_COMMENTS.get(f.name, "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if dataclasses.is_dataclass(default):
+            default = dataclasses.asdict(default)
         lines.append(f"  {f.name} = {json.dumps(default)}  {comment}")
     lines.append("  per-worker keys (speed, up_mbps, down_mbps, latency_ms, cpus, gpus, memory_mb) take one number "
                  "for every worker or a list, one per worker")
@@ -52,6 +54,10 @@ _FIELD_COMMENTS = {
     "cpus": "Ray bundle CPUs (default 1)",
     "gpus": "Ray bundle GPUs (default 0)",
     "memory_mb": "Ray memory reservation (default none)",
+    "schedule": "pipeline: 1f1b | gpipe",
+    "microbatches": "pipeline: micro-batches per step (0: automatic)",
+    "wire_dtype": "pipeline: boundary values bf16 | fp32",
+    "compress": "pipeline: subspace compression, k coordinates per token (0: none), method reparam | project",
 }
 
 

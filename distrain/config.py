@@ -157,6 +157,15 @@ ALGORITHMS: dict[str, Algorithm] = {
 
 
 @dataclass
+class CompressConfig:
+    """Subspace compression of a pipeline replica's boundaries (``[topology.replica.compress]``)."""
+
+    k: int = 0  # coordinates per token at a boundary (0: send the d-dim activations uncompressed)
+    method: str = "reparam"  # reparam (W = U·Z, Z trainable) | project (W ← U·UᵀW after every step)
+    seed: int = 1337  # of U (d×k, orthonormal): the same on every worker
+
+
+@dataclass
 class ReplicaConfig:
     """One ``[[topology.replica]]`` table: a full replica, or a pipeline replica of stage workers.
 
@@ -177,6 +186,10 @@ class ReplicaConfig:
     cpus: float | list[float] = field(default_factory=list)  # Ray bundle CPUs per worker (default 1)
     gpus: float | list[float] = field(default_factory=list)  # Ray bundle GPUs per worker (default 0)
     memory_mb: int | list[int] = field(default_factory=list)  # Ray memory reservation per worker (default none)
+    schedule: str = "1f1b"  # pipeline: 1f1b (activations of at most ~stages micro-batches) | gpipe
+    microbatches: int = 0  # pipeline: micro-batches per step, dividing batch_size·grad_accum (0: automatic)
+    wire_dtype: str = "bf16"  # pipeline: boundary values bf16 | fp32
+    compress: CompressConfig = field(default_factory=CompressConfig)
 
     def workers(self, n_layers: int) -> int:
         """Workers of one replica of this table (devices, or stages)."""
@@ -211,6 +224,18 @@ class ReplicaConfig:
                       "at least 2 stages")
             _need(not cfg.model.tie_embeddings, f"{where}: a pipeline puts the embedding and the head on different "
                                                 "stages; model.tie_embeddings must be false")
+            _choice(f"{where}: schedule", self.schedule, ("1f1b", "gpipe"))
+            _choice(f"{where}: wire_dtype", self.wire_dtype, ("bf16", "fp32"))
+            seqs = cfg.train.batch_size * cfg.train.grad_accum
+            _need(self.microbatches >= 0 and (self.microbatches == 0 or seqs % self.microbatches == 0),
+                  f"{where}: microbatches = {self.microbatches} must divide train.batch_size x train.grad_accum = "
+                  f"{seqs} (0: automatic)")
+            c = self.compress
+            _need(0 <= c.k <= cfg.model.dim, f"{where}: compress.k = {c.k} must be in [0, model.dim = {cfg.model.dim}] "
+                                             "(0: uncompressed)")
+            _choice(f"{where}: compress.method", c.method, ("reparam", "project"))
+        _need(self.kind == "pipeline" or (self.compress.k == 0 and self.microbatches == 0),
+              f"{where}: compress and microbatches are for kind = 'pipeline'")
         n = self.workers(n_layers)
         for key in ("speed", "up_mbps", "down_mbps", "latency_ms", "cpus", "gpus", "memory_mb"):
             v = getattr(self, key)
@@ -230,6 +255,11 @@ class TopologyConfig:
     straggler_policy: str = "wait"  # wait | fewer_steps
     quorum: float = 1.0  # fraction of replicas a round needs
     round_timeout_s: float = 600.0
+    # How a compressed pipeline replica meets unconstrained replicas in one round:
+    # project_start: it starts each round from the global weights mapped onto its constraint and
+    #   measures its pseudo-gradient from there; project_global: the global weights themselves are
+    #   projected onto the constraint after every outer step (node0-style), for every replica.
+    compress_sync: str = "project_start"
 
     def tables(self) -> list[ReplicaConfig]:
         """The replica tables, the shorthand expanded."""
@@ -485,6 +515,12 @@ def _check_topology(cfg: Config) -> None:
     for i, table in enumerate(t.tables()):
         table.check(i, cfg)
     _choice("topology.straggler_policy", t.straggler_policy, ("wait", "fewer_steps"))
+    _choice("topology.compress_sync", t.compress_sync, ("project_start", "project_global"))
+    compressed = {(r.compress.k, r.compress.seed, str(r.stages)) for r in t.tables()
+                  if r.kind == "pipeline" and r.compress.k}
+    if t.compress_sync == "project_global":
+        _need(len(compressed) <= 1, "topology.compress_sync = 'project_global' projects the global weights onto one "
+                                    "subspace: every compressed pipeline needs the same compress.k, seed and stages")
     _need(0 < t.quorum <= 1, f"topology.quorum must be in (0, 1], got {t.quorum}")
     _need(t.round_timeout_s > 0, f"topology.round_timeout_s must be positive, got {t.round_timeout_s}")
     algo, tables = cfg.algorithm, t.tables()

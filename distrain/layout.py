@@ -118,6 +118,13 @@ class Layout:
         """Validation runs on the first full replica (the global weights, unconstrained)."""
         return next((r.index for r in self.replicas if r.kind == "full"), 0)
 
+    def eval_ranks(self, replica: int | None = None) -> list[int]:
+        """Who evaluates: a full replica's leader, or every stage of a pipeline (the last has the loss)."""
+        replica = self.eval_replica if replica is None else replica
+        if self.replicas[replica].kind == "full":
+            return [self.leader(replica)]
+        return [self.stage_ranks(replica, s)[0] for s in range(self.replicas[replica].stages)]
+
     # ----- segments and groups -----------------------------------------------------------------
     def segments_in(self, layers: tuple[int, int]) -> list[int]:
         return [g for g, (a, b) in enumerate(self.segments) if layers[0] <= a and b <= layers[1]]

@@ -166,22 +166,11 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
         """Initialise every parameter; with ``seed``, each from its own generator seeded by
-        (seed, name), so a stage holding layers [a, b) starts exactly as those layers of the
-        whole model do (pipeline workers never build the whole model). Without a seed: torch's
-        global generator."""
-        std = self.cfg.init_std
-        # Residual-writing projections are scaled down with depth (GPT-2 / LLaMA practice).
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        (seed, name) (``initial_tensor``), so a stage holding layers [a, b) starts exactly as those
+        layers of the whole model do (pipeline workers never build the whole model). Without a
+        seed: torch's global generator."""
         for name, p in self.named_parameters():
-            gen = None
-            if seed is not None:
-                gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(name.encode()))
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(("wo.weight", "w2.weight")):
-                p.copy_(torch.randn(p.shape, generator=gen) * out_std)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            p.copy_(initial_tensor(self.cfg, name, tuple(p.shape), seed))
 
     def rope(self, start_pos: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         if start_pos + length > self.rope_cos.shape[0]:
@@ -206,6 +195,18 @@ class Transformer(nn.Module):
         for j, layer in enumerate(self.layers.values()):
             h = layer(h, cos, sin, prefixes[j] if prefixes is not None else None)
         return self.head(h) if self.is_last else h
+
+
+def initial_tensor(cfg: ModelConfig, name: str, shape: tuple[int, ...], seed: int | None) -> torch.Tensor:
+    """The initial value of parameter ``name``: norms at 1, residual-writing projections scaled
+    down with depth (GPT-2 / LLaMA practice), everything else N(0, init_std²)."""
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(name.encode()))
+    std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else cfg.init_std
+    return torch.randn(shape, generator=gen) * std
 
 
 def build_model(cfg: ModelConfig, start: int = 0, end: int | None = None, seed: int | None = None) -> Transformer:

@@ -27,12 +27,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from comm.codecs import Codec, make_codec
+from comm.codecs import Codec, EncodedTensor, make_codec
 from comm.errors import FrameError
 from comm.robust import RobustPolicy, robust_aggregate_inputs
 from comm.transport import Transport
@@ -64,27 +64,38 @@ def owned_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+Weights = dict[str, torch.Tensor]
+
+
 class OuterOptimizer:
-    """Base: no synchronisation (a single replica); its global weights are the model's."""
+    """An outer optimiser over one segment's parameters (by name), without access to the model.
+
+    Each round the worker hands it the replica's local weights (``sync_round``) and gets back the
+    weights the replica should start the next round from (``None``: keep training on). The worker
+    loads them into its model (through its constraint, for a compressed stage) and reports what it
+    actually loaded (``started``), from which the next pseudo-gradient is measured.
+    """
 
     grad_sync = None  # per-step gradient hook (DDP only)
 
-    def __init__(self, params: dict[str, nn.Parameter]):
-        self.params = params
+    def __init__(self, initial: Weights):
+        self.names = list(initial)
+        self.shapes = {n: tuple(t.shape) for n, t in initial.items()}
 
-    def sync_round(self, round_idx: int) -> RoundStats | None:
+    def sync_round(self, round_idx: int, local: Weights) -> tuple[RoundStats | None, Weights | None]:
+        return None, None
+
+    def started(self, actual: Weights | None) -> None:
+        """The replica starts the next round from ``actual`` (None: exactly the returned target)."""
+
+    def reset_to(self, params: Weights) -> Weights:
+        """New global weights (initial agreement, catch-up); returns what to load."""
+        _check_names(params, self.names)
+        return params
+
+    def flush(self) -> Weights | None:
+        """Apply anything still in flight (delayed mode); returns what to load, if anything."""
         return None
-
-    def global_state(self) -> dict[str, torch.Tensor]:
-        """The replica-independent weights of these parameters (fp32, CPU copies)."""
-        return {n: p.detach().float().cpu().clone() for n, p in self.params.items()}
-
-    @torch.no_grad()
-    def reset_to(self, params: dict[str, torch.Tensor]) -> None:
-        """Start from ``params`` as the global weights (initial broadcast, catch-up)."""
-        _check_names(params, self.params)
-        for n, p in self.params.items():
-            p.copy_(params[n].to(p.device, p.dtype))
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -92,11 +103,8 @@ class OuterOptimizer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    def flush(self) -> None:
-        """Apply anything still in flight (only delayed outer optimisers hold something)."""
 
-
-def _check_names(params: dict[str, torch.Tensor], own: dict[str, nn.Parameter]) -> None:
+def _check_names(params: Weights, own: list[str]) -> None:
     if set(params) != set(own):
         raise ValueError(f"global weights name {sorted(set(params) ^ set(own))} differently from the model")
 
@@ -115,6 +123,7 @@ class _FrameExchange:
                  run_id: str, rank: int, device: torch.device, policy: RobustPolicy | None = None):
         self.device = device
         self.policy = policy
+        self.kept: list[dict[str, EncodedTensor]] = []  # the last round's aggregated contributions
         self.codec = codec
         self.shapes = shapes
         self.transport = transport
@@ -143,6 +152,7 @@ class _FrameExchange:
             for why in judged.rejected + judged.clipped:
                 log.warning("round %d, %s: %s", round_idx, self.group, why)
             reasons += judged.rejected
+        self.kept = [t for _, t in kept]
         if not kept:
             log.warning("round %d: no usable contribution in group %s (%s): the outer step is skipped",
                         round_idx, self.group, "; ".join(reasons) or "none arrived")
@@ -152,8 +162,34 @@ class _FrameExchange:
         return aggregate, len(frame), len(kept), reasons
 
 
+@torch.no_grad()
+def outer_sgd(weights: Weights, agg: Weights | None, momentum_buf: Weights, lr: float, momentum: float,
+              nesterov: bool, round_idx: int) -> None:
+    """θ ← θ − lr·u with u the aggregate, or its (Nesterov) momentum; in place, skipped for
+    ``None`` (nothing usable arrived) or a non-finite aggregate (it can never reach the weights)."""
+    if agg is None:
+        return
+    bad = [n for n, update in agg.items() if not torch.isfinite(update).all()]
+    if bad:  # cannot come from bounded contributions
+        log.error("round %d: non-finite aggregate for %s: the outer step is skipped", round_idx, bad)
+        return
+    for n, update in agg.items():
+        if momentum:
+            buf = momentum_buf.get(n)
+            buf = update.clone() if buf is None else buf.mul_(momentum).add_(update)
+            momentum_buf[n] = buf
+            update = update + momentum * buf if nesterov else buf
+        weights[n].sub_(update, alpha=lr)
+
+
 class PseudoGradientOuter(OuterOptimizer):
     """DiLoCo and SparseLoCo: exchange the pseudo-gradient every round, then step θ_global.
+
+    The pseudo-gradient is measured from where the replica started the round (``started``): the
+    global weights themselves for an unconstrained replica, the global weights mapped onto its
+    constraint for a compressed pipeline stage — so the projection residual is never sent as an
+    update. ``post_step`` (optional) maps the global weights after every outer step (the
+    ``project_global`` reconciliation: onto the subspace, for every replica).
 
     ``apply_delay = 1`` overlaps communication with the next round's inner steps: the pseudo-
     gradient sent is this round's local progress (anchor − θ_local), the aggregate that comes back
@@ -161,87 +197,89 @@ class PseudoGradientOuter(OuterOptimizer):
     the global weights (θ_local ← θ_global − own progress), as "eager updates" / Psyche do.
     """
 
-    def __init__(self, params: dict[str, nn.Parameter], codec: Codec, lr: float, momentum: float, nesterov: bool,
+    def __init__(self, initial: Weights, codec: Codec, lr: float, momentum: float, nesterov: bool,
                  transport: Transport, group: str, run_id: str, rank: int, apply_delay: int = 0, segment: int = 0,
-                 policy: RobustPolicy | None = None):
+                 policy: RobustPolicy | None = None, post_step: Callable[[Weights], None] | None = None):
         if apply_delay not in (0, 1):
             raise ValueError(f"outer.apply_delay must be 0 or 1, got {apply_delay}")
-        super().__init__(params)
+        super().__init__(initial)
         self.segment = segment
-        self.global_params = {n: p.detach().float().clone() for n, p in self.params.items()}
-        self.codec_state: dict[str, torch.Tensor] = {}
-        self.momentum_buf: dict[str, torch.Tensor] = {}
+        self.post_step = post_step
+        self.global_params = {n: t.detach().float().clone() for n, t in initial.items()}
+        if post_step is not None:
+            post_step(self.global_params)
+        self.start: Weights | None = None  # where the replica started the round (None: global_params)
+        self.codec_state: Weights = {}
+        self.momentum_buf: Weights = {}
         self.lr, self.momentum, self.nesterov = lr, momentum, nesterov
         self.apply_delay = apply_delay
-        self.anchor: dict[str, torch.Tensor] | None = None  # delayed mode: θ_local at the last send
-        self.pending: dict[str, torch.Tensor] | None = None  # delayed mode: aggregate not applied yet
-        shapes = {n: tuple(p.shape) for n, p in self.params.items()}
-        device = next(iter(params.values())).device
-        self.exchange = _FrameExchange(codec, shapes, transport, group, run_id, rank, device, policy)
-        self.dense_bytes = sum(p.numel() * 4 for p in self.params.values())
+        self.anchor: Weights | None = None  # delayed mode: θ_local at the last send
+        self.pending: Weights | None = None  # delayed mode: aggregate not applied yet
+        self._target: Weights | None = None
+        device = next(iter(initial.values())).device
+        self.exchange = _FrameExchange(codec, self.shapes, transport, group, run_id, rank, device, policy)
+        self.dense_bytes = sum(t.numel() * 4 for t in initial.values())
 
-    def global_state(self) -> dict[str, torch.Tensor]:
+    def global_state(self) -> Weights:
         return {n: t.detach().cpu().clone() for n, t in self.global_params.items()}
 
     @torch.no_grad()
-    def reset_to(self, params: dict[str, torch.Tensor]) -> None:
+    def reset_to(self, params: Weights) -> Weights:
         """New global weights: in-flight state (delayed mode) is dropped, momentum and error
         feedback are kept (a restarted worker has them at zero anyway)."""
         super().reset_to(params)
-        self.global_params = {n: params[n].detach().float().clone().to(p.device) for n, p in self.params.items()}
-        self.anchor, self.pending = None, None
+        device = next(iter(self.global_params.values())).device
+        self.global_params = {n: params[n].detach().float().clone().to(device) for n in self.names}
+        self.anchor, self.pending, self.start = None, None, None
+        self._target = self.global_params
+        return self.global_params
 
-    def _outer_step(self, agg: dict[str, torch.Tensor] | None, round_idx: int) -> None:
-        if agg is None:
-            return  # nothing usable arrived: the global weights stay where they are
-        bad = [n for n, update in agg.items() if not torch.isfinite(update).all()]
-        if bad:  # cannot come from bounded contributions; never let it reach the weights
-            log.error("round %d: non-finite aggregate for %s: the outer step is skipped", round_idx, bad)
-            return
-        for n, update in agg.items():
-            if self.momentum:
-                buf = self.momentum_buf.get(n)
-                buf = update.clone() if buf is None else buf.mul_(self.momentum).add_(update)
-                self.momentum_buf[n] = buf
-                update = update + self.momentum * buf if self.nesterov else buf
-            self.global_params[n].sub_(update, alpha=self.lr)
+    def started(self, actual: Weights | None) -> None:
+        if self.apply_delay:
+            self.anchor = {n: t.detach().float().clone() for n, t in (actual or self._target).items()}
+        else:
+            self.start = None if actual is None else {n: t.detach().float().clone() for n, t in actual.items()}
+
+    def _outer_step(self, agg: Weights | None, round_idx: int) -> None:
+        outer_sgd(self.global_params, agg, self.momentum_buf, self.lr, self.momentum, self.nesterov, round_idx)
+        if agg is not None and self.post_step is not None:
+            self.post_step(self.global_params)
 
     @torch.no_grad()
-    def sync_round(self, round_idx: int) -> RoundStats:
+    def sync_round(self, round_idx: int, local: Weights) -> tuple[RoundStats, Weights]:
         t0 = time.perf_counter()
         if self.apply_delay:
-            anchor = self.anchor if self.anchor is not None else self.global_params
-            deltas = {n: anchor[n] - p.detach().float() for n, p in self.params.items()}
+            base = self.anchor if self.anchor is not None else (
+                self.start if self.start is not None else self.global_params)
         else:
-            deltas = {n: self.global_params[n] - p.detach().float() for n, p in self.params.items()}
+            base = self.start if self.start is not None else self.global_params
+        deltas = {n: base[n] - local[n].float() for n in self.names}
         agg, wire, contributors, reasons = self.exchange.exchange(round_idx, deltas, self.codec_state)
         if self.apply_delay:
             if self.pending is not None:
                 self._outer_step(self.pending, round_idx)
             self.pending = agg
-            for n, p in self.params.items():
-                p.copy_(self.global_params[n] - deltas[n])
-            self.anchor = {n: p.detach().float().clone() for n, p in self.params.items()}
+            target = {n: self.global_params[n] - deltas[n] for n in self.names}
         else:
             self._outer_step(agg, round_idx)
-            for n, p in self.params.items():
-                p.copy_(self.global_params[n])
+            target = self.global_params
+        self._target = target
         return RoundStats(round_idx, wire, self.dense_bytes, contributors, len(reasons), reasons,
-                          time.perf_counter() - t0, self.segment)
+                          time.perf_counter() - t0, self.segment), target
 
     @torch.no_grad()
-    def flush(self) -> None:
+    def flush(self) -> Weights:
         """Delayed mode: apply the aggregate still in flight and drop local progress (end of run)."""
         if self.pending is not None:
             self._outer_step(self.pending, -1)
             self.pending = None
-        for n, p in self.params.items():
-            p.copy_(self.global_params[n])
         self.anchor = None
+        self._target = self.global_params
+        return self.global_params
 
     def state_dict(self) -> dict[str, Any]:
         return {"global": self.global_params, "codec_state": self.codec_state, "momentum": self.momentum_buf,
-                "anchor": self.anchor, "pending": self.pending}
+                "anchor": self.anchor, "pending": self.pending, "start": self.start}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         def clone(d):
@@ -252,22 +290,21 @@ class PseudoGradientOuter(OuterOptimizer):
         self.momentum_buf = clone(state["momentum"])
         self.anchor = clone(state.get("anchor"))
         self.pending = clone(state.get("pending"))
+        self.start = clone(state.get("start"))
 
 
 class DDPOuter(OuterOptimizer):
     """Average gradients over all replicas before every inner optimiser step (dense fp32)."""
 
-    def __init__(self, params: dict[str, nn.Parameter], transport: Transport, group: str, run_id: str, rank: int,
+    def __init__(self, initial: Weights, transport: Transport, group: str, run_id: str, rank: int,
                  policy: RobustPolicy | None = None):
-        super().__init__(params)
-        self.names = list(self.params)
-        shapes = {n: tuple(p.shape) for n, p in self.params.items()}
-        device = next(iter(params.values())).device
-        self.exchange = _FrameExchange(make_codec("dense", dtype="fp32"), shapes, transport, group, run_id, rank,
+        super().__init__(initial)
+        device = next(iter(initial.values())).device
+        self.exchange = _FrameExchange(make_codec("dense", dtype="fp32"), self.shapes, transport, group, run_id, rank,
                                        device, policy)
         self.step = 0
         self.wire = 0
-        self.dense_bytes = sum(p.numel() * 4 for p in self.params.values())
+        self.dense_bytes = sum(t.numel() * 4 for t in initial.values())
         self.reasons: list[str] = []
         self.contributors = 0
 
@@ -282,10 +319,10 @@ class DDPOuter(OuterOptimizer):
         self.wire += wire
         self.reasons += reasons
 
-    def sync_round(self, round_idx: int) -> RoundStats:
+    def sync_round(self, round_idx: int, local: Weights) -> tuple[RoundStats, None]:
         stats = RoundStats(round_idx, self.wire, self.dense_bytes, self.contributors, len(self.reasons), self.reasons)
         self.wire, self.reasons = 0, []
-        return stats
+        return stats, None
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
@@ -302,16 +339,16 @@ def make_codec_from_config(cfg: Config) -> Codec:
     return make_codec("dense", dtype=o.dense_dtype)
 
 
-def make_outer(cfg: Config, params: dict[str, nn.Parameter], rank: int, transport: Transport, group: str,
-               segment: int = 0) -> OuterOptimizer:
-    """The configured outer optimiser over ``params`` (one segment), exchanging in ``group``."""
+def make_outer(cfg: Config, initial: Weights, rank: int, transport: Transport, group: str, segment: int = 0,
+               post_step: Callable[[Weights], None] | None = None) -> OuterOptimizer:
+    """The configured outer optimiser of one segment (``initial``: its weights), exchanging in ``group``."""
     o, algo = cfg.outer, cfg.algorithm
     run_id = f"{cfg.run.name}-{cfg.hash()}"
     policy = RobustPolicy(o.robust_clip, o.robust_reject) if o.robust_clip else None
     if algo.per_step:
-        return DDPOuter(params, transport, group, run_id, rank, policy)
+        return DDPOuter(initial, transport, group, run_id, rank, policy)
     if not algo.rounds:
-        return OuterOptimizer(params)
-    return PseudoGradientOuter(params, make_codec_from_config(cfg), o.lr, o.momentum, o.nesterov,
+        return OuterOptimizer(initial)
+    return PseudoGradientOuter(initial, make_codec_from_config(cfg), o.lr, o.momentum, o.nesterov,
                                transport, group, run_id, rank, apply_delay=o.apply_delay, segment=segment,
-                               policy=policy)
+                               policy=policy, post_step=post_step)

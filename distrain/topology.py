@@ -36,6 +36,16 @@ class ReplicaSpec:
     parallel: str  # single | ddp | deepspeed (full) | pipeline
     bounds: tuple[int, ...]  # stage s holds layers [bounds[s], bounds[s + 1])
     workers: tuple[WorkerSpec, ...]  # a full replica's devices, or a pipeline's stages
+    schedule: str = "1f1b"  # pipeline: 1f1b | gpipe
+    microbatches: int = 1  # pipeline: micro-batches per step
+    wire_dtype: str = "bf16"  # pipeline boundary values
+    compress_k: int = 0  # pipeline: boundary coordinates per token (0: uncompressed)
+    compress_method: str = "reparam"
+    compress_seed: int = 1337
+
+    @property
+    def compressed(self) -> bool:
+        return self.kind == "pipeline" and self.compress_k > 0
 
     @property
     def stages(self) -> int:
@@ -96,7 +106,18 @@ def _replica_spec(index: int, table: ReplicaConfig, cfg: Config) -> ReplicaSpec:
         "memory_mb": _per_worker(table.memory_mb, n, 0),
     }
     workers = tuple(WorkerSpec(**{k: v[i] for k, v in cols.items()}) for i in range(n))
-    return ReplicaSpec(index, table.kind, parallel, bounds, workers)
+    if table.kind == "full":
+        return ReplicaSpec(index, table.kind, parallel, bounds, workers)
+    c = table.compress
+    return ReplicaSpec(index, table.kind, parallel, bounds, workers, table.schedule,
+                       table.microbatches or auto_microbatches(cfg.train.batch_size * cfg.train.grad_accum, n),
+                       table.wire_dtype, c.k, c.method, c.seed)
+
+
+def auto_microbatches(sequences: int, stages: int) -> int:
+    """The largest divisor of the step's sequences up to twice the stages (bubble (S−1)/(M+S−1)
+    small, micro-batches not too small to compute efficiently)."""
+    return max(m for m in range(1, min(sequences, 2 * stages) + 1) if sequences % m == 0)
 
 
 def resolve_topology(cfg: Config) -> list[ReplicaSpec]:

@@ -26,10 +26,28 @@ from comm.wire import FrameLimits, FrameMeta, decode_frame, encode_frame
 from distrain.config import Config, TrainConfig
 from distrain.data import TokenSampler
 from distrain.layout import Layout, segment_of
-from distrain.model import build_model
-from distrain.outer import OuterOptimizer, RoundStats, make_outer, owned_parameters
+from distrain.model import build_model, initial_tensor
+from distrain.outer import (
+    OuterOptimizer,
+    PseudoGradientOuter,
+    RoundStats,
+    Weights,
+    make_codec_from_config,
+    make_outer,
+)
+from distrain.pipeline_trainer import PipelineTrainer
 from distrain.replica_devices import ReplicaDevices
 from distrain.schedules import InnerSchedule, build_schedule
+from distrain.stage import (
+    EMBEDDING,
+    BuiltStage,
+    EmbeddingRelay,
+    EmbeddingShadow,
+    build_stage,
+    needs_embedding_shadow,
+    project_global,
+)
+from parallel.pipeline import StagePlace
 from distrain.trainer import resolve_device
 
 
@@ -90,19 +108,27 @@ def run_id(cfg: Config) -> str:
 class Worker:
     """A parameter set (whole model or stage), its inner schedule, data stream and segment syncs."""
 
-    def __init__(self, cfg: Config, layout: Layout, rank: int, model: torch.nn.Module, schedule: InnerSchedule,
+    def __init__(self, cfg: Config, layout: Layout, rank: int, stage: BuiltStage, schedule: InnerSchedule,
                  syncs: dict[int, OuterOptimizer], sampler: TokenSampler, steps_per_round: int,
-                 clock: ComputeClock | None = None):
+                 clock: ComputeClock | None = None, shadow: EmbeddingShadow | None = None,
+                 relay: EmbeddingRelay | None = None):
+        """``relay``/``shadow``: a compressed pipeline in a round-based run — its first stage relays
+        the embedding's aggregate, its later stages follow the global embedding in ``shadow``."""
         self.cfg, self.layout, self.rank = cfg, layout, rank
         self.slot = layout.slot(rank)
         self.replica = self.slot.replica
-        self.model, self.schedule, self.syncs, self.sampler = model, schedule, syncs, sampler
+        self.rep = layout.replicas[self.replica]
+        self.model, self.view, self.sub = stage.model, stage.view, stage.sub
+        self.schedule, self.syncs, self.sampler = schedule, syncs, sampler
         self.steps_per_round = steps_per_round
-        self.speed = layout.replicas[self.replica].speed  # devices and stages move in lock-step
+        self.speed = self.rep.speed  # devices and stages move in lock-step
         self.clock = clock
+        self.shadow, self.relay = shadow, relay
         self.tokens = 0
         self.reads_data = self.slot.stage == 0  # a pipeline's later stages read the same batches
-        self.has_loss = rank == layout.reporter(self.replica) or layout.replicas[self.replica].kind == "full"
+        self.has_loss = rank == layout.reporter(self.replica) or self.rep.kind == "full"
+        self.rounds = [g for g, s in syncs.items() if isinstance(s, PseudoGradientOuter)]
+        self._evals = 0
 
     @property
     def trainer(self) -> InnerSchedule:
@@ -112,6 +138,7 @@ class Worker:
         """Run the inner steps, then the outer round of every owned segment, for ``round_idx``."""
         steps = self.steps_per_round if max_steps is None else min(self.steps_per_round, max_steps)
         losses, compute_s, lr, tokens, train_s = [], 0.0, 0.0, 0, 0.0
+        extra: dict[str, float] = {}
         for _ in range(steps):
             res = self.schedule.train_step()
             train_s += res.seconds
@@ -119,32 +146,68 @@ class Worker:
             tokens += res.tokens
             lr = res.lr
             compute_s += (self.cfg.network.step_time_s or res.seconds) / self.speed
-        if self.clock is not None:
+            for k, v in getattr(self.schedule, "last", {}).items():
+                extra[k] = extra.get(k, 0.0) + v
+        if self.clock is not None and not getattr(self.schedule, "charges_clock", False):
             self.clock.advance(compute_s)
         tokens = tokens if self.reads_data else 0
         self.tokens += tokens
-        stats = [s for s in (sync.sync_round(round_idx) for sync in self.syncs.values()) if s is not None]
-        self.schedule.refresh()  # a multi-device replica's devices take the leader's new weights
+        stats = self._sync(round_idx, extra)
         loss = float(np.mean(losses)) if losses and self.has_loss else float("nan")
         return RoundReport(self.rank, self.replica, round_idx, steps, self.schedule.step, tokens, loss, lr,
-                           compute_s, stats, extra={"train_s": train_s})
+                           compute_s, stats, extra={"train_s": train_s, **extra})
+
+    def _sync(self, round_idx: int, extra: dict[str, float]) -> list[RoundStats]:
+        """Every owned segment's outer round; then the replica starts from what came back."""
+        local = self.view.read() if self.rounds else {}
+        stats, targets = [], {}
+        for sync in self.syncs.values():
+            st, target = sync.sync_round(round_idx, {n: local[n] for n in sync.names} if local else {})
+            if st is not None:
+                stats.append(st)
+            targets.update(target or {})
+        if self.relay is not None and self.slot.stage == 0 and self.rep.stages > 1:
+            kept = self.syncs[0].exchange.kept  # the embedding's aggregated contributions, to the later stages
+            extra["relay_bytes"] = float(self.relay.send(self._later_stages(), [k[EMBEDDING] for k in kept], round_idx))
+        if self.shadow is not None and self.relay is not None:
+            first = self.layout.stage_ranks(self.replica, 0)[0]
+            self.shadow.receive(self.relay.receive(first, round_idx, self.shadow.embedding.device), round_idx)
+        if targets:
+            self._start_from(targets)
+        self.schedule.refresh()  # a multi-device replica's devices take the leader's new weights
+        return stats
+
+    def _later_stages(self) -> list[int]:
+        return [self.layout.stage_ranks(self.replica, s)[0] for s in range(1, self.rep.stages)]
+
+    def _start_from(self, targets: Weights) -> None:
+        """Load the segments' targets (through the constraint) and tell each what the replica got."""
+        self.view.write(targets, embedding=self.shadow.embedding if self.shadow is not None else None)
+        actual = None if self.view.exact else self.view.read()
+        for g in self.rounds:
+            self.syncs[g].started({n: actual[n] for n in self.syncs[g].names} if actual is not None else None)
 
     def finish(self) -> None:
         """End of run: apply what is still in flight (``outer.apply_delay``), so every replica
         ends on the global weights."""
+        targets = {}
         for sync in self.syncs.values():
-            sync.flush()
+            targets.update(sync.flush() or {})
+        if self.shadow is not None:
+            self.shadow.flush()
+        if targets:
+            self._start_from(targets)
         self.schedule.refresh()
 
     # ----- global weights: the unit of catch-up and of the initial broadcast -------------------
-    def global_state(self) -> dict[str, torch.Tensor]:
+    def global_state(self) -> Weights:
         """The replica-independent weights of the parameters this worker holds (fp32, CPU)."""
-        if not self.syncs:
-            return {n: p.detach().float().cpu().clone() for n, p in owned_parameters(self.model).items()}
-        return {n: t for sync in self.syncs.values() for n, t in sync.global_state().items()}
+        if not self.rounds:
+            return {n: t.detach().cpu().clone() for n, t in self.view.read().items()}
+        return {n: t for g in self.rounds for n, t in self.syncs[g].global_state().items()}
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(p.shape) for n, p in owned_parameters(self.model).items()}
+        return {n: tuple(t.shape) for n, t in self.view.read().items()}
 
     def segment_shapes(self, g: int) -> dict[str, tuple[int, ...]]:
         """Shapes of this worker's parameters in segment ``g`` (a catch-up frame's schema)."""
@@ -152,25 +215,28 @@ class Worker:
         return {n: s for n, s in self.param_shapes().items() if segment_of(n, lay.n_layers, lay.segments) == g}
 
     @torch.no_grad()
-    def load_global(self, params: dict[str, torch.Tensor]) -> None:
-        """Start from ``params`` (every parameter this worker holds) as the global weights."""
-        own = owned_parameters(self.model)
+    def load_global(self, params: Weights, embedding: torch.Tensor | None = None) -> None:
+        """Start from ``params`` (every parameter this worker holds) as the global weights;
+        ``embedding``: the global embedding, for a later stage of a compressed pipeline."""
+        own = self.param_shapes()
         if set(params) != set(own):
             raise ValueError(f"global weights name {sorted(set(params) ^ set(own))} differently from the model")
-        for n, p in own.items():
-            p.copy_(params[n].to(p.device, p.dtype))
-        for sync in self.syncs.values():
-            sync.reset_to({n: params[n] for n in sync.params})
+        if self.shadow is not None and embedding is not None:
+            self.shadow.reset_to(embedding)
+        targets = {}
+        for g in self.rounds:
+            targets.update(self.syncs[g].reset_to({n: params[n] for n in self.syncs[g].names}))
+        self._start_from(targets or params)
         self.schedule.refresh()
 
-    def catch_up(self, params: dict[str, torch.Tensor], rounds_done: int) -> None:
+    def catch_up(self, params: Weights, rounds_done: int, embedding: torch.Tensor | None = None) -> None:
         """Join at round ``rounds_done`` from the current global weights.
 
         A restarted worker has lost its error-feedback buffer and AdamW moments (they restart at
         zero); its step count, learning-rate schedule and data position are moved to where a
         worker that never failed would be, so it trains on fresh data at the right rate.
         """
-        self.load_global(params)
+        self.load_global(params, embedding)
         target = min(rounds_done * self.steps_per_round, self.schedule.cfg.steps)
         self.schedule.seek(target)
         batches = target * self.cfg.train.grad_accum
@@ -179,11 +245,21 @@ class Worker:
 
     # ----- state --------------------------------------------------------------------------------
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        return self.schedule.evaluate(batches)
+        """Validation loss of the global weights: a full replica's model (which holds them at a
+        round's end), or an unconstrained copy of each stage passed through the pipeline."""
+        if self.rep.kind == "full":
+            return self.schedule.evaluate(batches)
+        self._evals += 1
+        copy = build_model(self.cfg.model, *self.slot.layers).to(next(self.model.parameters()).device)
+        copy.load_state_dict({**copy.state_dict(), **self.global_state()})
+        return self.schedule.evaluate_weights(copy, batches, (1 << 40) + self._evals)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"trainer": self.schedule.state_dict(), "sampler": self.sampler.state_dict(),
-                "outer": {str(g): sync.state_dict() for g, sync in self.syncs.items()}, "tokens": self.tokens}
+        out = {"trainer": self.schedule.state_dict(), "sampler": self.sampler.state_dict(),
+               "outer": {str(g): sync.state_dict() for g, sync in self.syncs.items()}, "tokens": self.tokens}
+        if self.shadow is not None:
+            out["embedding_shadow"] = self.shadow.state_dict()
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.schedule.load_state_dict(state["trainer"])
@@ -193,6 +269,8 @@ class Worker:
                              f"{sorted(self.syncs)}")
         for g, sync in self.syncs.items():
             sync.load_state_dict(state["outer"][str(g)])
+        if self.shadow is not None:
+            self.shadow.load_state_dict(state["embedding_shadow"])
         self.tokens = int(state["tokens"])
 
 
@@ -203,25 +281,50 @@ def build_worker(cfg: Config, layout: Layout, rank: int, train_tokens: np.ndarra
     slot = layout.slot(rank)
     rep = layout.replicas[slot.replica]
     device = resolve_device(cfg.run.device)
-    model = build_model(cfg.model, *slot.layers, seed=cfg.run.seed).to(device)
-    params = owned_parameters(model)
+    stage = build_stage(cfg, slot, rep, device)
+    post_step = None
+    if cfg.topology.compress_sync == "project_global":
+        compressed = [r for r in layout.replicas if r.compressed]
+        post_step = project_global(cfg, compressed[0], device) if compressed else None
     syncs: dict[int, OuterOptimizer] = {}
     for g in layout.owned_segments(rank):
-        mine = {n: p for n, p in params.items() if segment_of(n, layout.n_layers, layout.segments) == g}
-        syncs[g] = make_outer(cfg, mine, rank, transport, layout.segment_group(g), g)
+        mine = {n: t.to(device) for n, t in stage.initial.items()
+                if segment_of(n, layout.n_layers, layout.segments) == g}
+        syncs[g] = make_outer(cfg, mine, rank, transport, layout.segment_group(g), g, post_step)
     spr = steps_per_round(cfg, rep.speed, max(r.speed for r in layout.replicas))
     shard, n_shards = layout.data_shard(rank)
     sampler = TokenSampler(train_tokens, cfg.data.seq_len, cfg.train.batch_size, rank=shard,
                            world_size=n_shards, seed=cfg.run.seed)
-    devices = None
-    if rep.kind == "full" and rep.devices > 1:
-        if device_groups is None:
-            raise ValueError(f"replica {rep.index} has {rep.devices} devices: its workers need device groups")
-        devices = ReplicaDevices.of(device_groups, layout.ranks(rep.index), rank, solo=rep.parallel == "deepspeed")
-    grad_sync = syncs[0].grad_sync if cfg.algorithm.per_step and 0 in syncs else None
-    schedule = build_schedule(rep.parallel, model, replica_train_config(cfg, spr), sampler.next_batch, device,
-                              cfg.run.seed * 1000 + slot.replica, devices, grad_sync, cfg.runtime.zero_stage)
-    return Worker(cfg, layout, rank, model, schedule, syncs, sampler, spr, clock)
+    train_cfg = replica_train_config(cfg, spr)
+    seed = cfg.run.seed * 1000 + slot.replica
+    if rep.kind == "pipeline":
+        place = StagePlace(tuple(layout.stage_ranks(rep.index, s)[0] for s in range(rep.stages)), slot.stage,
+                           layout.replica_group(rep.index))
+        share = (slot.layers[1] - slot.layers[0]) / layout.n_layers
+        schedule: InnerSchedule = PipelineTrainer(
+            stage.model, train_cfg, sampler.next_batch, device, transport, place, rep.microbatches, rep.schedule,
+            rep.wire_dtype, stage.sub, clock, cfg.network.step_time_s, share, rep.speed, seed)
+    else:
+        devices = None
+        if rep.devices > 1:
+            if device_groups is None:
+                raise ValueError(f"replica {rep.index} has {rep.devices} devices: its workers need device groups")
+            devices = ReplicaDevices.of(device_groups, layout.ranks(rep.index), rank, solo=rep.parallel == "deepspeed")
+        grad_sync = syncs[0].grad_sync if cfg.algorithm.per_step and 0 in syncs else None
+        schedule = build_schedule(rep.parallel, stage.model, train_cfg, sampler.next_batch, device, seed, devices,
+                                  grad_sync, cfg.runtime.zero_stage)
+    shadow = relay = None
+    if rep.compressed and cfg.algorithm.rounds:
+        codec = make_codec_from_config(cfg)
+        shape = (cfg.model.vocab_size, cfg.model.dim)
+        relay = EmbeddingRelay(transport, codec, shape, run_id(cfg), rank, max_parts=layout.n_replicas)
+        if needs_embedding_shadow(cfg, rep, slot):
+            e0 = initial_tensor(cfg.model, EMBEDDING, shape, cfg.run.seed).to(device)
+            shadow = EmbeddingShadow(cfg, e0, codec)
+    worker = Worker(cfg, layout, rank, stage, schedule, syncs, sampler, spr, clock, shadow, relay)
+    if not stage.view.exact:  # a compressed stage starts from the initial weights mapped onto its constraint
+        worker.load_global(stage.initial)
+    return worker
 
 
 # ----- weights as wire frames (never pickled) ----------------------------------------------------

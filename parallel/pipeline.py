@@ -348,3 +348,39 @@ def pipeline_step(
         sync_s=end - t_sync, total_s=end - t_start, bubble_fraction=bubble_fraction(place.n_stages, n_micro),
         bytes_sent=run.sent, bytes_recv=run.recv, positions=sum(ids.numel() for ids, _ in run.mbs), **run.timers,
     )
+
+
+def pipeline_eval_loss(stage: Any, batches: Sequence[tuple[Tensor, Tensor]], transport: PointToPoint,
+                       place: StagePlace, *, step: int, wire_dtype: str = "fp32") -> float:
+    """Mean token loss of ``batches`` through the replica's (uncompressed) stages, forward only.
+
+    Every stage calls it with the same batches; activations cross the boundaries at full width
+    (evaluation is rare, and it runs on the unconstrained global weights). Every stage returns the
+    same value (the last stage's loss, gathered with the replica's clip-norm record).
+    """
+    n = place.n_stages
+    s = place.stage
+    device = next(stage.parameters()).device
+    dtype = next(stage.parameters()).dtype
+    loss_sum, tokens = 0.0, 0
+    stage.eval()
+    with torch.no_grad():
+        for m, (ids, tgt) in enumerate(batches):
+            ids, tgt = ids.to(device), tgt.to(device)
+            if stage.is_first:
+                h = stage(ids)
+            else:
+                data = transport.recv_bytes(place.ranks[s - 1])
+                expect = bd.BoundaryExpect(bd.FORWARD, step, m, (*ids.shape, stage.cfg.dim), wire_dtype)
+                h = stage(bd.decode_boundary(data, expect).to(device=device, dtype=dtype))
+            if stage.is_last:
+                loss_sum += float(_loss_sum(h, tgt))
+                tokens += int((tgt != IGNORE_INDEX).sum())
+            else:
+                transport.send_bytes(place.ranks[s + 1], bd.encode_boundary(h, direction=bd.FORWARD, step=step,
+                                                                             micro=m, dtype=wire_dtype))
+    mine = _STAT.pack(s, float(tokens), loss_sum if stage.is_last else math.nan)
+    got = [mine] if n == 1 else transport.all_gather_bytes(place.group, mine)
+    stats = _parse_stats(got, n)
+    count, total = stats[n - 1]
+    return total / max(1.0, count)

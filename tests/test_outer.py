@@ -32,6 +32,17 @@ def local_progress(model: Tiny, rank: int, round_idx: int) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.01)
 
 
+@torch.no_grad()
+def sync_model(outer, model, round_idx):
+    """What a worker does around an outer round: local weights in, the target loaded back."""
+    params = owned_parameters(model)
+    stats, target = outer.sync_round(round_idx, {n: p.detach().float() for n, p in params.items()})
+    for n, p in params.items():
+        p.copy_(target[n])
+    outer.started(None)
+    return stats
+
+
 def sparse_codec(**kw):
     return make_codec("sparseloco", **{"topk": 64, "chunk": 64, "beta": 0.95, **kw})
 
@@ -48,7 +59,7 @@ def run_rounds(codec, rounds: int, lr=1.0, momentum=0.0, nesterov=False, apply_d
         stats = []
         for r in range(rounds):
             local_progress(model, t.rank, r)
-            stats.append(outer.sync_round(r))
+            stats.append(sync_model(outer, model, r))
         return {n: p.detach().clone() for n, p in model.named_parameters()}, outer, stats
 
     return run_ranks(hub, body, timeout_s=60)
@@ -126,14 +137,10 @@ def test_apply_delay_applies_each_aggregate_one_round_late():
     for n in theta0:
         torch.testing.assert_close(outer.global_params[n], theta0[n] - mean0[n], rtol=1e-6, atol=1e-6)
     assert outer.pending is not None
-    outer.flush()
+    target = outer.flush()
     assert outer.pending is None
-    for n, p in owned_parameters_of(outer).items():
-        assert torch.equal(p.detach(), outer.global_params[n])
-
-
-def owned_parameters_of(outer):
-    return outer.params
+    for n, t in target.items():
+        assert torch.equal(t, outer.global_params[n])
 
 
 # --- bad frames: the round completes with the others ---------------------------------------------
@@ -248,7 +255,8 @@ def test_ddp_grad_sync_averages_gradients():
         noise = [torch.randn(p.shape, generator=g) for p in owned_parameters(model).values()]
         grads = [torch.full_like(p, float(t.rank + 1)) + n for p, n in zip(owned_parameters(model).values(), noise)]
         ddp.grad_sync(grads)
-        stats = ddp.sync_round(0)
+        stats, target = ddp.sync_round(0, {})
+        assert target is None  # DDP syncs gradients, not weights
         return grads, stats
 
     results = run_ranks(hub, body)
@@ -353,3 +361,33 @@ class _AllBad(Corrupting):
 
     def all_gather_bytes(self, group, payload):
         return [b"XXXX" + f[4:] for f in self.inner.all_gather_bytes(group, payload)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("algo", ["sparseloco", "diloco"])
+def test_a_whole_outer_round_on_cuda_equals_the_cpu_round(algo):
+    """Weights on the GPU: the aggregate lands on their device and the round ends where the CPU round does."""
+    codec = sparse_codec() if algo == "sparseloco" else make_codec("dense", dtype="fp32")
+    momentum, nesterov, lr = (0.0, False, 1.0) if algo == "sparseloco" else (0.9, True, 0.7)
+
+    def run(device):
+        hub = SimulatedHub(R, {"g": list(range(R))}, timeout_s=60)
+
+        def body(t):
+            model = Tiny()
+            local_progress(model, t.rank, 0)
+            model = model.to(device)
+            outer = PseudoGradientOuter(owned_parameters(model), codec, lr, momentum, nesterov, t, "g", "run", t.rank,
+                                        policy=RobustPolicy())
+            stats = [sync_model(outer, model, r) for r in range(2)]
+            assert all(g.device.type == torch.device(device).type for g in outer.global_params.values())
+            return {n: p.detach().cpu() for n, p in model.named_parameters()}, stats
+
+        return run_ranks(hub, body, timeout_s=120)
+
+    gpu, cpu = run("cuda"), run("cpu")
+    for (pg, sg), (pc, sc) in zip(gpu, cpu):
+        assert [s.contributors for s in sg] == [R, R]
+        for n in pc:
+            torch.testing.assert_close(pg[n], pc[n], rtol=1e-5, atol=1e-6)

@@ -120,8 +120,11 @@ class RayPool(WorkerPool):
                      if f.rank == rank and f.kind in ("stale", "kill"))
 
     def _peers(self, rank: int) -> dict[int, Any]:
-        prev, nxt = self.layout.neighbours(rank)
-        return {r: self.actors[r] for r in (prev, nxt) if r is not None}
+        """A pipeline stage talks point to point with the other stages of its replica."""
+        replica = self.layout.replica_of(rank)
+        if self.layout.replicas[replica].kind != "pipeline":
+            return {}
+        return {r: self.actors[r] for r in self.layout.ranks(replica) if r != rank}
 
     def _setup(self, ranks: list[int]) -> dict[int, int]:
         """Build the workers of ``ranks`` (whole replicas), waiting for restarting actors; rank → pid."""
@@ -278,20 +281,24 @@ class RayPool(WorkerPool):
         self._call_active("finish")
 
     def evaluate(self) -> float:
-        """Validation loss on the evaluation replica's leader, or another live full replica's."""
+        """Validation loss on the evaluation replica (a full replica's leader, or every stage of a
+        pipeline), or on the next live replica that can give it."""
         import ray
 
-        full = [rep.index for rep in self.layout.replicas if rep.kind == "full"]
-        order = [self.layout.eval_replica] + [i for i in full if i != self.layout.eval_replica]
+        first = self.layout.eval_replica
+        order = [first] + [r.index for r in self.layout.replicas if r.index != first]
         for replica in order:
-            r = self.layout.leader(replica)
-            if r not in self.active:
+            ranks = self.layout.eval_ranks(replica)
+            if not all(r in self.active for r in ranks):
                 continue
+            refs = [self.actors[r].evaluate.remote() for r in ranks]
             try:
-                return ray.get(self.actors[r].evaluate.remote())
-            except ray.exceptions.RayActorError as e:
-                self._lose(r, type(e).__name__)
-        raise RuntimeError("no live full replica to evaluate on")
+                return ray.get(refs)[-1]  # the leader, or the pipeline's last stage
+            except Exception as e:  # noqa: BLE001 - sorted into survivable and fatal
+                if not _is_worker_failure(e):
+                    raise
+                self._lose(ranks[0], f"{type(e).__name__}: {str(e).splitlines()[0]}")
+        raise RuntimeError("no live replica to evaluate on")
 
     def save(self, step: int, loop: dict[str, Any]) -> None:
         import ray

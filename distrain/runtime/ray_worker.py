@@ -35,6 +35,7 @@ from distrain.runtime.common import (
     train_tokens,
     validation_batches,
 )
+from distrain.stage import EMBEDDING, segment_shapes
 from distrain.worker import Worker, build_worker, decode_params, encode_params, run_id
 from comm.errors import CommError
 
@@ -174,13 +175,20 @@ class WorkerHost:
         import ray
 
         worker = self._worker()
-        params: dict[str, torch.Tensor] = {}
-        for g in self.layout.segments_in(self.layout.slot(self.rank).layers):
+
+        def frame(g: int) -> bytes:
             data = ray.get(items[str(g)][0])
             if not isinstance(data, bytes):
                 raise TypeError(f"global weights object of segment {g} is {type(data).__name__}, not bytes")
-            params.update(decode_params(data, worker.segment_shapes(g), self.run, round_idx))
-        worker.catch_up(params, round_idx)
+            return data
+
+        params: dict[str, torch.Tensor] = {}
+        for g in self.layout.segments_in(self.layout.slot(self.rank).layers):
+            params.update(decode_params(frame(g), worker.segment_shapes(g), self.run, round_idx))
+        embedding = None
+        if worker.shadow is not None:  # a later compressed stage also follows the global embedding
+            embedding = decode_params(frame(0), segment_shapes(self.cfg, self.layout, 0), self.run, round_idx)[EMBEDDING]
+        worker.catch_up(params, round_idx, embedding)
         self.next_round = round_idx
         return os.getpid()
 

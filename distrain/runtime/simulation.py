@@ -109,7 +109,9 @@ class SimulationPool(WorkerPool):
         self._on_all(lambda w: w.finish(), self.workers)
 
     def evaluate(self) -> float:
-        return self.workers[self.layout.leader(self.layout.eval_replica)].evaluate(self.val_batches)
+        ranks = self.layout.eval_ranks()
+        losses = self._on_all(lambda r: self.workers[r].evaluate(self.val_batches), ranks)
+        return losses[-1]  # the full replica's leader, or the pipeline's last stage
 
     def save(self, step: int, loop: dict[str, Any]) -> None:
         meta = {"round": loop["round"], "step": step, "tokens": loop["tokens"], "config_hash": self.cfg.hash()}

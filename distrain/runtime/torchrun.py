@@ -68,8 +68,8 @@ class TorchrunPool(WorkerPool):
             data = prepare_data(cfg)
         groups = ProcessDeviceGroups(layout.device_group_specs(), self.rank, timeout_s=cfg.topology.round_timeout_s)
         self.worker = build_worker(cfg, layout, self.rank, train_tokens(data), transport, groups)
-        self.eval_rank = layout.leader(layout.eval_replica)
-        self.val_batches = validation_batches(cfg, data) if self.rank == self.eval_rank else []
+        self.eval_ranks = layout.eval_ranks()
+        self.val_batches = validation_batches(cfg, data) if self.rank in self.eval_ranks else []
 
     @property
     def is_coordinator(self) -> bool:
@@ -134,9 +134,9 @@ class TorchrunPool(WorkerPool):
         self.worker.finish()
 
     def evaluate(self) -> float:
-        loss = self.worker.evaluate(self.val_batches) if self.rank == self.eval_rank else None
-        got = self.transport.broadcast_bytes(WORLD, struct.pack("<d", loss) if loss is not None else None,
-                                             src=self.eval_rank)
+        loss = self.worker.evaluate(self.val_batches) if self.rank in self.eval_ranks else None
+        src = self.eval_ranks[-1]  # the full replica's leader, or the pipeline's last stage
+        got = self.transport.broadcast_bytes(WORLD, struct.pack("<d", loss) if self.rank == src else None, src=src)
         return struct.unpack("<d", got)[0]
 
     def save(self, step: int, loop: dict[str, Any]) -> None:
