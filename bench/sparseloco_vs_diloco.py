@@ -19,7 +19,7 @@ from pathlib import Path
 from common import command, machine
 
 from distrain.config import load_config
-from distrain.runner import Simulation
+from distrain.runtime.simulation import Simulation
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sparseloco_vs_diloco.json"
 
