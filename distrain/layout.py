@@ -62,7 +62,8 @@ def segment_of(name: str, n_layers: int, segments: list[tuple[int, int]]) -> int
 class Layout:
     """Ranks, segments and groups of one run (the same on every worker and launcher)."""
 
-    def __init__(self, replicas: list[ReplicaSpec], n_layers: int):
+    def __init__(self, replicas: list[ReplicaSpec], n_layers: int, extra_cuts: tuple[int, ...] = ()):
+        """``extra_cuts``: further segment boundaries (smaller frames; tests compare segmentations)."""
         if not replicas:
             raise ValueError("a run needs at least one replica")
         self.replicas = list(replicas)
@@ -75,7 +76,7 @@ class Layout:
                     spec = rep.workers[device if rep.kind == "full" else stage]
                     slots.append(WorkerSlot(len(slots), rep.index, stage, device, layers, spec))
         self.workers = slots
-        cuts = sorted({b for rep in self.replicas for b in rep.bounds})
+        cuts = sorted({b for rep in self.replicas for b in rep.bounds} | {c for c in extra_cuts if 0 < c < n_layers})
         self.segments: list[tuple[int, int]] = list(zip(cuts, cuts[1:]))
 
     @classmethod

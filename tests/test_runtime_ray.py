@@ -250,3 +250,54 @@ def test_heterogeneous_ray_job_equals_the_simulation(cluster, baseline, tiny_cor
     train = [m for m in metrics(run_dir) if m["kind"] == "train"]
     assert [m["loss"] for m in train] == [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"]
     assert [m["workers"] for m in train] == [3, 3, 3, 3] and [m["replicas"] for m in train] == [2, 2, 2, 2]
+
+
+MIXED = "--topology.replica=[{count=2}, {kind='pipeline', stages=2, compress={k=8}}]"
+
+
+def test_mixed_topology_ray_job_equals_the_simulation(cluster, baseline, tiny_corpus, data_cache):
+    """Two full replicas and a 2-stage compressed pipeline replica (its stages are actors that
+    pass boundaries actor to actor): the Ray job ends on the simulation's weights, bit for bit."""
+    from distrain.runtime.simulation import Simulation
+
+    root, _ = baseline
+    cfg = tiny_config(root / "mixed.toml", tiny_corpus, data_cache, root / "runs", "mixed", MIXED)
+    res = run([sys.executable, "-m", "launch.ray", "--address", cluster["gcs"], "--config", str(cfg)], cluster["env"])
+    assert res.returncode == 0, res.stdout[-4000:]
+    threads = torch.get_num_threads()
+    try:
+        sim = Simulation(load_config(cfg, ["--run.name=mixed_sim"]))
+        sim.run()
+    finally:
+        torch.set_num_threads(threads)
+    run_dir = root / "runs" / "mixed"
+    for r in range(4):
+        got = global_weights(rank_state(run_dir, r))
+        assert got.keys() == sim.workers[r].global_state().keys()
+        assert all(torch.equal(v, got[k]) for k, v in sim.workers[r].global_state().items())
+    assert [m["loss"] for m in metrics(run_dir) if m["kind"] == "train"] == \
+        [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"]
+
+
+def test_a_killed_stage_worker_drops_its_pipeline_replica_which_rejoins(cluster, baseline, tiny_corpus, data_cache):
+    """The second stage of the pipeline replica is killed mid-round 1: its whole replica leaves
+    that round (the two full replicas complete it, quorum 0.6), both stage actors restart, load
+    the global weights of their own segments (and the embedding) and rejoin in round 2; the run
+    ends with every worker on the same global weights."""
+    root, _ = baseline
+    cfg = tiny_config(root / "stagefault.toml", tiny_corpus, data_cache, root / "runs", "stagefault", MIXED)
+    res = run([sys.executable, "-m", "launch.ray", "--address", cluster["gcs"], "--config", str(cfg),
+               "--fault=kill:rank=3,round=1,delay=0.5"], cluster["env"])
+    assert res.returncode == 0, res.stdout[-4000:]
+    rows = metrics(root / "runs" / "stagefault")
+    events = [(m["event"], m["rank"], m["round"]) for m in rows if m["kind"] == "event"]
+    assert ("killed", 3, 1) in events and ("dropped", 3, 1) in events and ("dropped", 2, 1) in events
+    assert ("caught_up", 2, 2) in events and ("caught_up", 3, 2) in events
+    train = {m["round"]: m for m in rows if m["kind"] == "train"}
+    assert train[2]["replicas"] == 2 and train[2]["contributors"] == 2  # round 1 without the pipeline
+    assert train[3]["replicas"] == 3 and train[4]["replicas"] == 3 and train[4]["contributors"] == 3
+    assert all(math.isfinite(m["val_loss"]) for m in rows if m["kind"] == "val")
+    run_dir = root / "runs" / "stagefault"
+    full = global_weights(rank_state(run_dir, 0))
+    stages = {**global_weights(rank_state(run_dir, 2)), **global_weights(rank_state(run_dir, 3))}
+    assert stages.keys() == full.keys() and all(torch.equal(v, full[k]) for k, v in stages.items())

@@ -215,3 +215,31 @@ def test_deepspeed_zero2_replica_inside_a_two_replica_sparseloco_run(setup, ddp_
     assert first[0]["loss"] == pytest.approx(first[1]["loss"], abs=1e-6)
     last = [[m["val_loss"] for m in rows if m["kind"] == "val"][-1] for rows in (ds, ddp)]
     assert last[0] == pytest.approx(last[1], abs=1e-2)
+
+
+def test_mixed_full_and_compressed_pipeline_torchrun_equals_simulation(setup):
+    """A full replica beside a 2-stage compressed pipeline replica (k = 8), 3 gloo processes:
+    boundaries over torch.distributed point-to-point, two segment groups; the job ends on the
+    simulation's weights and losses, bit for bit."""
+    from distrain.runtime.simulation import Simulation
+
+    over, root = setup
+    over = [o for o in over if not o.startswith("--topology.replicas=")]
+    mixed = over + ["--topology.replica=[{}, {kind='pipeline', stages=2, compress={k=8}}]"]
+    cfg = write_config(root / "mixed.toml", mixed + ["--run.name=mixed"])
+    res = torchrun(cfg, 3)
+    assert res.returncode == 0, res.stdout[-4000:]
+    threads = torch.get_num_threads()
+    try:
+        sim = Simulation(load_config(cfg, ["--run.name=mixed_sim"]))
+        sim.run()
+    finally:
+        torch.set_num_threads(threads)
+    run = root / "runs" / "mixed"
+    for r in range(3):
+        assert_same(sim.workers[r].global_state(), global_weights(rank_state(run, r)))
+        assert_same(sim.workers[r].model.state_dict(), rank_state(run, r)["worker"]["trainer"]["model"])
+    assert [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"] == \
+        [m["loss"] for m in metrics(run) if m["kind"] == "train"]
+    assert [m["val_loss"] for m in metrics(sim.run_dir) if m["kind"] == "val"] == \
+        [m["val_loss"] for m in metrics(run) if m["kind"] == "val"]

@@ -1,0 +1,108 @@
+"""Heterogeneous replicas in one SparseLoCo run (simulation): per-segment rounds, compressed
+pipeline replicas beside full ones, the constraint after every round, boundary bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distrain.layout import Layout
+from distrain.runtime.simulation import Simulation
+from parallel.subspace import make_basis
+
+COMMON = ["--outer.algorithm=sparseloco", "--train.steps=9", "--outer.inner_steps=3", "--train.eval_every=9",
+          "--runtime.torch_threads=1"]
+
+
+def weights(worker) -> dict[str, torch.Tensor]:
+    return worker.global_state()
+
+
+def test_per_segment_rounds_equal_one_whole_model_round(tiny_config, monkeypatch):
+    """All replicas full: cutting the outer round into two segments (two frames, two groups)
+    gives exactly the weights of one round over the whole model."""
+    whole = Simulation(tiny_config(*COMMON, "--topology.replicas=3", "--run.name=whole"))
+    whole.run()
+    original = Layout.from_config.__func__
+    monkeypatch.setattr(Layout, "from_config", classmethod(lambda cls, cfg: cls(original(cls, cfg).replicas,
+                                                                            cfg.model.n_layers, extra_cuts=(1,))))
+    cut = Simulation(tiny_config(*COMMON, "--topology.replicas=3", "--run.name=cut"))
+    assert cut.pool.layout.segments == [(0, 1), (1, 2)]
+    cut.run()
+    for a, b in zip(whole.workers, cut.workers):
+        wa, wb = weights(a), weights(b)
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert len(b.syncs) == 2 and len(a.syncs) == 1
+
+
+@pytest.mark.parametrize("method", ["reparam", "project"])
+def test_mixed_topology_keeps_the_constraint_and_the_full_replicas_on_the_global_weights(tiny_config, method):
+    """Two full replicas and a 2-stage compressed pipeline (k = 8 of d = 64): after every outer
+    round the full replicas hold the global weights and the compressed stages satisfy
+    ‖(I − UUᵀ)W‖/‖W‖ ≤ 1e-6 for attention-out and MLP-down."""
+    cfg = tiny_config(*COMMON, "--topology.replica=[{count=2}, {kind='pipeline', stages=2, "
+                               f"compress={{k=8, method='{method}'}}}}]", f"--run.name=mixed_{method}")
+    sim = Simulation(cfg)
+    pool = sim.pool
+    full, stage0, stage1 = pool.workers[0], pool.workers[2], pool.workers[3]
+    for r in range(3):
+        pool.run_round(r, cfg.train.steps)
+        glob = {**weights(stage0), **weights(stage1)}
+        assert weights(full).keys() == glob.keys()
+        assert all(torch.equal(weights(full)[k], v) for k, v in glob.items())  # one set of global weights
+        for n, p in full.model.state_dict().items():
+            if n in glob:
+                assert torch.equal(p, glob[n]), n  # the full replica starts the next round from them
+        assert stage0.sub.max_residual() <= 1e-6
+        u = make_basis(64, 8, 1337)
+        local = stage0.view.read()
+        for name in ("layers.0.attention.wo.weight", "layers.0.feed_forward.w2.weight"):
+            w = local[name]
+            assert float((w - u @ (u.T @ w)).norm() / w.norm()) <= 1e-6
+            # and it started from the global weights mapped onto the constraint
+            g = glob[name]
+            torch.testing.assert_close(w, u @ (u.T @ g), rtol=0, atol=1e-6)
+        # T_fix of both stages is recomputed from the same global embedding: the compressed
+        # replica's embedding equals the global one
+        e = glob["tok_embeddings.weight"]
+        torch.testing.assert_close(local["tok_embeddings.weight"], e, rtol=0, atol=1e-6)
+        torch.testing.assert_close(stage1.sub.token_table, stage0.sub.token_table, rtol=0, atol=0)
+    pool.close()
+
+
+def test_boundary_bytes_are_2k_per_token_and_direction_plus_framing(tiny_config):
+    k, mb = 8, 2  # batch 4 sequences of 32 tokens, 2 micro-batches of 2 sequences
+    cfg = tiny_config(*COMMON, "--train.steps=3", f"--topology.replica=[{{}}, {{kind='pipeline', stages=2, "
+                      f"microbatches={mb}, compress={{k={k}}}}}]", "--run.name=bytes")
+    sim = Simulation(cfg)
+    reports = sim.pool.run_round(0, 3)
+    rep = next(r for r in reports if r.rank == 1)  # the first stage: sends forward, receives backward
+    positions = 3 * 4 * 32
+    assert rep.extra["positions"] == positions
+    messages = 3 * mb  # one per micro-batch per step, in each direction
+    assert rep.extra["boundary_bytes"] == 2 * k * positions + 36 * messages  # its forward sends
+    last = next(r for r in reports if r.rank == 2)
+    assert last.extra["boundary_bytes"] == 2 * k * positions + 36 * messages  # the backward ones
+    sim.pool.close()
+
+
+def test_a_lone_pipeline_replica_trains_without_an_outer_algorithm(tiny_config):
+    """A model no single worker holds, trained by a 2-stage pipeline alone (compressed, k = 16)."""
+    s = Simulation(tiny_config("--train.steps=30", "--train.lr=3e-3", "--train.eval_every=30",
+                               "--topology.replica=[{kind='pipeline', stages=2, compress={k=16}}]",
+                               "--run.name=lone")).run()
+    assert s.final_val_loss < s.first_val_loss - 0.5
+
+
+def test_project_global_puts_every_replica_on_the_subspace(tiny_config):
+    cfg = tiny_config(*COMMON, "--topology.replica=[{}, {kind='pipeline', stages=2, compress={k=8}}]",
+                      "--topology.compress_sync=project_global", "--run.name=projglobal")
+    sim = Simulation(cfg)
+    sim.pool.run_round(0, cfg.train.steps)
+    u = make_basis(64, 8, 1337)
+    glob = weights(sim.pool.workers[0])
+    w = glob["layers.0.attention.wo.weight"]
+    assert float((w - u @ (u.T @ w)).norm() / w.norm()) <= 1e-6
+    free = glob["layers.1.attention.wo.weight"]  # after the last boundary: unconstrained
+    assert float((free - u @ (u.T @ free)).norm() / free.norm()) > 0.5
+    sim.pool.close()
