@@ -3,7 +3,8 @@
 Samples ``--batch`` lengths (with replacement, seeded by ``--seed``) from a file of one length per
 line, plans them on ``--devices`` devices with ``parallel.sp_planner.plan_step`` and prints the plan
 with its predicted step time, the best static degree (one degree for the whole run: it must hold
-the file's longest length), the best homogeneous degree for this batch, and a lower bound.
+the file's longest length), the best homogeneous degree for this batch, and a lower bound on any
+plan's step time (``parallel.sp_bounds.relaxed_lower_bound``).
 ``predicted_step_s`` is ``parallel.sp_cost.makespan`` of the printed plan (formula in that module).
 Costs: ``--costs FILE`` (written by ``distrain profile-sp``), else the FlexSP reference's 7B/A100
 coefficients.
@@ -69,7 +70,7 @@ def parse_speeds(text: str | None, n: int) -> list[float] | None:
 def plan_report(lengths: list[int], n_devices: int, costs, *, capacity: float | None, speeds: list[float] | None,
                 degrees: list[int], longest: int, time_limit_s: float, solver: str = "auto") -> dict:
     """The plan-sp JSON object (contract in the README / issue 11)."""
-    from parallel.sp_cost import lower_bound
+    from parallel.sp_bounds import relaxed_lower_bound
     from parallel.sp_planner import best_homogeneous, plan_step
 
     plan = plan_step(lengths, n_devices, costs, degrees=degrees, speeds=speeds, capacity=capacity,
@@ -85,7 +86,8 @@ def plan_report(lengths: list[int], n_devices: int, costs, *, capacity: float | 
         "groups": plan.groups, "assignment": plan.assignment, "lengths": list(lengths),
         "costs": costs.to_dict(), "predicted_step_s": plan.predicted_step_s,
         "best_static": entry(static), "best_homogeneous_per_batch": entry(per_batch),
-        "lower_bound_s": lower_bound(lengths, costs, n_devices, degrees, speeds, capacity),
+        "lower_bound_s": relaxed_lower_bound(lengths, costs, n_devices, degrees, speeds, capacity,
+                                             upper=plan.predicted_step_s),
         "solve_s": plan.solve_s, "status": plan.status,
     }
 
@@ -107,7 +109,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from parallel.sp_cost import REFERENCE_7B, CostModelError, SPCosts
-    from parallel.sp_planner import PlanError, allowed_degrees
+    from parallel.sp_plan import PlanError
+    from parallel.sp_planner import allowed_degrees
 
     try:
         if args.devices < 1:

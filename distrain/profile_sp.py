@@ -80,7 +80,8 @@ def _profile(rank: int, world: int, opts: dict) -> dict:
     from distrain.config import ModelConfig
     from distrain.model import build_model
     from parallel.sp_cost import SPCosts, alltoall_bytes_per_token, makespan, mape
-    from parallel.sp_planner import SPPlan, allowed_degrees, broadcast_json, broadcast_plan, homogeneous_plan, plan_step
+    from parallel.sp_plan import SPPlan, broadcast_json, broadcast_plan
+    from parallel.sp_planner import allowed_degrees, homogeneous_plan, plan_step
     from parallel.sp_profile import (
         activation_bytes_per_token,
         alltoall_gbps,

@@ -252,14 +252,16 @@ def check_plan(groups: Sequence[Sequence[int]], assignment: Sequence[int], lengt
 
 def lower_bound(lengths: Sequence[int], costs: SPCosts, n_devices: int, degrees: Sequence[int],
                 speeds: Sequence[float] | None = None, capacity: float | Sequence[float] | None = None) -> float:
-    """A makespan no plan can beat (so plan / bound <= 1 + gap says how far from optimal a plan can be).
+    """A makespan no plan can beat (so plan / bound - 1 bounds how far from optimal a plan can be).
 
-    Two bounds, the larger is returned:
-    * single sequence: each sequence alone in the best group it fits (fastest d devices).
-    * area: for the devices S a plan uses, d·v_g·(M - beta1/v_g) >= each group's compute, so
-      M >= (W + beta1·|S|) / sum_{i in S} v_i with W = sum_s (alpha1·s² + alpha2·s +
-      v_min·(cheapest all-to-all device-seconds s needs, 0 if it fits one device)); minimised over
-      |S| from the fewest devices memory allows, taking the fastest devices.
+    The smallest M that passes both tests:
+    * single sequence: M >= each sequence's time alone in the best group it fits (fastest d devices).
+    * area: for the devices S a plan uses, d·v_g·(M - beta1/v_g) >= each group's work, so
+      M >= (W + beta1·|S|) / sum_{i in S} v_i, minimised over |S| from the fewest devices memory
+      allows (taking the fastest). W = sum_s (alpha1·s² + alpha2·s + v_min·the cheapest all-to-all
+      device-seconds of s over the group sizes it may use) — and a sequence may only use sizes whose
+      own time is <= M, so a long sequence that must go to a big group (slow links) is charged for it.
+      W depends on M, so the bound is the fixed point, found by bisection.
     """
     v = np.sort(_speeds(n_devices, speeds))[::-1]
     cap = np.sort(_capacities(n_devices, capacity))[::-1]
@@ -267,22 +269,38 @@ def lower_bound(lengths: Sequence[int], costs: SPCosts, n_devices: int, degrees:
     if s.size == 0:
         return 0.0
     degs = sorted(d for d in set(degrees) if 1 <= d <= n_devices)
-    single = np.full(s.size, np.inf)
-    comm = np.full(s.size, np.inf)
-    for d in degs:
+    alone = np.full((len(degs), s.size), np.inf)  # time of s alone in the fastest group of size d
+    dev_comm = np.zeros((len(degs), s.size))  # all-to-all device-seconds of s at size d, slowest speed
+    for j, d in enumerate(degs):
         fits = s <= d * cap[d - 1] if np.isfinite(cap[d - 1]) else np.ones(s.size, bool)
         t = (costs.beta1 + costs.compute_s(s, d)) / v[d - 1] + costs.comm_s(s, d)
-        single = np.where(fits, np.minimum(single, t), single)
-        dev_comm = d * costs.comm_s(s, d) * v[-1]
-        comm = np.where(fits, np.minimum(comm, dev_comm), comm)
-    if not np.all(np.isfinite(single)):
+        alone[j] = np.where(fits, t, np.inf)
+        dev_comm[j] = d * costs.comm_s(s, d) * v[-1]
+    single = float(alone.min(axis=0).max())
+    if not math.isfinite(single):
         return math.inf
-    work = float((costs.alpha1 * s * s + costs.alpha2 * s).sum() + comm.sum())
+    compute = float((costs.alpha1 * s * s + costs.alpha2 * s).sum())
     total, cmax = s.sum(), cap[0]
-    k_min = max(1, math.ceil(total / cmax)) if math.isfinite(cmax) else 1
+    k_min = min(n_devices, max(1, math.ceil(total / cmax)) if math.isfinite(cmax) else 1)
     vsum = np.cumsum(v)
-    area = min((work + costs.beta1 * k) / vsum[k - 1] for k in range(min(k_min, n_devices), n_devices + 1))
-    return float(max(single.max(), area))
+    ks = np.arange(k_min, n_devices + 1)
+
+    def area(m: float) -> float:
+        comm = np.where(alone <= m * (1 + 1e-12), dev_comm, np.inf).min(axis=0).sum()
+        return float(((compute + comm + costs.beta1 * ks) / vsum[ks - 1]).min())
+
+    lo, hi = single, area(single)
+    if hi <= lo:
+        return lo
+    for _ in range(60):  # area() falls as M grows: bisect on M = area(M)
+        mid = 0.5 * (lo + hi)
+        if area(mid) <= mid:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo <= 1e-9 * hi:
+            break
+    return float(hi)
 
 
 # ---- fitting -----------------------------------------------------------------------------------

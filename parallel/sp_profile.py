@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from parallel.sp_cost import SPCosts, alltoall_bytes_per_token
-from parallel.sp_planner import SPPlan
+from parallel.sp_plan import SPPlan
 from parallel.sp_step import sp_forward_backward
 from parallel.ulysses import GroupProvider
 

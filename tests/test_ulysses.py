@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallel.sp_planner import SPPlan
+from parallel.sp_plan import SPPlan
 
 TOL = 1e-5
 
@@ -200,7 +200,7 @@ def _step_plans(rank: int, world: int, cache) -> dict:
 
 def _job(rank: int, world: int) -> dict:
     """Everything that needs processes, in one job: starting processes costs more than the checks."""
-    from parallel.sp_planner import broadcast_plan
+    from parallel.sp_plan import broadcast_plan
     from parallel.ulysses import GroupCache
 
     cache = GroupCache()
