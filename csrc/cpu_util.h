@@ -10,6 +10,14 @@
 
 #include "sparseloco_common.h"
 
+/* Hot loops compiled twice, for AVX2 and for baseline x86-64, picked once at load time (GCC
+ * ifunc): the library stays portable and still uses 256-bit vectors where the CPU has them. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define DL_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define DL_CPU_CLONES
+#endif
+
 namespace dlcpu {
 
 constexpr int64_t kMinWorkPerThread = 1 << 15;  // elements; below this a thread costs more than it saves

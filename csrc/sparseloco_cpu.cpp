@@ -42,7 +42,7 @@ inline uint32_t update_run(float* __restrict e, const float* __restrict d, int64
   return bad;
 }
 
-inline uint32_t nonfinite_run(const float* __restrict d, int64_t n) {
+DL_CPU_CLONES uint32_t nonfinite_run(const float* __restrict d, int64_t n) {
   uint32_t bad = 0;
   for (int64_t j = 0; j < n; ++j) bad |= (uint32_t)(dl::abs_key(d[j]) >= 0x7f800000u);
   return bad;
@@ -63,7 +63,7 @@ struct Plans {
 };
 
 // EF update and selection of one work item (see dlcpu::items_of).
-uint32_t update_and_select_item(float* ef, const float* delta, float beta, const Geo& g,
+DL_CPU_CLONES uint32_t update_and_select_item(float* ef, const float* delta, float beta, const Geo& g,
                                 const dlcpu::Items& items, const Plans& plans, int64_t it,
                                 uint32_t* segmax, dlcpu::SelectScratch& s, const Fields& f) {
   const int64_t bi = it / items.ngroups;
