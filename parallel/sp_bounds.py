@@ -26,12 +26,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from parallel.sp_cost import SPCosts, _capacities, _speeds, lower_bound
+from parallel.sp_cost import SPCosts, device_capacities, device_speeds, lower_bound
 
 
 def _types(n: int, speeds: Sequence[float] | None, capacity, degrees: Sequence[int]):
-    v = _speeds(n, speeds)
-    c = _capacities(n, capacity)
+    v = device_speeds(n, speeds)
+    c = device_capacities(n, capacity)
     classes = sorted({round(float(x), 9) for x in v}, reverse=True)
     types = []  # (class index, degree, speed, capacity per device)
     avail = []  # devices of speed >= class speed

@@ -183,7 +183,8 @@ def alltoall_bytes_per_token(n_layers: int, n_heads: int, n_kv_heads: int, head_
 # ---- plans: feasibility, makespan, bounds -----------------------------------------------------
 
 
-def _speeds(n: int, speeds: Sequence[float] | None) -> np.ndarray:
+def device_speeds(n: int, speeds: Sequence[float] | None) -> np.ndarray:
+    """Speed factor per device (all 1 when not given), checked."""
     v = np.ones(n) if speeds is None or len(speeds) == 0 else np.asarray(speeds, dtype=np.float64)
     if v.shape != (n,):
         raise ValueError(f"speeds has {v.size} entries for {n} devices")
@@ -192,7 +193,8 @@ def _speeds(n: int, speeds: Sequence[float] | None) -> np.ndarray:
     return v
 
 
-def _capacities(n: int, capacity: float | Sequence[float] | None) -> np.ndarray:
+def device_capacities(n: int, capacity: float | Sequence[float] | None) -> np.ndarray:
+    """Token capacity per device (inf when not given; one number for all), checked."""
     if capacity is None:
         return np.full(n, np.inf)
     c = np.asarray(capacity, dtype=np.float64)
@@ -208,7 +210,7 @@ def group_times(groups: Sequence[Sequence[int]], assignment: Sequence[int], leng
                 costs: SPCosts, speeds: Sequence[float] | None = None, n_devices: int | None = None) -> list[float]:
     """T_g for every group (module docstring)."""
     n = n_devices if n_devices is not None else 1 + max((i for g in groups for i in g), default=0)
-    v = _speeds(n, speeds)
+    v = device_speeds(n, speeds)
     lens = np.asarray(lengths, dtype=np.int64)
     asg = np.asarray(assignment, dtype=np.int64)
     return [costs.group_s(lens[asg == j], len(g), float(v[list(g)].min())) for j, g in enumerate(groups)]
@@ -240,7 +242,7 @@ def check_plan(groups: Sequence[Sequence[int]], assignment: Sequence[int], lengt
     bad = [k for k, a in enumerate(assignment) if not 0 <= a < len(groups)]
     if bad:
         raise ValueError(f"sequence {bad[0]} is assigned to group {assignment[bad[0]]}, not one of {len(groups)}")
-    cap = _capacities(n_devices, capacity)
+    cap = device_capacities(n_devices, capacity)
     lens = np.asarray(lengths, dtype=np.int64)
     asg = np.asarray(assignment, dtype=np.int64)
     for j, g in enumerate(groups):
@@ -263,8 +265,8 @@ def lower_bound(lengths: Sequence[int], costs: SPCosts, n_devices: int, degrees:
       own time is <= M, so a long sequence that must go to a big group (slow links) is charged for it.
       W depends on M, so the bound is the fixed point, found by bisection.
     """
-    v = np.sort(_speeds(n_devices, speeds))[::-1]
-    cap = np.sort(_capacities(n_devices, capacity))[::-1]
+    v = np.sort(device_speeds(n_devices, speeds))[::-1]
+    cap = np.sort(device_capacities(n_devices, capacity))[::-1]
     s = np.asarray(lengths, dtype=np.float64)
     if s.size == 0:
         return 0.0
@@ -303,30 +305,7 @@ def lower_bound(lengths: Sequence[int], costs: SPCosts, n_devices: int, degrees:
     return float(hi)
 
 
-# ---- fitting -----------------------------------------------------------------------------------
-
-
-def fit_compute(samples: Sequence[tuple[Sequence[int], int, float]]) -> tuple[float, float, float]:
-    """Least-squares alpha1, alpha2, beta1 (all >= 0) from (lengths of a group's pass, degree, seconds).
-
-    The all-to-all time must already be subtracted from the seconds (or the samples be d = 1).
-    Relative residuals are minimised (rows scaled by 1/seconds), since step times span decades.
-    """
-    if len(samples) < 3:
-        raise CostModelError(f"need at least 3 timing samples to fit 3 coefficients, got {len(samples)}")
-    A = np.array([[sum(x * x for x in ls) / d, sum(ls) / d, 1.0] for ls, d, _ in samples], dtype=np.float64)
-    y = np.array([t for _, _, t in samples], dtype=np.float64)
-    if np.any(y <= 0):
-        raise CostModelError("timing samples must be positive seconds")
-    w = 1.0 / y
-    from scipy.optimize import nnls
-
-    # Scale columns so nnls sees similar magnitudes, then undo.
-    scale = np.abs(A).max(axis=0)
-    scale[scale == 0] = 1.0
-    coef, _ = nnls((A * w[:, None]) / scale, y * w)
-    a1, a2, b1 = (coef / scale).tolist()
-    return float(a1), float(a2), float(b1)
+# ---- checking a fit ------------------------------------------------------------------------------
 
 
 def mape(predicted: Sequence[float], measured: Sequence[float]) -> float:

@@ -23,7 +23,9 @@ How (``plan_step``):
    its first incumbent (``setSolution``); without highspy, scipy's HiGHS gets no warm start, so
    the candidate's makespan becomes the upper bound of M instead (a cutoff).
 5. The MILP's counts are turned back into sequences (longest first into the least-loaded slot of
-   that bucket), refined by the same local search, and the best plan by the exact formula wins.
+   that bucket where it fits; sequences left over memory are moved by a repair pass), refined by
+   the same local search, and the best plan by the exact formula wins. A MILP solution no better
+   than its warm start keeps the warm start's sequences.
 
 status: "optimal" when the MILP was proved optimal (over bucketed lengths), "time_limit" when it
 stopped at the limit with a solution, "greedy" when it was not run or found none in time (the
@@ -38,11 +40,11 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from parallel.sp_cost import SPCosts, makespan
+from parallel.sp_cost import SPCosts, device_capacities, device_speeds, lower_bound, makespan
 from parallel.sp_milp import Slot, solve_milp
 from parallel.sp_plan import PlanError, SequenceTooLongError, SPPlan
 
@@ -59,9 +61,7 @@ class DeviceClass:
 def device_classes(n_devices: int, speeds: Sequence[float] | None, capacity: float | Sequence[float] | None,
                    max_classes: int = 4) -> list[DeviceClass]:
     """Devices of equal speed and capacity, fastest first; more than ``max_classes`` are merged (nearest speeds)."""
-    from parallel.sp_cost import _capacities, _speeds
-
-    v, c = _speeds(n_devices, speeds), _capacities(n_devices, capacity)
+    v, c = device_speeds(n_devices, speeds), device_capacities(n_devices, capacity)
     keys = sorted({(round(float(v[i]), 6), float(c[i])) for i in range(n_devices)}, key=lambda k: (-k[0], -k[1]))
     classes = [DeviceClass([i for i in range(n_devices) if (round(float(v[i]), 6), float(c[i])) == k], k[0], k[1])
                for k in keys]
@@ -111,7 +111,6 @@ class _Draft:
     gtype: list[int]
     assignment: np.ndarray
     milp_status: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _loads(p: _Problem, gtype: list[int], asg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -275,7 +274,7 @@ def _refine(p: _Problem, d: _Draft, max_iters: int = 2000, deadline: float = mat
                 break
         if not improved:
             break
-    return _Draft(d.gtype, asg, d.milp_status, d.extra)
+    return _Draft(d.gtype, asg, d.milp_status)
 
 
 # ---- bucketing --------------------------------------------------------------------------------
@@ -501,7 +500,7 @@ def plan_step(lengths: Sequence[int], n_devices: int, costs: SPCosts, *, degrees
     cands = [d for d in (_homogeneous(p, k) for k in degs) if d is not None]
     best_h = min(cands, key=lambda d: _draft_makespan(p, d), default=None)
     hi = _draft_makespan(p, best_h) if best_h is not None else math.inf
-    lo = lower_bound_of(p, n_devices, degs)
+    lo = _lower_bound_of(p, n_devices, degs)
     g = _greedy(p, lo, hi)
     pool = [d for d in (best_h, g) if d is not None]
     pool = [_refine(p, d, deadline=deadline) for d in pool]
@@ -523,9 +522,8 @@ def plan_step(lengths: Sequence[int], n_devices: int, costs: SPCosts, *, degrees
     return plan
 
 
-def lower_bound_of(p: _Problem, n_devices: int, degrees: list[int]) -> float:
-    from parallel.sp_cost import lower_bound
-
+def _lower_bound_of(p: _Problem, n_devices: int, degrees: list[int]) -> float:
+    """``sp_cost.lower_bound`` of the classes' problem (merged classes run at their slowest speed)."""
     speeds = [0.0] * n_devices
     caps = [0.0] * n_devices
     for c in p.classes:
