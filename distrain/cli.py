@@ -98,6 +98,11 @@ def _print_summary(summary) -> None:
             ("simulated wall-clock", f"{summary.sim_time_s:.1f} s"),
             ("compute utilisation", f"{summary.utilisation:.1%}"),
         ]
+        if len(summary.segment_bytes) > 1:
+            rows.append(("pseudo-gradient bytes / segment", " | ".join(human_bytes(b) for b in summary.segment_bytes)))
+    if summary.boundary_bytes_per_token:
+        rows.append(("pipeline boundary", f"{summary.boundary_bytes_per_token:.2f} B/token per direction"))
+        rows.append(("pipeline waits (bubble, transfers)", f"{summary.pipeline_wait_share:.1%} of its time"))
     rows.append(("real wall-clock", f"{summary.wall_s:.1f} s"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))

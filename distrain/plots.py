@@ -75,9 +75,14 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     util = [r for r in train if r.get("utilisation") is not None and r.get("round") is not None]
     if util:
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r["round"] for r in util], [r["utilisation"] for r in util])
+        ax.plot([r["round"] for r in util], [r["utilisation"] for r in util], label="compute (all workers)")
+        waits = [r for r in util if r.get("pipeline_wait_share") is not None]
+        if waits:  # the pipeline's share of simulated time: bubble and boundary transfers
+            ax.plot([r["round"] for r in waits], [r["pipeline_wait_share"] for r in waits],
+                    label="pipeline stages waiting (bubble + boundaries)")
+            ax.legend()
         ax.set_xlabel("outer round")
-        ax.set_ylabel("compute utilisation")
+        ax.set_ylabel("share of simulated time")
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
         fig.tight_layout()

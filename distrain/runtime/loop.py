@@ -113,6 +113,10 @@ class WorkerPool(ABC):
     def summary_extra(self) -> dict[str, Any]:
         return {}
 
+    def record_extra(self) -> dict[str, Any]:
+        """Mode-specific figures for the round's record (simulation: the pipelines' waits)."""
+        return {}
+
 
 def n_rounds(cfg: Config) -> int:
     """Rounds of a run: ``train.steps`` inner steps of a full-speed replica, H per round."""
@@ -202,6 +206,7 @@ class RoundLoop:
                 clock_s, util = pool.clock(s)
                 rec = round_record(s.round, s.step, reports, self.layout, s.tokens, s.bytes_sent, clock_s, util,
                                    time.perf_counter() - t0)
+                rec.update(pool.record_extra())
                 s.bytes_sent = rec["bytes_sent"]
                 if logger is not None:
                     for e in events:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,9 @@ class RunSummary:
     sim_time_s: float  # simulation: simulated wall-clock; real modes: the real round-loop wall-clock
     utilisation: float
     wall_s: float
+    segment_bytes: list[float] = field(default_factory=list)  # pseudo-gradient bytes per segment per round
+    boundary_bytes_per_token: float = 0.0  # pipeline boundaries, per token and direction (0: no pipeline)
+    pipeline_wait_share: float = 0.0  # of the pipeline workers' simulated time: bubble + boundary transfers
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -74,16 +77,31 @@ def round_record(round_idx: int, step: int, reports: list[RoundReport], layout: 
         rec.update(wire_bytes=sent, dense_bytes=dense, compression=dense / max(1.0, sent),
                    rejected=sum(s.rejected for _, s in stats), contributors=min(s.contributors for _, s in stats),
                    segment_bytes=[float(np.mean(per_segment[g])) for g in sorted(per_segment)])
+    per_token = []
+    for replica in sorted({r.replica for r in reports}):
+        spec = layout.replicas[replica]
+        mine = [r for r in reports if r.replica == replica]
+        if spec.kind == "pipeline" and spec.stages > 1 and all("boundary_bytes" in r.extra for r in mine):
+            positions = mine[0].extra["positions"]
+            sent = sum(r.extra["boundary_bytes"] for r in mine)
+            per_token.append(sent / max(1.0, positions * 2 * (spec.stages - 1)))
+    if per_token:
+        rec["boundary_bytes_per_token"] = float(np.mean(per_token))
     rec["bytes_sent"] = bytes_sent
     return rec
 
 
 def round_line(rec: dict[str, Any], clock: str = "sim") -> str:
     seg = rec.get("segment_bytes") or []
-    per_seg = f" [{' '.join(human_bytes(b) for b in seg)}]" if len(seg) > 1 else ""
+    per_seg = f" [segments {' '.join(human_bytes(b) for b in seg)}]" if len(seg) > 1 else ""
+    boundary = ""
+    if "boundary_bytes_per_token" in rec:
+        boundary = f" boundary {rec['boundary_bytes_per_token']:.1f}B/token"
+        if "pipeline_wait_share" in rec:
+            boundary += f" (pipeline waits {rec['pipeline_wait_share']:.0%})"
     return (f"round {rec['round']:4d} step {rec['step']:5d} loss {rec['loss']:.4f} "
-            f"sent {human_bytes(rec.get('wire_bytes', 0))}/replica{per_seg} ({rec.get('compression', 1):.0f}x < fp32) "
-            f"{clock} {rec['sim_time_s']:.1f}s util {rec['utilisation']:.2f}")
+            f"sent {human_bytes(rec.get('wire_bytes', 0))}/replica{per_seg} ({rec.get('compression', 1):.0f}x < fp32)"
+            f"{boundary} {clock} {rec['sim_time_s']:.1f}s util {rec['utilisation']:.2f}")
 
 
 class RoundLogger:
@@ -99,6 +117,7 @@ class RoundLogger:
         self.clock = clock
         self.wire: list[float] = []
         self.dense: list[float] = []
+        self.records: list[dict[str, Any]] = []
         self.first_val = float("nan")
         self.val_loss = float("nan")
 
@@ -111,6 +130,7 @@ class RoundLogger:
         self.bytes_sent = rec["bytes_sent"]
         self.wire.append(rec.get("wire_bytes", 0.0))
         self.dense.append(rec.get("dense_bytes", 0.0))
+        self.records.append(rec)
         self.metrics.log(rec, step=rec["step"])
 
     def eval_due(self, rec: dict[str, Any], steps: int) -> bool:
@@ -142,9 +162,14 @@ class RoundLogger:
 
     def summary(self, run_dir: Path, rounds: int, steps: int, tokens: int, clock_s: float, utilisation: float,
                 wall_s: float) -> RunSummary:
+        segs = [r["segment_bytes"] for r in self.records if "segment_bytes" in r]
+        per_token = [r["boundary_bytes_per_token"] for r in self.records if "boundary_bytes_per_token" in r]
+        last = self.records[-1] if self.records else {}
         return RunSummary(run_dir, rounds, steps, tokens, self.first_val, self.val_loss,
                           float(np.mean(self.wire)) if self.wire else 0.0,
-                          float(np.mean(self.dense)) if self.dense else 0.0, clock_s, utilisation, wall_s)
+                          float(np.mean(self.dense)) if self.dense else 0.0, clock_s, utilisation, wall_s,
+                          [float(x) for x in np.mean(segs, axis=0)] if segs else [],
+                          float(np.mean(per_token)) if per_token else 0.0, float(last.get("pipeline_wait_share", 0.0)))
 
     def close(self) -> None:
         self.progress.close()

@@ -122,6 +122,17 @@ class SimulationPool(WorkerPool):
     def clock(self, state: LoopState) -> tuple[float, float]:
         return self.clock_s(), self.utilisation()
 
+    def record_extra(self) -> dict[str, Any]:
+        """The pipeline workers' share of simulated time spent waiting at boundaries (the bubble
+        and the transfers of activations and their gradients)."""
+        ranks = [w.rank for w in self.layout.workers if self.layout.replicas[w.replica].kind == "pipeline"]
+        if not ranks:
+            return {}
+        stats = [self.hub.stats(r) for r in ranks]
+        clock = sum(st.clock_s for st in stats)
+        return {"pipeline_wait_share": sum(st.transfer_wait_s for st in stats) / clock if clock > 0 else 0.0,
+                "boundary_bytes_total": sum(st.p2p_bytes_sent for st in stats)}
+
     def clock_s(self) -> float:
         """Simulated wall-clock: the latest worker clock."""
         return max(self.hub.stats(r).clock_s for r in range(self.layout.world_size))
@@ -155,6 +166,17 @@ class Simulation:
     @property
     def run_dir(self) -> Path:
         return self.pool.run_dir
+
+    def record_extra(self) -> dict[str, Any]:
+        """The pipeline workers' share of simulated time spent waiting at boundaries (the bubble
+        and the transfers of activations and their gradients)."""
+        ranks = [w.rank for w in self.layout.workers if self.layout.replicas[w.replica].kind == "pipeline"]
+        if not ranks:
+            return {}
+        stats = [self.hub.stats(r) for r in ranks]
+        clock = sum(st.clock_s for st in stats)
+        return {"pipeline_wait_share": sum(st.transfer_wait_s for st in stats) / clock if clock > 0 else 0.0,
+                "boundary_bytes_total": sum(st.p2p_bytes_sent for st in stats)}
 
     def clock_s(self) -> float:
         return self.pool.clock_s()

@@ -1,0 +1,154 @@
+"""Heterogeneous replicas: full replicas beside pipeline replicas of weak workers, compressed or not.
+
+    python bench/hetero.py                 # headline rows x 3 seeds, the k sweep, the reconciliation alternative
+    python bench/hetero.py --quick         # fewer steps and seeds (a smoke run)
+
+Every run is the simulation of 4 replicas of the embedded default's model (d = 128, 4 layers, vocab
+4096) on the embedded corpus (the Python standard library), SparseLoCo every 15 inner steps, the
+same steps and batches per replica — the same tokens for every run:
+
+- all_full: 4 full replicas;
+- all_compressed: 4 pipeline replicas of 2 stages, boundaries compressed to k coordinates;
+- selective: 2 full replicas + 2 compressed pipeline replicas (selective compression);
+- selective_uncompressed: 2 full + 2 pipeline replicas sending bf16 activations.
+
+Pipeline stage workers compute at half speed on 50 Mbit/s links (5 ms), full replicas on 100 Mbit/s
+(20 ms); 0.25 simulated seconds per inner step at speed 1 (the embedded default's topology). Reported per run: final validation loss (every
+seed), boundary bytes per token and direction, pseudo-gradient bytes per replica per round, and
+the simulated wall-clock. The k sweep repeats all_compressed and selective at k = d/8 … d/64; the
+alternative row runs selective with ``topology.compress_sync = "project_global"`` (node0-style:
+the global constrained matrices are projected onto span(U) after every outer step) against the
+default ``project_start``. Writes bench/results/hetero.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import command, machine
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from distrain.config import load_config  # noqa: E402
+from distrain.runtime.simulation import Simulation  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "hetero.json"
+D_MODEL = 128
+DEFAULT_K = D_MODEL // 32
+PIPE = "kind='pipeline', stages=2, microbatches=4, speed=0.5, up_mbps=50.0, down_mbps=50.0, latency_ms=5.0"
+
+
+def topology(run: str, k: int) -> str:
+    comp = f", compress={{k={k}}}"
+    return {
+        "all_full": "[{count=4}]",
+        "all_compressed": f"[{{count=4, {PIPE}{comp}}}]",
+        "selective": f"[{{count=2}}, {{count=2, {PIPE}{comp}}}]",
+        "selective_uncompressed": f"[{{count=2}}, {{count=2, {PIPE}}}]",
+    }[run]
+
+
+def simulate(out: Path, run: str, k: int, seed: int, steps: int, extra: list[str] = ()) -> dict:
+    name = f"{run}_k{k}_s{seed}" + ("_" + "_".join(e.split("=")[-1] for e in extra) if extra else "")
+    cfg = load_config("default", [
+        f"--run.name={name}", f"--run.out_dir={out}", f"--run.seed={seed}", f"--train.steps={steps}",
+        f"--train.eval_every={steps}", "--train.eval_batches=16", "--checkpoint.every=0",
+        "--logging.progress=false", "--logging.tensorboard=false", "--logging.plots=false",
+        "--runtime.torch_threads=1", f"--topology.replica={topology(run, k)}", *extra])
+    threads = torch.get_num_threads()
+    t0 = time.perf_counter()
+    try:
+        s = Simulation(cfg).run()
+    finally:
+        torch.set_num_threads(threads)
+    row = {"final_val_loss": s.final_val_loss, "boundary_bytes_per_token": s.boundary_bytes_per_token,
+           "pgrad_bytes_per_round": s.wire_bytes_per_replica_per_round, "sim_wallclock_s": s.sim_time_s,
+           "pipeline_wait_share": s.pipeline_wait_share, "real_s": time.perf_counter() - t0}
+    print(f"{name}: {json.dumps(row)}", flush=True)
+    return row
+
+
+def collect(rows: list[dict]) -> dict:
+    out = {"final_val_loss": [r["final_val_loss"] for r in rows]}
+    for key in ("boundary_bytes_per_token", "pgrad_bytes_per_round", "sim_wallclock_s", "pipeline_wait_share"):
+        out[key] = statistics.fmean(r[key] for r in rows)
+    return out
+
+
+def mean(xs: list[float]) -> float:
+    return statistics.fmean(xs)
+
+
+def spread(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--sweep-seeds", type=int, default=3)
+    ap.add_argument("--out", default="/tmp/distrain_bench_hetero")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.seeds, args.sweep_seeds = 60, 1, 1
+    out = Path(args.out)
+    seeds = list(range(args.seeds))
+    runs = {}
+    for run in ("all_full", "all_compressed", "selective", "selective_uncompressed"):
+        runs[run] = collect([simulate(out, run, DEFAULT_K, s, args.steps) for s in seeds])
+    sweep = {}
+    for k in (D_MODEL // 8, D_MODEL // 16, D_MODEL // 32, D_MODEL // 64):
+        row = {}
+        for run in ("all_compressed", "selective"):
+            if k == DEFAULT_K and args.sweep_seeds <= args.seeds:
+                losses = runs[run]["final_val_loss"][: args.sweep_seeds]
+            else:
+                losses = [simulate(out, run, k, s, args.steps)["final_val_loss"] for s in range(args.sweep_seeds)]
+            row[run] = mean(losses)
+            row[f"{run}_per_seed"] = losses
+        sweep[str(k)] = row
+    alternative = collect([simulate(out, "selective", DEFAULT_K, s, args.steps, ["--topology.compress_sync=project_global"])
+                           for s in seeds])
+    full = mean(runs["all_full"]["final_val_loss"])
+    result = {
+        "runs": runs,
+        "k_sweep": sweep,
+        "d_model": D_MODEL,
+        "default_k": DEFAULT_K,
+        "bf16_activation_bytes_per_token": float(2 * D_MODEL),
+        "reconciliation": {
+            "project_start": runs["selective"]["final_val_loss"],
+            "project_global": alternative["final_val_loss"],
+            "project_global_row": alternative,
+        },
+        "summary": {
+            "boundary_reduction_vs_bf16": 2 * D_MODEL / runs["all_compressed"]["boundary_bytes_per_token"],
+            "loss_vs_all_full": {r: mean(v["final_val_loss"]) / full - 1 for r, v in runs.items()},
+            "loss_spread": {r: spread(v["final_val_loss"]) for r, v in runs.items()},
+            "selective_closer_than_all_compressed_at_every_k": all(
+                abs(v["selective"] - full) < abs(v["all_compressed"] - full) for v in sweep.values()),
+            "selective_vs_all_full_at_d16": sweep[str(D_MODEL // 16)]["selective"] / full - 1,
+        },
+        "setup": f"4 replicas, {args.steps} inner steps each, batch 8x128, H=15, SparseLoCo, model d={D_MODEL} "
+                 "4 layers vocab 4096, stdlib corpus; pipelines: 2 stages at half speed, 4 micro-batches, 1F1B, "
+                 "50 Mbit/s 5 ms links; full replicas 100 Mbit/s 20 ms; 0.25 simulated s per inner step",
+        "seeds": seeds,
+        "machine": machine(),
+        "command": command("bench/hetero.py"),
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
