@@ -177,7 +177,7 @@ class ReplicaConfig:
     kind: str = "full"  # full | pipeline
     count: int = 1  # this table stands for `count` identical replicas
     devices: int = 1  # full: processes joined by a fast interconnect
-    parallel: str = "auto"  # full: auto (single, or ddp when devices > 1) | single | ddp | deepspeed
+    parallel: str = "auto"  # full: auto (single, or ddp when devices > 1; sp with documents) | single | ddp | deepspeed | sp
     stages: int | list[int] = 0  # pipeline: a stage count (balanced split) or layer bounds [0, a, ..., n_layers]
     speed: float | list[float] = field(default_factory=list)  # relative compute speed (1.0: network.step_time_s)
     up_mbps: float | list[float] = field(default_factory=list)  # default: network.up_mbps
@@ -190,6 +190,8 @@ class ReplicaConfig:
     microbatches: int = 0  # pipeline: micro-batches per step, dividing batch_size·grad_accum (0: automatic)
     wire_dtype: str = "bf16"  # pipeline: boundary values bf16 | fp32
     compress: CompressConfig = field(default_factory=CompressConfig)
+    sp_costs: str = ""  # parallel = "sp": cost-model JSON from `distrain profile-sp` (empty: reference GPU costs)
+    sp_capacity: int = 0  # parallel = "sp": tokens one device holds (0: no memory cap)
 
     def workers(self, n_layers: int) -> int:
         """Workers of one replica of this table (devices, or stages)."""
@@ -201,7 +203,13 @@ class ReplicaConfig:
         where = f"{source_of(self)} (replica table {index})"
         _choice(f"{where}: kind", self.kind, ("full", "pipeline"))
         _need(self.count >= 1, f"{where}: count must be >= 1, got {self.count}")
-        _choice(f"{where}: parallel", self.parallel, ("auto", "single", "ddp", "deepspeed"))
+        _choice(f"{where}: parallel", self.parallel, ("auto", "single", "ddp", "deepspeed", "sp"))
+        if self.parallel == "sp":
+            _need(self.kind == "full", f"{where}: parallel = 'sp' is for kind = 'full'")
+            _need(cfg.data.sampler == "documents", f"{where}: parallel = 'sp' plans whole documents: set "
+                                                   "data.sampler = 'documents'")
+        _need(not self.sp_costs or Path(self.sp_costs).is_file(), f"{where}: sp_costs: {self.sp_costs} is not a file")
+        _need(self.sp_capacity >= 0, f"{where}: sp_capacity must be >= 0 (0: no cap), got {self.sp_capacity}")
         n_layers = cfg.model.n_layers
         if self.kind == "full":
             _need(self.devices >= 1, f"{where}: devices must be >= 1, got {self.devices}")
@@ -454,10 +462,10 @@ def _check_data(cfg: Config) -> None:
           f"data.batch_tokens ({d.batch_tokens}) must be >= the longest piece, data.max_doc_len ({longest})")
     if d.sampler == "documents":
         _need(cfg.train.chunkwise.mode == "off", "data.sampler = 'documents' does not combine with train.chunkwise")
-        # Only adaptive-SP replicas consume document batches, and the runtime does not run them yet:
-        # refuse rather than silently train on windows. (Drop this check when parallel = "sp" lands.)
-        _need(False, "data.sampler = 'documents' feeds adaptive sequence-parallel replicas, which the runtime "
-                     "does not run yet; use distrain.data.DocumentSampler directly, or data.sampler = 'windows'")
+        for i, r in enumerate(cfg.topology.tables()):  # document batches are run by adaptive-SP replicas
+            _need(r.kind == "full" and r.parallel in ("auto", "sp", "single"),
+                  f"{source_of(r)} (replica table {i}): data.sampler = 'documents' runs on full replicas with "
+                  "parallel = 'sp' (or one device); pipelines and ddp/deepspeed replicas read windows")
 
 
 def _check_train(cfg: Config) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from comm.network import Link
+from parallel.sp_planner import device_classes, merge_nearest
 from distrain.config import Config
 from distrain.topology import ReplicaSpec, WorkerSpec, resolve_topology
 
@@ -42,6 +43,21 @@ class WorkerSlot:
     def is_leader(self) -> bool:
         """Device 0 of its stage: the worker that takes part in the outer rounds."""
         return self.device == 0
+
+
+def sp_candidate_groups(rep: ReplicaSpec) -> list[tuple[int, ...]]:
+    """Device-index groups (size >= 2) an adaptive-SP plan of ``rep`` can use: consecutive devices
+    inside a speed class, and inside every class the planner may merge (``parallel.sp_planner``)."""
+    classes = device_classes(len(rep.workers), [w.speed for w in rep.workers], rep.sp_capacity or None)
+    seen: list[tuple[int, ...]] = []
+    while True:
+        for c in classes:
+            devs = c.devices
+            for size in range(2, len(devs) + 1):
+                seen.extend(tuple(devs[i:i + size]) for i in range(len(devs) - size + 1))
+        if len(classes) == 1:
+            return list(dict.fromkeys(seen))
+        classes = merge_nearest(classes)
 
 
 def segment_of(name: str, n_layers: int, segments: list[tuple[int, int]]) -> int:
@@ -155,7 +171,8 @@ class Layout:
         return groups
 
     def device_group_specs(self) -> list[tuple[int, ...]]:
-        """Rank tuples that need a torch process group, created once at start-up."""
+        """Rank tuples that need a torch process group, created once at start-up: each multi-device
+        replica, DeepSpeed's single-rank groups, and every group an adaptive-SP plan may use."""
         specs: list[tuple[int, ...]] = []
         for rep in self.replicas:
             if rep.kind == "full" and rep.devices > 1:
@@ -163,7 +180,9 @@ class Layout:
                 specs.append(ranks)
                 if rep.parallel == "deepspeed":  # its "model-parallel" group: each process alone
                     specs.extend((r,) for r in ranks)
-        return specs
+                if rep.parallel == "sp":
+                    specs.extend(tuple(ranks[i] for i in g) for g in sp_candidate_groups(rep))
+        return list(dict.fromkeys(specs))
 
     def neighbours(self, rank: int) -> tuple[int | None, int | None]:
         """The previous and next stage's rank of a pipeline stage worker (None at the ends)."""
@@ -176,14 +195,12 @@ class Layout:
     # ----- data, links, resources --------------------------------------------------------------
     def data_shard(self, rank: int) -> tuple[int, int]:
         """``(shard, n_shards)`` of the token sampler: one per full-replica device, one per pipeline."""
-        units: list[tuple[int, int]] = []  # (replica, device) of each data stream, in rank order
-        for w in self.workers:
-            key = (w.replica, w.device if self.replicas[w.replica].kind == "full" else 0)
-            if key not in units:
-                units.append(key)
-        slot = self.slot(rank)
-        own = (slot.replica, slot.device if self.replicas[slot.replica].kind == "full" else 0)
-        return units.index(own), len(units)
+        def unit(w: WorkerSlot) -> tuple[int, int]:  # a pipeline's stages and an SP replica's devices share one
+            rep = self.replicas[w.replica]
+            return w.replica, w.device if rep.kind == "full" and rep.parallel != "sp" else 0
+
+        units = list(dict.fromkeys(unit(w) for w in self.workers))
+        return units.index(unit(self.slot(rank))), len(units)
 
     def links(self) -> dict[int, Link]:
         return {w.rank: Link(w.spec.up_mbps, w.spec.down_mbps, w.spec.latency_ms) for w in self.workers}

@@ -42,6 +42,8 @@ class ReplicaSpec:
     compress_k: int = 0  # pipeline: boundary coordinates per token (0: uncompressed)
     compress_method: str = "reparam"
     compress_seed: int = 1337
+    sp_costs: str = ""  # parallel = "sp": cost-model file (empty: reference costs)
+    sp_capacity: int = 0  # parallel = "sp": tokens per device (0: no cap)
 
     @property
     def compressed(self) -> bool:
@@ -90,7 +92,12 @@ def _replica_spec(index: int, table: ReplicaConfig, cfg: Config) -> ReplicaSpec:
     n_layers = cfg.model.n_layers
     if table.kind == "full":
         bounds: tuple[int, ...] = (0, n_layers)
-        parallel = table.parallel if table.parallel != "auto" else ("single" if table.devices == 1 else "ddp")
+        parallel = table.parallel
+        if parallel == "auto" or (parallel == "single" and cfg.data.sampler == "documents"):
+            if cfg.data.sampler == "documents":
+                parallel = "sp"  # document batches: planned over the replica's devices (one is a group of one)
+            else:
+                parallel = "single" if table.devices == 1 else "ddp"
     else:
         bounds = balanced_bounds(n_layers, table.stages) if isinstance(table.stages, int) else tuple(table.stages)
         parallel = "pipeline"
@@ -107,7 +114,8 @@ def _replica_spec(index: int, table: ReplicaConfig, cfg: Config) -> ReplicaSpec:
     }
     workers = tuple(WorkerSpec(**{k: v[i] for k, v in cols.items()}) for i in range(n))
     if table.kind == "full":
-        return ReplicaSpec(index, table.kind, parallel, bounds, workers)
+        return ReplicaSpec(index, table.kind, parallel, bounds, workers, sp_costs=table.sp_costs,
+                           sp_capacity=table.sp_capacity)
     c = table.compress
     return ReplicaSpec(index, table.kind, parallel, bounds, workers, table.schedule,
                        table.microbatches or auto_microbatches(cfg.train.batch_size * cfg.train.grad_accum, n),

@@ -24,7 +24,8 @@ from comm.device_groups import DeviceGroups
 from comm.transport import Transport
 from comm.wire import FrameLimits, FrameMeta, decode_frame, encode_frame
 from distrain.config import Config, TrainConfig
-from distrain.data import TokenSampler
+from distrain.data import DocumentSampler, PreparedData, TokenSampler, read_shard
+from distrain.data.documents import document_lengths
 from distrain.layout import Layout, segment_of
 from distrain.model import build_model, initial_tensor
 from distrain.outer import (
@@ -38,6 +39,7 @@ from distrain.outer import (
 from distrain.pipeline_trainer import PipelineTrainer
 from distrain.replica_devices import ReplicaDevices
 from distrain.schedules import InnerSchedule, build_schedule
+from distrain.sp_trainer import SPTrainer
 from distrain.stage import (
     EMBEDDING,
     BuiltStage,
@@ -109,7 +111,7 @@ class Worker:
     """A parameter set (whole model or stage), its inner schedule, data stream and segment syncs."""
 
     def __init__(self, cfg: Config, layout: Layout, rank: int, stage: BuiltStage, schedule: InnerSchedule,
-                 syncs: dict[int, OuterOptimizer], sampler: TokenSampler, steps_per_round: int,
+                 syncs: dict[int, OuterOptimizer], sampler: TokenSampler | DocumentSampler, steps_per_round: int,
                  clock: ComputeClock | None = None, shadow: EmbeddingShadow | None = None,
                  relay: EmbeddingRelay | None = None):
         """``relay``/``shadow``: a compressed pipeline in a round-based run — its first stage relays
@@ -125,7 +127,8 @@ class Worker:
         self.clock = clock
         self.shadow, self.relay = shadow, relay
         self.tokens = 0
-        self.reads_data = self.slot.stage == 0  # a pipeline's later stages read the same batches
+        # a pipeline's later stages and an SP replica's other devices read the same batches
+        self.reads_data = self.slot.stage == 0 and (self.rep.parallel != "sp" or self.slot.device == 0)
         self.has_loss = rank == layout.reporter(self.replica) or self.rep.kind == "full"
         self.rounds = [g for g, s in syncs.items() if isinstance(s, PseudoGradientOuter)]
         self._evals = 0
@@ -239,9 +242,18 @@ class Worker:
         self.load_global(params, embedding)
         target = min(rounds_done * self.steps_per_round, self.schedule.cfg.steps)
         self.schedule.seek(target)
-        batches = target * self.cfg.train.grad_accum
-        bpe = self.sampler.batches_per_epoch
-        self.sampler.load_state_dict({"epoch": batches // bpe, "position": batches % bpe})
+        self._seek_data(target * self.cfg.train.grad_accum if isinstance(self.sampler, TokenSampler) else target)
+
+    def _seek_data(self, batches: int) -> None:
+        """Put the data stream where a worker that never failed is after ``batches`` batches."""
+        if isinstance(self.sampler, TokenSampler):
+            bpe = self.sampler.batches_per_epoch
+            self.sampler.load_state_dict({"epoch": batches // bpe, "position": batches % bpe})
+            return
+        self.sampler.load_state_dict({"epoch": 0, "position": 0})  # document batches vary in size: replay
+        for _ in range(batches):
+            self.sampler.peek_lengths()
+            self.sampler.next_batch()
 
     # ----- state --------------------------------------------------------------------------------
     def evaluate(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
@@ -274,7 +286,7 @@ class Worker:
         self.tokens = int(state["tokens"])
 
 
-def build_worker(cfg: Config, layout: Layout, rank: int, train_tokens: np.ndarray, transport: Transport,
+def build_worker(cfg: Config, layout: Layout, rank: int, data: PreparedData, transport: Transport,
                  device_groups: DeviceGroups | None = None, clock: ComputeClock | None = None) -> Worker:
     """The worker of ``rank``: its stage of the model (seeded by name, so every replica and
     stage starts from the same weights), its segments' outer optimisers, its inner schedule."""
@@ -293,23 +305,34 @@ def build_worker(cfg: Config, layout: Layout, rank: int, train_tokens: np.ndarra
         syncs[g] = make_outer(cfg, mine, rank, transport, layout.segment_group(g), g, post_step)
     spr = steps_per_round(cfg, rep.speed, max(r.speed for r in layout.replicas))
     shard, n_shards = layout.data_shard(rank)
-    sampler = TokenSampler(train_tokens, cfg.data.seq_len, cfg.train.batch_size, rank=shard,
-                           world_size=n_shards, seed=cfg.run.seed)
+    tokens = read_shard(data.train_path)
+    sampler: TokenSampler | DocumentSampler
+    if cfg.data.sampler == "documents":
+        max_doc_len, batch_tokens = document_lengths(cfg.data, cfg.model.max_seq_len, cfg.train.batch_size)
+        sampler = DocumentSampler(tokens, data.eos_id, max_doc_len, batch_tokens, rank=shard, world_size=n_shards,
+                                  seed=cfg.run.seed)
+    else:
+        sampler = TokenSampler(tokens, cfg.data.seq_len, cfg.train.batch_size, rank=shard, world_size=n_shards,
+                               seed=cfg.run.seed)
     train_cfg = replica_train_config(cfg, spr)
     seed = cfg.run.seed * 1000 + slot.replica
-    if rep.kind == "pipeline":
+    devices = None
+    if rep.kind == "full" and rep.devices > 1:
+        if device_groups is None:
+            raise ValueError(f"replica {rep.index} has {rep.devices} devices: its workers need device groups")
+        devices = ReplicaDevices.of(device_groups, layout.ranks(rep.index), rank, solo=rep.parallel == "deepspeed")
+    if rep.parallel == "sp":
+        schedule: InnerSchedule = SPTrainer(stage.model, train_cfg, sampler, device, devices, device_groups,
+                                            cfg.model.n_heads, [w.speed for w in rep.workers], rep.sp_capacity,
+                                            rep.sp_costs)
+    elif rep.kind == "pipeline":
         place = StagePlace(tuple(layout.stage_ranks(rep.index, s)[0] for s in range(rep.stages)), slot.stage,
                            layout.replica_group(rep.index))
         share = (slot.layers[1] - slot.layers[0]) / layout.n_layers
-        schedule: InnerSchedule = PipelineTrainer(
+        schedule = PipelineTrainer(
             stage.model, train_cfg, sampler.next_batch, device, transport, place, rep.microbatches, rep.schedule,
             rep.wire_dtype, stage.sub, clock, cfg.network.step_time_s, share, rep.speed, seed)
     else:
-        devices = None
-        if rep.devices > 1:
-            if device_groups is None:
-                raise ValueError(f"replica {rep.index} has {rep.devices} devices: its workers need device groups")
-            devices = ReplicaDevices.of(device_groups, layout.ranks(rep.index), rank, solo=rep.parallel == "deepspeed")
         grad_sync = syncs[0].grad_sync if cfg.algorithm.per_step and 0 in syncs else None
         schedule = build_schedule(rep.parallel, stage.model, train_cfg, sampler.next_batch, device, seed, devices,
                                   grad_sync, cfg.runtime.zero_stage)

@@ -124,6 +124,8 @@ def test_config_fields_and_their_checks():
                      (["--data.max_doc_len=-1"], "data.max_doc_len must be >= 0"),
                      (["--data.max_doc_len=9999"], r"data.max_doc_len \(9999\) exceeds model.max_seq_len"),
                      (["--data.batch_tokens=10"], r"data.batch_tokens \(10\) must be >= the longest piece"),
-                     (["--data.sampler=documents"], "runtime does not run yet")):
+                     (["--data.sampler=documents", "--topology.replica=[{kind='pipeline', stages=2}]"],
+                      "runs on full replicas with parallel = 'sp'"),
+                     (["--topology.replica=[{devices=2, parallel='sp'}]"], "set data.sampler = 'documents'")):
         with pytest.raises(ConfigError, match=msg):
             load_config(None, bad)

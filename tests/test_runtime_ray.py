@@ -301,3 +301,27 @@ def test_a_killed_stage_worker_drops_its_pipeline_replica_which_rejoins(cluster,
     full = global_weights(rank_state(run_dir, 0))
     stages = {**global_weights(rank_state(run_dir, 2)), **global_weights(rank_state(run_dir, 3))}
     assert stages.keys() == full.keys() and all(torch.equal(v, full[k]) for k, v in stages.items())
+
+
+def test_adaptive_sp_replica_ray_job_equals_the_simulation(cluster, baseline, tiny_corpus, data_cache):
+    """A 2-device adaptive-SP replica (two actors in a torch world of their own, Ulysses over gloo)
+    beside a one-device replica: the Ray job ends on the simulation's weights, bit for bit."""
+    from distrain.runtime.simulation import Simulation
+
+    root, _ = baseline
+    cfg = tiny_config(root / "sp.toml", tiny_corpus, data_cache, root / "runs", "sp", "--data.sampler=documents",
+                      "--topology.replica=[{devices=2, parallel='sp'}, {}]")
+    res = run([sys.executable, "-m", "launch.ray", "--address", cluster["gcs"], "--config", str(cfg)], cluster["env"])
+    assert res.returncode == 0, res.stdout[-4000:]
+    threads = torch.get_num_threads()
+    try:
+        sim = Simulation(load_config(cfg, ["--run.name=sp_sim"]))
+        sim.run()
+    finally:
+        torch.set_num_threads(threads)
+    run_dir = root / "runs" / "sp"
+    for r in range(3):
+        model = rank_state(run_dir, r)["worker"]["trainer"]["model"]
+        assert all(torch.equal(v, model[k]) for k, v in sim.workers[r].model.state_dict().items())
+    assert [m["loss"] for m in metrics(run_dir) if m["kind"] == "train"] == \
+        [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"]

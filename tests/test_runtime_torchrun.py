@@ -243,3 +243,30 @@ def test_mixed_full_and_compressed_pipeline_torchrun_equals_simulation(setup):
         [m["loss"] for m in metrics(run) if m["kind"] == "train"]
     assert [m["val_loss"] for m in metrics(sim.run_dir) if m["kind"] == "val"] == \
         [m["val_loss"] for m in metrics(run) if m["kind"] == "val"]
+
+
+def test_adaptive_sp_replica_torchrun_equals_simulation(setup):
+    """A 2-device adaptive-SP replica (whole documents, a plan per step, Ulysses all-to-all over gloo
+    inside its groups) beside a one-device replica, inside the SparseLoCo round: torchrun ends on
+    the simulation's weights and losses, bit for bit."""
+    from distrain.runtime.simulation import Simulation
+
+    over, root = setup
+    over = [o for o in over if not o.startswith("--topology.replicas=")]
+    sp = over + ["--data.sampler=documents", "--topology.replica=[{devices=2, parallel='sp'}, {}]"]
+    cfg = write_config(root / "sp.toml", sp + ["--run.name=sp"])
+    res = torchrun(cfg, 3)
+    assert res.returncode == 0, res.stdout[-4000:]
+    threads = torch.get_num_threads()
+    try:
+        sim = Simulation(load_config(cfg, ["--run.name=sp_sim"]))
+        sim.run()
+    finally:
+        torch.set_num_threads(threads)
+    run = root / "runs" / "sp"
+    for r in (0, 2):
+        assert_same(sim.workers[r].global_state(), global_weights(rank_state(run, r)))
+    for r in range(3):
+        assert_same(sim.workers[r].model.state_dict(), rank_state(run, r)["worker"]["trainer"]["model"])
+    assert [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"] == \
+        [m["loss"] for m in metrics(run) if m["kind"] == "train"]

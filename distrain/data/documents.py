@@ -110,17 +110,25 @@ class DocumentSampler:
         targets = self.tokens[idx + 1].astype(np.int64)
         return DocumentBatch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(cu.astype(np.int64)))
 
-    def next_batch(self) -> DocumentBatch:
-        if self.position >= self.per_rank:
-            self.epoch += 1
-            self.position = 0
-        order = self._rank_pieces(self.epoch)
-        lens = self.lengths[order[self.position:]]
+    def _next_pieces(self) -> tuple[int, int, np.ndarray]:
+        """(epoch, position, pieces) of the next batch, without moving."""
+        epoch, position = self.epoch, self.position
+        if position >= self.per_rank:
+            epoch, position = epoch + 1, 0
+        order = self._rank_pieces(epoch)
+        lens = self.lengths[order[position:]]
         n = int(np.searchsorted(np.cumsum(lens), self.batch_tokens, side="right"))  # pieces that fit the budget
         n = max(n, 1)
-        pieces = order[self.position:self.position + n]
-        self.position += n
+        return epoch, position, order[position:position + n]
+
+    def next_batch(self) -> DocumentBatch:
+        self.epoch, self.position, pieces = self._next_pieces()
+        self.position += pieces.size
         return self._gather(pieces)
+
+    def peek_lengths(self) -> list[int]:
+        """The sequence lengths of the next batch (a planner solves it ahead), without drawing it."""
+        return self.lengths[self._next_pieces()[2]].tolist()
 
     def __iter__(self) -> DocumentSampler:
         return self

@@ -36,10 +36,6 @@ def prepare_data(cfg: Config, progress: bool = False) -> PreparedData:
     return data
 
 
-def train_tokens(data: PreparedData) -> Any:
-    return read_shard(data.train_path)
-
-
 def validation_batches(cfg: Config, data: PreparedData) -> list[Batch]:
     val = TokenSampler(read_shard(data.val_path), cfg.data.seq_len, cfg.train.batch_size, 0, 1, cfg.run.seed)
     return val.val_batches(cfg.train.eval_batches)

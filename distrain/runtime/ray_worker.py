@@ -32,7 +32,6 @@ from distrain.runtime.common import (
     rank_checkpoint_steps,
     read_rank_checkpoint,
     save_rank_checkpoint,
-    train_tokens,
     validation_batches,
 )
 from distrain.stage import EMBEDDING, segment_shapes
@@ -134,7 +133,7 @@ class WorkerHost:
             specs = [s for s in self.layout.device_group_specs() if set(s) <= set(ranks)]
             groups = ProcessDeviceGroups(specs, self.rank, to_local={r: i for i, r in enumerate(ranks)},
                                          timeout_s=self.cfg.topology.round_timeout_s)
-        self.worker = build_worker(self.cfg, self.layout, self.rank, train_tokens(self.data), self.transport, groups)
+        self.worker = build_worker(self.cfg, self.layout, self.rank, self.data, self.transport, groups)
         return os.getpid()
 
     def info(self) -> dict[str, Any]:

@@ -29,7 +29,6 @@ from distrain.runtime.common import (
     read_rank_checkpoint,
     save_rank_checkpoint,
     setup_run_dir,
-    train_tokens,
     validation_batches,
 )
 from distrain.runtime.loop import LoopState, RoundLoop, WorkerPool
@@ -60,13 +59,12 @@ class SimulationPool(WorkerPool):
                                 timeout_s=cfg.topology.round_timeout_s,
                                 overlap=cfg.outer.apply_delay == 1)  # delayed apply: all-gathers in the background
         self.threads = ThreadPoolExecutor(max_workers=world, thread_name_prefix="worker")
-        tokens = train_tokens(self.data)
         specs = self.layout.device_group_specs()
         groups = InProcessGroupHub(cfg.topology.round_timeout_s) if specs else None
 
         def build(rank: int) -> Worker:  # concurrently: device groups rendezvous between the threads
             dg = groups.groups_for(rank, specs) if groups is not None else None
-            return build_worker(cfg, self.layout, rank, tokens, self.hub.transport(rank), dg,
+            return build_worker(cfg, self.layout, rank, self.data, self.hub.transport(rank), dg,
                                 self.hub.clock.for_rank(rank))
 
         self.workers: list[Worker] = self._on_all(build)

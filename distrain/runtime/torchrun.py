@@ -35,7 +35,6 @@ from distrain.runtime.common import (
     read_rank_checkpoint,
     run_dir_of,
     save_rank_checkpoint,
-    train_tokens,
     validation_batches,
 )
 from distrain.runtime.loop import RoundLoop, WorkerPool
@@ -67,7 +66,7 @@ class TorchrunPool(WorkerPool):
         if self.rank != 0:
             data = prepare_data(cfg)
         groups = ProcessDeviceGroups(layout.device_group_specs(), self.rank, timeout_s=cfg.topology.round_timeout_s)
-        self.worker = build_worker(cfg, layout, self.rank, train_tokens(data), transport, groups)
+        self.worker = build_worker(cfg, layout, self.rank, data, transport, groups)
         self.eval_ranks = layout.eval_ranks()
         self.val_batches = validation_batches(cfg, data) if self.rank in self.eval_ranks else []
 
