@@ -1,4 +1,4 @@
-"""``distrain`` command line: prepare, train, simulate, plot.
+"""``distrain`` command line: prepare, train, simulate; plot, compare, estimate, plan-sp, profile-sp.
 
 Every command that runs takes ``--config <file or preset>`` and any number of
 ``--section.key=value`` overrides; ``distrain <cmd> --help`` lists every key with its default.
@@ -14,6 +14,7 @@ import sys
 from typing import Callable
 
 from distrain.config import Config, ConfigError, ReplicaConfig, load_config
+from distrain.tool_command import ToolCommand
 
 
 def config_keys_help() -> str:
@@ -118,15 +119,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     for path in plot_run(args.run_dir):
         print(path)
     return 0
-
-
-@dataclasses.dataclass(frozen=True)
-class ToolCommand:
-    """A command with its own arguments instead of a training config (plot, plan-sp, estimate, ...)."""
-
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
 
 
 # Tool commands by name. A module that adds one defines ``COMMAND = ToolCommand(...)`` and is

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from distrain.cli import ToolCommand
+from distrain.tool_command import ToolCommand
 from distrain.metrics import human_bytes, read_metrics
 from distrain.plots import loss_records, pyplot, series
 

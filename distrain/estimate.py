@@ -39,7 +39,7 @@ from comm.codecs import Codec, EncodedTensor, make_codec
 from comm.codecs.base import WIRE_DTYPES
 from comm.network import Link
 from comm.wire import FrameMeta, encode_frame
-from distrain.cli import ToolCommand
+from distrain.tool_command import ToolCommand
 from distrain.config import MODEL_PRESETS, ModelConfig
 
 ALGORITHMS = ("ddp", "diloco", "sparseloco")

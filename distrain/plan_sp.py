@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distrain.cli import ToolCommand
+from distrain.tool_command import ToolCommand
 
 
 class LengthsFileError(ValueError):

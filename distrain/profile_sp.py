@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from distrain.cli import ToolCommand
+from distrain.tool_command import ToolCommand
 
 
 def _free_port() -> int:
