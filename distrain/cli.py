@@ -74,10 +74,11 @@ def cmd_prepare(cfg: Config) -> int:
     return 0
 
 
-def cmd_train(cfg: Config) -> int:
+def cmd_train(cfg: Config, faults: list[str] = ()) -> int:
+    from distrain.runtime.faults import Fault
     from distrain.runtime.simulation import run_simulation
 
-    summary = run_simulation(cfg)
+    summary = run_simulation(cfg, [Fault.parse(f) for f in faults])
     _print_summary(summary)
     return 0
 
@@ -152,11 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="<command>")
-    for name, (text, default, _) in COMMANDS.items():
+    for name, (text, default, fn) in COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text, epilog=config_keys_help(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", help=f"TOML file or preset name in configs/ (default: {default or 'built-in defaults'})")
         p.add_argument("-v", "--verbose", action="store_true")
+        if fn is cmd_train:
+            p.add_argument("--fault", action="append", default=[],
+                           help="fault injection (repeatable): hostile:rank=R,round=N[,delay=FACTOR] (tests, demos)")
     for name, tool in tool_commands().items():
         p = sub.add_parser(name, help=tool.help, description=tool.help)
         tool.add_arguments(p)
@@ -186,6 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     from distrain.runtime.common import ResumeMismatchError
 
     try:
+        if fn is cmd_train:
+            from distrain.runtime.faults import Fault
+
+            try:
+                [Fault.parse(f) for f in args.fault]
+            except ValueError as e:
+                print(f"distrain: config error: {e}", file=sys.stderr)
+                return 2
+            return fn(cfg, args.fault)
         return fn(cfg)
     except ResumeMismatchError as e:
         print(f"distrain: cannot resume: {e}", file=sys.stderr)

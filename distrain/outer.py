@@ -125,6 +125,7 @@ class _FrameExchange:
         self.policy = policy
         self.kept: list[dict[str, EncodedTensor]] = []  # the last round's aggregated contributions
         self.codec = codec
+        self.encoder: Codec = codec  # what encodes this worker's own frame (fault injection swaps it)
         self.shapes = shapes
         self.transport = transport
         self.group = group
@@ -132,7 +133,7 @@ class _FrameExchange:
         self.rank = rank
 
     def exchange(self, round_idx: int, tensors: dict[str, torch.Tensor], state: dict[str, torch.Tensor]):
-        encoded = {n: self.codec.encode(n, t, state) for n, t in tensors.items()}
+        encoded = {n: self.encoder.encode(n, t, state) for n, t in tensors.items()}
         frame = encode_frame(FrameMeta.for_codec(self.run_id, round_idx, self.rank, self.codec), encoded)
         frames = self.transport.all_gather_bytes(self.group, frame)
         decoded, reasons = [], []

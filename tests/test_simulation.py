@@ -145,3 +145,22 @@ def test_resuming_with_another_model_names_the_differing_keys(tiny_config, capsy
     longer = Simulation(tiny_config(*common, "--train.steps=9", "--checkpoint.resume=auto"))
     s = longer.run()
     assert longer.loop.resumed_from == 6 and s.steps == 9
+
+
+def test_a_hostile_replica_cannot_derail_the_run(tiny_config):
+    """Replica 3 of 4 sends valid, finite frames 1e30 times too large from round 0: every round
+    rejects exactly its frame, the weights stay finite and the run ends near the honest one."""
+    from distrain.runtime.faults import Fault
+
+    common = ["--outer.algorithm=sparseloco", "--topology.replicas=4", "--train.steps=15", "--outer.inner_steps=3",
+              "--train.eval_every=15", "--train.lr=3e-3"]
+    honest = Simulation(tiny_config(*common, "--run.name=honest")).run()
+    sim = Simulation(tiny_config(*common, "--run.name=hostile"), [Fault.parse("hostile:rank=3,round=0")])
+    attacked = sim.run()
+    rounds = [json.loads(l) for l in (sim.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rounds if r["kind"] == "train"]
+    assert [r["rejected"] for r in train] == [4] * 5  # one frame, seen by each of the 4 members
+    assert [r["contributors"] for r in train] == [3] * 5
+    assert all(torch.isfinite(t).all() for w in sim.workers for t in w.global_state().values())
+    improvement = honest.first_val_loss - honest.final_val_loss
+    assert abs(attacked.final_val_loss - honest.final_val_loss) < 0.25 * improvement

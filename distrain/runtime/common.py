@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,41 +96,3 @@ def newest_common_step(steps_per_rank: list[list[int]], exclude: set[int] = froz
         return None
     common = set(steps_per_rank[0]).intersection(*map(set, steps_per_rank[1:])) - set(exclude)
     return max(common) if common else None
-
-
-# ----- fault injection for the launchers' tests and demos ----------------------------------------
-@dataclass(frozen=True)
-class Fault:
-    """``KIND:rank=R,round=N[,delay=S]`` — what to break, where, and when.
-
-    - ``exit`` (torchrun): rank R exits at the start of round N, on the first attempt only, so
-      torchrun's elastic restart has something to resume;
-    - ``kill`` (Ray): worker R stops after its inner steps of round N, before sending its frame,
-      and the driver kills its actor S seconds into the round (Ray restarts it);
-    - ``stale`` (Ray): worker R re-sends its previous round's frame in round N.
-    """
-
-    kind: str
-    rank: int
-    round: int
-    delay: float = 0.0
-
-    KINDS = ("exit", "kill", "stale")
-
-    @classmethod
-    def parse(cls, spec: str) -> "Fault":
-        kind, _, rest = spec.partition(":")
-        if kind not in cls.KINDS:
-            raise ValueError(f"fault {spec!r}: kind must be one of {', '.join(cls.KINDS)}")
-        fields: dict[str, str] = {}
-        for part in filter(None, rest.split(",")):
-            k, eq, v = part.partition("=")
-            if not eq or k not in ("rank", "round", "delay"):
-                raise ValueError(f"fault {spec!r}: expected rank=R,round=N[,delay=S], got {part!r}")
-            fields[k] = v
-        if "rank" not in fields or "round" not in fields:
-            raise ValueError(f"fault {spec!r}: rank and round are required")
-        try:
-            return cls(kind, int(fields["rank"]), int(fields["round"]), float(fields.get("delay", 0.0)))
-        except ValueError:
-            raise ValueError(f"fault {spec!r}: rank and round must be integers, delay a number") from None

@@ -28,7 +28,8 @@ from comm.errors import CommError
 from comm.ray_transport import QuorumError
 from distrain.config import Config, save_config, to_toml
 from distrain.layout import Layout
-from distrain.runtime.common import Fault, prepare_data, setup_run_dir
+from distrain.runtime.common import prepare_data, setup_run_dir
+from distrain.runtime.faults import Fault
 from distrain.runtime.coordinator import CoordinatorActor
 from distrain.runtime.loop import RoundLoop, WorkerPool
 from distrain.runtime.records import RunSummary

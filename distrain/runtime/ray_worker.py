@@ -26,7 +26,6 @@ from distrain.checkpoint import CheckpointError
 from distrain.config import Config, load_config
 from distrain.layout import Layout
 from distrain.runtime.common import (
-    Fault,
     apply_torch_threads,
     prepare_data,
     rank_checkpoint_steps,
@@ -34,6 +33,7 @@ from distrain.runtime.common import (
     save_rank_checkpoint,
     validation_batches,
 )
+from distrain.runtime.faults import Fault, FaultyTransport
 from distrain.stage import EMBEDDING, segment_shapes
 from distrain.worker import Worker, build_worker, decode_params, encode_params, run_id
 from comm.errors import CommError
@@ -54,34 +54,6 @@ def config_from_toml(text: str) -> Config:
 
 class NeedsCatchUpError(CommError):
     """A worker was asked to run a round it is not at (it restarted, or missed a round)."""
-
-
-class FaultyTransport(RayTransport):
-    """Fault injection on the worker side of a Ray job.
-
-    ``stale_round``: in that round this worker re-sends its previous round's frame.
-    ``hold_round``: in that round this worker stops after its inner steps, before sending its
-    frame, for up to ``hold_s`` — the window in which the driver kills its actor, so the kill
-    lands mid-round every time (not before the round started, nor after it finished).
-    """
-
-    def __init__(self, *args: Any, stale_round: int = -1, hold_round: int = -1, hold_s: float = 60.0, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._stale_round, self._hold_round, self._hold_s = stale_round, hold_round, hold_s
-        self._last: bytes | None = None
-        self._current = 0
-
-    def begin_round(self, round_idx: int) -> None:
-        super().begin_round(round_idx)
-        self._current = round_idx
-
-    def all_gather_bytes(self, group: str, payload: bytes) -> list[bytes | None]:
-        if self._current == self._hold_round:
-            log.warning("fault injection: worker %d holds in round %d until it is killed", self.rank, self._current)
-            time.sleep(self._hold_s)
-        send = self._last if self._current == self._stale_round and self._last is not None else payload
-        self._last = payload
-        return super().all_gather_bytes(group, send)
 
 
 class WorkerHost:

@@ -31,6 +31,7 @@ from distrain.runtime.common import (
     setup_run_dir,
     validation_batches,
 )
+from distrain.runtime.faults import Fault, HostileCodec
 from distrain.runtime.loop import LoopState, RoundLoop, WorkerPool
 from distrain.runtime.records import RunSummary
 from distrain.worker import RoundReport, Worker, build_worker
@@ -44,9 +45,16 @@ class SimulationPool(WorkerPool):
     mode = "simulation"
     clock_name = "sim"
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, faults: list[Fault] | None = None):
         self.cfg = cfg
+        self.faults = [f for f in (faults or []) if f.kind == "hostile"]
+        unsupported = [f.kind for f in (faults or []) if f.kind != "hostile"]
+        if unsupported:
+            raise ValueError(f"the simulation injects hostile faults only, not {unsupported}")
         self.layout = Layout.from_config(cfg)
+        bad = [f.rank for f in self.faults if not 0 <= f.rank < self.layout.world_size]
+        if bad:
+            raise ValueError(f"fault ranks {bad} outside 0..{self.layout.world_size - 1}")
         if any(r.parallel == "deepspeed" for r in self.layout.replicas):
             raise ConfigError("parallel = 'deepspeed' needs one process per device: run it under torchrun or Ray")
         apply_torch_threads(cfg)
@@ -101,6 +109,11 @@ class SimulationPool(WorkerPool):
         """Nothing to agree on: every thread built its stage from the same seeded initialisation."""
 
     def run_round(self, round_idx: int, max_steps: int) -> list[RoundReport]:
+        for f in self.faults:
+            if f.round == round_idx:  # from this round on, its frames are valid, finite and huge
+                for sync in self.workers[f.rank].syncs.values():
+                    if hasattr(sync, "exchange"):
+                        sync.exchange.encoder = HostileCodec(sync.exchange.codec, f.delay or 1e30)
         return self._on_all(lambda w: w.run_round(round_idx, max_steps), self.workers)
 
     def finish(self) -> None:
@@ -148,9 +161,9 @@ class SimulationPool(WorkerPool):
 class Simulation:
     """A simulated run: the pool of threads and the RoundLoop over it."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, faults: list[Fault] | None = None):
         self.cfg = cfg
-        self.pool = SimulationPool(cfg)
+        self.pool = SimulationPool(cfg, faults)
         self.loop = RoundLoop(cfg, self.pool, self.pool.run_dir)
 
     @property
@@ -191,8 +204,8 @@ class Simulation:
         return summary
 
 
-def run_simulation(cfg: Config) -> RunSummary:
+def run_simulation(cfg: Config, faults: list[Fault] | None = None) -> RunSummary:
     t0 = time.perf_counter()
-    summary = Simulation(cfg).run()
+    summary = Simulation(cfg, faults).run()
     summary.wall_s = time.perf_counter() - t0
     return summary

@@ -29,7 +29,6 @@ from distrain.checkpoint import CheckpointError
 from distrain.config import Config, save_config
 from distrain.layout import Layout
 from distrain.runtime.common import (
-    Fault,
     prepare_data,
     rank_checkpoint_steps,
     read_rank_checkpoint,
@@ -37,6 +36,7 @@ from distrain.runtime.common import (
     save_rank_checkpoint,
     validation_batches,
 )
+from distrain.runtime.faults import Fault
 from distrain.runtime.loop import RoundLoop, WorkerPool
 from distrain.runtime.records import RunSummary
 from distrain.worker import RoundReport, build_worker, decode_params, encode_params, run_id

@@ -1,0 +1,106 @@
+"""Fault injection for the launchers' tests and demos: what to break, where, and when.
+
+Faults are parsed from ``--fault=KIND:rank=R,round=N[,delay=S]`` and carried out by the mode that
+supports them: a rank that exits (torchrun's elastic restart), an actor killed mid-round or a stale
+frame (Ray), a hostile worker whose frames are valid but huge (simulation).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from comm.codecs import EncodedTensor
+from comm.ray_transport import RayTransport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """``KIND:rank=R,round=N[,delay=S]`` — what to break, where, and when.
+
+    - ``exit`` (torchrun): rank R exits at the start of round N, on the first attempt only, so
+      torchrun's elastic restart has something to resume;
+    - ``kill`` (Ray): worker R stops after its inner steps of round N, before sending its frame,
+      and the driver kills its actor S seconds into the round (Ray restarts it);
+    - ``stale`` (Ray): worker R re-sends its previous round's frame in round N;
+    - ``hostile`` (simulation): from round N on, worker R's pseudo-gradient frames are valid and
+      finite but ``delay`` (default 1e30) times too large — what robust aggregation must survive.
+    """
+
+    kind: str
+    rank: int
+    round: int
+    delay: float = 0.0
+
+    KINDS = ("exit", "kill", "stale", "hostile")
+
+    @classmethod
+    def parse(cls, spec: str) -> "Fault":
+        kind, _, rest = spec.partition(":")
+        if kind not in cls.KINDS:
+            raise ValueError(f"fault {spec!r}: kind must be one of {', '.join(cls.KINDS)}")
+        fields: dict[str, str] = {}
+        for part in filter(None, rest.split(",")):
+            k, eq, v = part.partition("=")
+            if not eq or k not in ("rank", "round", "delay"):
+                raise ValueError(f"fault {spec!r}: expected rank=R,round=N[,delay=S], got {part!r}")
+            fields[k] = v
+        if "rank" not in fields or "round" not in fields:
+            raise ValueError(f"fault {spec!r}: rank and round are required")
+        try:
+            return cls(kind, int(fields["rank"]), int(fields["round"]), float(fields.get("delay", 0.0)))
+        except ValueError:
+            raise ValueError(f"fault {spec!r}: rank and round must be integers, delay a number") from None
+
+
+class FaultyTransport(RayTransport):
+    """Fault injection on the worker side of a Ray job.
+
+    ``stale_round``: in that round this worker re-sends its previous round's frame.
+    ``hold_round``: in that round this worker stops after its inner steps, before sending its
+    frame, for up to ``hold_s`` — the window in which the driver kills its actor, so the kill
+    lands mid-round every time (not before the round started, nor after it finished).
+    """
+
+    def __init__(self, *args: Any, stale_round: int = -1, hold_round: int = -1, hold_s: float = 60.0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._stale_round, self._hold_round, self._hold_s = stale_round, hold_round, hold_s
+        self._last: bytes | None = None
+        self._current = 0
+
+    def begin_round(self, round_idx: int) -> None:
+        super().begin_round(round_idx)
+        self._current = round_idx
+
+    def all_gather_bytes(self, group: str, payload: bytes) -> list[bytes | None]:
+        if self._current == self._hold_round:
+            log.warning("fault injection: worker %d holds in round %d until it is killed", self.rank, self._current)
+            time.sleep(self._hold_s)
+        send = self._last if self._current == self._stale_round and self._last is not None else payload
+        self._last = payload
+        return super().all_gather_bytes(group, send)
+
+
+
+class HostileCodec:
+    """A worker's codec gone hostile: frames stay valid and finite, their values ``factor`` times
+    too large (SparseLoCo centroids, dense fp32 values). Everything else is the real codec's, so
+    its own error feedback stays honest and it decodes the others' frames as before."""
+
+    def __init__(self, inner: Any, factor: float = 1e30):
+        self.inner, self.factor = inner, float(factor)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def encode(self, name: str, delta: Any, state: Any) -> EncodedTensor:
+        et = self.inner.encode(name, delta, state)
+        bufs = {k: (np.clip(v.astype(np.float64) * self.factor, -3e38, 3e38).astype(v.dtype)
+                    if v.dtype.kind == "f" else v) for k, v in et.buffers.items()}
+        return EncodedTensor(shape=et.shape, meta=et.meta, buffers=bufs)
