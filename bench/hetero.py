@@ -90,6 +90,27 @@ def spread(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+def merge_split(args: argparse.Namespace) -> None:
+    """The span-split reconciliation beside the two in the results file, on the same seeds."""
+    result = json.loads(RESULTS.read_text())
+    out = Path(args.out)
+    seeds = result["seeds"]
+    steps = int(result["setup"].split("inner steps")[0].split(",")[-1])
+    for k, key in ((DEFAULT_K, "reconciliation"), (D_MODEL // 16, "reconciliation_d16")):
+        row = result.setdefault(key, {})
+        if key == "reconciliation_d16":
+            row["project_start"] = result["k_sweep"][str(k)]["selective_per_seed"]
+        row["split"] = [simulate(out, "selective", k, s, steps, ["--topology.compress_sync=split"])["final_val_loss"]
+                        for s in seeds]
+    full = mean(result["runs"]["all_full"]["final_val_loss"])
+    result["summary"]["reconciliation_vs_all_full"] = {
+        key: {mode: mean(v) / full - 1 for mode, v in result[key].items() if isinstance(v, list)}
+        for key in ("reconciliation", "reconciliation_d16")}
+    result["command"] += " ; " + command("bench/hetero.py")
+    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result["summary"]["reconciliation_vs_all_full"], indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -97,7 +118,13 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--sweep-seeds", type=int, default=3)
     ap.add_argument("--out", default="/tmp/distrain_bench_hetero")
+    ap.add_argument("--merge-split", action="store_true",
+                    help="add the 'split' reconciliation (selective, default k and d/16, all seeds) to an existing "
+                         "results file")
     args = ap.parse_args()
+    if args.merge_split:
+        merge_split(args)
+        return
     if args.quick:
         args.steps, args.seeds, args.sweep_seeds = 60, 1, 1
     out = Path(args.out)

@@ -265,8 +265,10 @@ class TopologyConfig:
     round_timeout_s: float = 600.0
     # How a compressed pipeline replica meets unconstrained replicas in one round:
     # project_start: it starts each round from the global weights mapped onto its constraint and
-    #   measures its pseudo-gradient from there; project_global: the global weights themselves are
-    #   projected onto the constraint after every outer step (node0-style), for every replica.
+    #   measures its pseudo-gradient from there; split: the same, and for constrained matrices the
+    #   compressed replicas vote only on the in-subspace part of the aggregate (the rest is the
+    #   unconstrained replicas' mean); project_global: the global weights themselves are projected
+    #   onto the constraint after every outer step (node0-style), for every replica.
     compress_sync: str = "project_start"
 
     def tables(self) -> list[ReplicaConfig]:
@@ -523,12 +525,12 @@ def _check_topology(cfg: Config) -> None:
     for i, table in enumerate(t.tables()):
         table.check(i, cfg)
     _choice("topology.straggler_policy", t.straggler_policy, ("wait", "fewer_steps"))
-    _choice("topology.compress_sync", t.compress_sync, ("project_start", "project_global"))
+    _choice("topology.compress_sync", t.compress_sync, ("project_start", "split", "project_global"))
     compressed = {(r.compress.k, r.compress.seed, str(r.stages)) for r in t.tables()
                   if r.kind == "pipeline" and r.compress.k}
-    if t.compress_sync == "project_global":
-        _need(len(compressed) <= 1, "topology.compress_sync = 'project_global' projects the global weights onto one "
-                                    "subspace: every compressed pipeline needs the same compress.k, seed and stages")
+    if t.compress_sync != "project_start":
+        _need(len(compressed) <= 1, f"topology.compress_sync = {t.compress_sync!r} works with one subspace: every "
+                                    "compressed pipeline needs the same compress.k, seed and stages")
     _need(0 < t.quorum <= 1, f"topology.quorum must be in (0, 1], got {t.quorum}")
     _need(t.round_timeout_s > 0, f"topology.round_timeout_s must be positive, got {t.round_timeout_s}")
     algo, tables = cfg.algorithm, t.tables()

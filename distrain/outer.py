@@ -65,6 +65,8 @@ def owned_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 Weights = dict[str, torch.Tensor]
+# (tensor name, [(member, its encoded contribution)], shape, device) -> the aggregate
+Combine = Callable[[str, list[tuple[int, EncodedTensor]], tuple[int, ...], torch.device], torch.Tensor]
 
 
 class OuterOptimizer:
@@ -120,10 +122,12 @@ class _FrameExchange:
     """
 
     def __init__(self, codec: Codec, shapes: dict[str, tuple[int, ...]], transport: Transport, group: str,
-                 run_id: str, rank: int, device: torch.device, policy: RobustPolicy | None = None):
+                 run_id: str, rank: int, device: torch.device, policy: RobustPolicy | None = None,
+                 combine: Combine | None = None):
         self.device = device
         self.policy = policy
-        self.kept: list[dict[str, EncodedTensor]] = []  # the last round's aggregated contributions
+        self.combine = combine  # how a tensor's kept contributions become its aggregate (default: the codec's)
+        self.kept: list[tuple[int, dict[str, EncodedTensor]]] = []  # the last round's (member, contribution)
         self.codec = codec
         self.encoder: Codec = codec  # what encodes this worker's own frame (fault injection swaps it)
         self.shapes = shapes
@@ -153,13 +157,16 @@ class _FrameExchange:
             for why in judged.rejected + judged.clipped:
                 log.warning("round %d, %s: %s", round_idx, self.group, why)
             reasons += judged.rejected
-        self.kept = [t for _, t in kept]
+        self.kept = list(kept)
         if not kept:
             log.warning("round %d: no usable contribution in group %s (%s): the outer step is skipped",
                         round_idx, self.group, "; ".join(reasons) or "none arrived")
             return None, len(frame), 0, reasons
-        aggregate = {n: self.codec.decode_aggregate([t[n] for _, t in kept], self.shapes[n], device=self.device)
-                     for n in tensors}
+        if self.combine is not None:
+            aggregate = {n: self.combine(n, [(m, t[n]) for m, t in kept], self.shapes[n], self.device) for n in tensors}
+        else:
+            aggregate = {n: self.codec.decode_aggregate([t[n] for _, t in kept], self.shapes[n], device=self.device)
+                         for n in tensors}
         return aggregate, len(frame), len(kept), reasons
 
 
@@ -200,7 +207,8 @@ class PseudoGradientOuter(OuterOptimizer):
 
     def __init__(self, initial: Weights, codec: Codec, lr: float, momentum: float, nesterov: bool,
                  transport: Transport, group: str, run_id: str, rank: int, apply_delay: int = 0, segment: int = 0,
-                 policy: RobustPolicy | None = None, post_step: Callable[[Weights], None] | None = None):
+                 policy: RobustPolicy | None = None, post_step: Callable[[Weights], None] | None = None,
+                 combine: Combine | None = None):
         if apply_delay not in (0, 1):
             raise ValueError(f"outer.apply_delay must be 0 or 1, got {apply_delay}")
         super().__init__(initial)
@@ -218,7 +226,7 @@ class PseudoGradientOuter(OuterOptimizer):
         self.pending: Weights | None = None  # delayed mode: aggregate not applied yet
         self._target: Weights | None = None
         device = next(iter(initial.values())).device
-        self.exchange = _FrameExchange(codec, self.shapes, transport, group, run_id, rank, device, policy)
+        self.exchange = _FrameExchange(codec, self.shapes, transport, group, run_id, rank, device, policy, combine)
         self.dense_bytes = sum(t.numel() * 4 for t in initial.values())
 
     def global_state(self) -> Weights:
@@ -341,7 +349,7 @@ def make_codec_from_config(cfg: Config) -> Codec:
 
 
 def make_outer(cfg: Config, initial: Weights, rank: int, transport: Transport, group: str, segment: int = 0,
-               post_step: Callable[[Weights], None] | None = None) -> OuterOptimizer:
+               post_step: Callable[[Weights], None] | None = None, combine: Combine | None = None) -> OuterOptimizer:
     """The configured outer optimiser of one segment (``initial``: its weights), exchanging in ``group``."""
     o, algo = cfg.outer, cfg.algorithm
     run_id = f"{cfg.run.name}-{cfg.hash()}"
@@ -352,4 +360,4 @@ def make_outer(cfg: Config, initial: Weights, rank: int, transport: Transport, g
         return OuterOptimizer(initial)
     return PseudoGradientOuter(initial, make_codec_from_config(cfg), o.lr, o.momentum, o.nesterov,
                                transport, group, run_id, rank, apply_delay=o.apply_delay, segment=segment,
-                               policy=policy, post_step=post_step)
+                               policy=policy, post_step=post_step, combine=combine)

@@ -48,6 +48,7 @@ from distrain.stage import (
     build_stage,
     needs_embedding_shadow,
     project_global,
+    span_split,
 )
 from parallel.pipeline import StagePlace
 from distrain.trainer import resolve_device
@@ -170,11 +171,12 @@ class Worker:
                 stats.append(st)
             targets.update(target or {})
         if self.relay is not None and self.slot.stage == 0 and self.rep.stages > 1:
-            kept = self.syncs[0].exchange.kept  # the embedding's aggregated contributions, to the later stages
-            extra["relay_bytes"] = float(self.relay.send(self._later_stages(), [k[EMBEDDING] for k in kept], round_idx))
+            kept = [(m, t[EMBEDDING]) for m, t in self.syncs[0].exchange.kept]  # to the later stages
+            extra["relay_bytes"] = float(self.relay.send(self._later_stages(), kept, round_idx))
         if self.shadow is not None and self.relay is not None:
             first = self.layout.stage_ranks(self.replica, 0)[0]
-            self.shadow.receive(self.relay.receive(first, round_idx, self.shadow.embedding.device), round_idx)
+            kept = self.relay.receive(first, round_idx)
+            self.shadow.receive(self.shadow.aggregate(kept, self.shadow.embedding.device), round_idx)
         if targets:
             self._start_from(targets)
         self.schedule.refresh()  # a multi-device replica's devices take the leader's new weights
@@ -298,11 +300,12 @@ def build_worker(cfg: Config, layout: Layout, rank: int, data: PreparedData, tra
     if cfg.topology.compress_sync == "project_global":
         compressed = [r for r in layout.replicas if r.compressed]
         post_step = project_global(cfg, compressed[0], device) if compressed else None
+    combine = span_split(cfg, layout, make_codec_from_config(cfg), device) if cfg.algorithm.rounds else None
     syncs: dict[int, OuterOptimizer] = {}
     for g in layout.owned_segments(rank):
         mine = {n: t.to(device) for n, t in stage.initial.items()
                 if segment_of(n, layout.n_layers, layout.segments) == g}
-        syncs[g] = make_outer(cfg, mine, rank, transport, layout.segment_group(g), g, post_step)
+        syncs[g] = make_outer(cfg, mine, rank, transport, layout.segment_group(g), g, post_step, combine)
     spr = steps_per_round(cfg, rep.speed, max(r.speed for r in layout.replicas))
     shard, n_shards = layout.data_shard(rank)
     tokens = read_shard(data.train_path)
@@ -343,7 +346,7 @@ def build_worker(cfg: Config, layout: Layout, rank: int, data: PreparedData, tra
         relay = EmbeddingRelay(transport, codec, shape, run_id(cfg), rank, max_parts=layout.n_replicas)
         if needs_embedding_shadow(cfg, rep, slot):
             e0 = initial_tensor(cfg.model, EMBEDDING, shape, cfg.run.seed).to(device)
-            shadow = EmbeddingShadow(cfg, e0, codec)
+            shadow = EmbeddingShadow(cfg, e0, codec, combine)
     worker = Worker(cfg, layout, rank, stage, schedule, syncs, sampler, spr, clock, shadow, relay)
     if not stage.view.exact:  # a compressed stage starts from the initial weights mapped onto its constraint
         worker.load_global(stage.initial)

@@ -35,13 +35,15 @@ def test_per_segment_rounds_equal_one_whole_model_round(tiny_config, monkeypatch
         assert len(b.syncs) == 2 and len(a.syncs) == 1
 
 
-@pytest.mark.parametrize("method", ["reparam", "project"])
-def test_mixed_topology_keeps_the_constraint_and_the_full_replicas_on_the_global_weights(tiny_config, method):
+@pytest.mark.parametrize("method,sync", [("reparam", "project_start"), ("project", "project_start"),
+                                         ("reparam", "split")])
+def test_mixed_topology_keeps_the_constraint_and_the_full_replicas_on_the_global_weights(tiny_config, method, sync):
     """Two full replicas and a 2-stage compressed pipeline (k = 8 of d = 64): after every outer
     round the full replicas hold the global weights and the compressed stages satisfy
     ‖(I − UUᵀ)W‖/‖W‖ ≤ 1e-6 for attention-out and MLP-down."""
     cfg = tiny_config(*COMMON, "--topology.replica=[{count=2}, {kind='pipeline', stages=2, "
-                               f"compress={{k=8, method='{method}'}}}}]", f"--run.name=mixed_{method}")
+                               f"compress={{k=8, method='{method}'}}}}]", f"--run.name=mixed_{method}_{sync}",
+                      f"--topology.compress_sync={sync}")
     sim = Simulation(cfg)
     pool = sim.pool
     full, stage0, stage1 = pool.workers[0], pool.workers[2], pool.workers[3]
@@ -106,3 +108,26 @@ def test_project_global_puts_every_replica_on_the_subspace(tiny_config):
     free = glob["layers.1.attention.wo.weight"]  # after the last boundary: unconstrained
     assert float((free - u @ (u.T @ free)).norm() / free.norm()) > 0.5
     sim.pool.close()
+
+
+def test_span_split_lets_compressed_replicas_vote_only_inside_the_subspace():
+    """agg = P·mean(all) + (I − P)·mean(unconstrained) for a constrained matrix; others: mean(all)."""
+    from comm.codecs import make_codec
+    from distrain.stage import SpanSplit
+
+    codec = make_codec("dense", dtype="fp32")
+    torch.manual_seed(0)
+    u = make_basis(16, 4, 1)
+    w = [torch.randn(16, 8) for _ in range(3)]
+    kept = [(m, codec.encode("x", t, {})) for m, t in zip((0, 1, 7), w)]
+    split = SpanSplit(codec, u, compressed={7}, sides={"wo": "left", "emb": "right"})
+    p = u @ u.T
+    want = p @ (sum(w) / 3) + (torch.eye(16) - p) @ ((w[0] + w[1]) / 2)
+    torch.testing.assert_close(split("wo", kept, (16, 8), torch.device("cpu")), want, rtol=1e-5, atol=1e-6)
+    e = [torch.randn(8, 16) for _ in range(3)]
+    kept_e = [(m, codec.encode("x", t, {})) for m, t in zip((0, 1, 7), e)]
+    want_e = (sum(e) / 3) @ p + ((e[0] + e[1]) / 2) @ (torch.eye(16) - p)
+    torch.testing.assert_close(split("emb", kept_e, (8, 16), torch.device("cpu")), want_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(split("other", kept, (16, 8), torch.device("cpu")), sum(w) / 3, rtol=1e-6, atol=1e-7)
+    only_full = [k for k in kept if k[0] != 7]  # no compressed contribution: the plain mean
+    torch.testing.assert_close(split("wo", only_full, (16, 8), torch.device("cpu")), (w[0] + w[1]) / 2)
