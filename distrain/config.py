@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,6 +332,10 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def run_id(self) -> str:
+        """What every frame of this run carries (frames of another run are rejected)."""
+        return f"{self.run.name}-{self.hash()}"
 
     def hash(self) -> str:
         """Hash of the parts that define the training trajectory (not names or logging)."""

@@ -364,7 +364,6 @@ def estimate_config(cfg: Any, data_aware: bool = True) -> tuple[float, float, li
     ``model.vocab_size`` must be resolved (it is after ``run_simulation(cfg)``). ``data_aware``:
     model the embedding rows of tokens the training data never contains (``idle_embedding_rows``)."""
     from distrain.outer import make_codec_from_config
-    from distrain.worker import run_id
 
     alg = cfg.outer.algorithm
     if alg not in ALGORITHMS:
@@ -379,7 +378,7 @@ def estimate_config(cfg: Any, data_aware: bool = True) -> tuple[float, float, li
     for syn in synthetics:
         key = (syn.delta_std, syn.weight_std, syn.idle_decay)  # the idle rows are the same every round
         if key not in cache:
-            cache[key] = frame_bytes(codec, shapes, run_id(cfg), synthetic=syn)
+            cache[key] = frame_bytes(codec, shapes, cfg.run_id(), synthetic=syn)
         frames.append(cache[key])
     net = cfg.network
     link = Link(net.up_mbps, net.down_mbps, net.latency_ms)

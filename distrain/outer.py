@@ -352,7 +352,7 @@ def make_outer(cfg: Config, initial: Weights, rank: int, transport: Transport, g
                post_step: Callable[[Weights], None] | None = None, combine: Combine | None = None) -> OuterOptimizer:
     """The configured outer optimiser of one segment (``initial``: its weights), exchanging in ``group``."""
     o, algo = cfg.outer, cfg.algorithm
-    run_id = f"{cfg.run.name}-{cfg.hash()}"
+    run_id = cfg.run_id()
     policy = RobustPolicy(o.robust_clip, o.robust_reject) if o.robust_clip else None
     if algo.per_step:
         return DDPOuter(initial, transport, group, run_id, rank, policy)

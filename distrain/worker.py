@@ -103,11 +103,6 @@ def replica_train_config(cfg: Config, spr: int) -> TrainConfig:
                                warmup_steps=math.ceil(cfg.train.warmup_steps * scale))
 
 
-def run_id(cfg: Config) -> str:
-    """What every frame of this run carries (frames of another run are rejected)."""
-    return f"{cfg.run.name}-{cfg.hash()}"
-
-
 class Worker:
     """A parameter set (whole model or stage), its inner schedule, data stream and segment syncs."""
 
@@ -343,7 +338,7 @@ def build_worker(cfg: Config, layout: Layout, rank: int, data: PreparedData, tra
     if rep.compressed and cfg.algorithm.rounds:
         codec = make_codec_from_config(cfg)
         shape = (cfg.model.vocab_size, cfg.model.dim)
-        relay = EmbeddingRelay(transport, codec, shape, run_id(cfg), rank, max_parts=layout.n_replicas)
+        relay = EmbeddingRelay(transport, codec, shape, cfg.run_id(), rank, max_parts=layout.n_replicas)
         if needs_embedding_shadow(cfg, rep, slot):
             e0 = initial_tensor(cfg.model, EMBEDDING, shape, cfg.run.seed).to(device)
             shadow = EmbeddingShadow(cfg, e0, codec, combine)

@@ -17,7 +17,7 @@ import logging
 import sys
 
 from distrain.config import ConfigError, load_config
-from distrain.runtime.common import Fault
+from distrain.runtime.faults import Fault
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

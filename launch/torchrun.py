@@ -20,7 +20,8 @@ import torch
 
 from distrain.config import ConfigError, load_config
 from distrain.layout import Layout
-from distrain.runtime.common import Fault, apply_torch_threads
+from distrain.runtime.common import apply_torch_threads
+from distrain.runtime.faults import Fault
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:

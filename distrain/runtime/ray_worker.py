@@ -13,7 +13,6 @@ import logging
 import os
 import socket
 import tempfile
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from distrain.runtime.common import (
 )
 from distrain.runtime.faults import Fault, FaultyTransport
 from distrain.stage import EMBEDDING, segment_shapes
-from distrain.worker import Worker, build_worker, decode_params, encode_params, run_id
+from distrain.worker import Worker, build_worker, decode_params, encode_params
 from comm.errors import CommError
 
 log = logging.getLogger(__name__)
@@ -73,7 +72,7 @@ class WorkerHost:
         self.transport: RayTransport = cls(coordinator, rank, self.layout.world_size, **kwargs)
         self.worker: Worker | None = None
         self.val_batches = validation_batches(cfg, self.data)
-        self.run = run_id(cfg)
+        self.run = cfg.run_id()
         self.next_round = 0
 
     # ----- start-up ------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from distrain.runtime.common import (
 from distrain.runtime.faults import Fault
 from distrain.runtime.loop import RoundLoop, WorkerPool
 from distrain.runtime.records import RunSummary
-from distrain.worker import RoundReport, build_worker, decode_params, encode_params, run_id
+from distrain.worker import RoundReport, build_worker, decode_params, encode_params
 
 log = logging.getLogger("distrain.torchrun")
 
@@ -103,7 +103,7 @@ class TorchrunPool(WorkerPool):
         """Each segment's weights from its first owner to the other owners (validated dense frames,
         never pickled): identical seeds make this a no-op on one machine; across machines it rules
         out any difference in initialisation. Devices of a replica then take their leader's."""
-        rid = run_id(self.cfg)
+        rid = self.cfg.run_id()
         shapes = self.worker.param_shapes()
         received: dict[str, torch.Tensor] = {}
         for g in self.layout.owned_segments(self.rank):
