@@ -20,8 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from distrain.tool_command import ToolCommand
+from distrain.config import ALGORITHMS
 from distrain.metrics import human_bytes, read_metrics
+from distrain.tool_command import ToolCommand
 from distrain.plots import loss_records, pyplot, series
 
 # x axes of the comparison: metrics key, axis label, file name.
@@ -87,13 +88,14 @@ def load_run(run_dir: str | Path) -> tuple[RunInfo, list[dict[str, Any]], list[d
     outer, topo = _section(cfg, "outer"), _section(cfg, "topology")
     wire = [r["wire_bytes"] for r in train if isinstance(r.get("wire_bytes"), (int, float))]
     last = (val or train)[-1]
-    replicas = topo.get("replicas")
+    tables = topo.get("replica") or []
+    replicas = sum(int(t.get("count", 1)) for t in tables if isinstance(t, dict)) if tables else topo.get("replicas")
     info = RunInfo(
         run_dir=str(run_dir),
         name=str(_section(cfg, "run").get("name") or run_dir.name),
         algorithm=str(outer.get("algorithm", "?")),
         replicas=replicas if isinstance(replicas, int) else None,
-        inner_steps=outer.get("inner_steps") if outer.get("algorithm") in ("diloco", "sparseloco") else None,
+        inner_steps=outer.get("inner_steps") if ALGORITHMS.get(outer.get("algorithm"), ALGORITHMS["none"]).rounds else None,
         wire_bytes_per_round=float(sum(wire) / len(wire)) if wire else 0.0,
         rounds=max((r.get("round") or 0 for r in train), default=0),
         final_val_loss=val[-1]["val_loss"] if val else None,
