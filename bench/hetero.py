@@ -90,6 +90,39 @@ def spread(xs: list[float]) -> float:
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+PLOT = REPO / "docs" / "hetero_k_sweep.png"
+
+
+def plot_sweep(result: dict) -> Path:
+    """Final validation loss vs k for all_compressed and selective, with all_full as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(int(k) for k in result["k_sweep"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run, style in (("all_compressed", "o-"), ("selective", "s-")):
+        means = [result["k_sweep"][str(k)][run] for k in ks]
+        seeds = [result["k_sweep"][str(k)][f"{run}_per_seed"] for k in ks]
+        lo = [min(x) for x in seeds]
+        hi = [max(x) for x in seeds]
+        ax.plot(ks, means, style, label=run.replace("_", " "))
+        ax.fill_between(ks, lo, hi, alpha=0.15)
+    full = result["runs"]["all_full"]["final_val_loss"]
+    ax.axhline(mean(full), color="k", ls="--", label=f"all full ({mean(full):.3f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [f"{k} (d/{result['d_model'] // k})" for k in ks])
+    ax.set_xlabel("boundary coordinates per token k")
+    ax.set_ylabel(f"final validation loss (mean of {len(result['seeds'])} seeds, band: min-max)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
+    return PLOT
+
+
 def merge_split(args: argparse.Namespace) -> None:
     """The span-split reconciliation beside the two in the results file, on the same seeds."""
     result = json.loads(RESULTS.read_text())
@@ -108,6 +141,7 @@ def merge_split(args: argparse.Namespace) -> None:
         for key in ("reconciliation", "reconciliation_d16")}
     result["command"] += " ; " + command("bench/hetero.py")
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    plot_sweep(result)
     print(json.dumps(result["summary"]["reconciliation_vs_all_full"], indent=1))
 
 
@@ -174,6 +208,7 @@ def main() -> None:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    plot_sweep(result)
     print(json.dumps(result["summary"], indent=1))
 
 
