@@ -167,7 +167,7 @@ class Worker:
             targets.update(target or {})
         if self.relay is not None and self.slot.stage == 0 and self.rep.stages > 1:
             kept = [(m, t[EMBEDDING]) for m, t in self.syncs[0].exchange.kept]  # to the later stages
-            extra["relay_bytes"] = float(self.relay.send(self._later_stages(), kept, round_idx))
+            extra["relay_bytes"] = float(self.relay.send(self.later_stages(), kept, round_idx))
         if self.shadow is not None and self.relay is not None:
             first = self.layout.stage_ranks(self.replica, 0)[0]
             kept = self.relay.receive(first, round_idx)
@@ -177,7 +177,7 @@ class Worker:
         self.schedule.refresh()  # a multi-device replica's devices take the leader's new weights
         return stats
 
-    def _later_stages(self) -> list[int]:
+    def later_stages(self) -> list[int]:
         return [self.layout.stage_ranks(self.replica, s)[0] for s in range(1, self.rep.stages)]
 
     def _start_from(self, targets: Weights) -> None:

@@ -38,6 +38,7 @@ from distrain.runtime.common import (
 )
 from distrain.runtime.faults import Fault
 from distrain.runtime.loop import RoundLoop, WorkerPool
+from distrain.stage import EMBEDDING
 from distrain.runtime.records import RunSummary
 from distrain.worker import RoundReport, build_worker, decode_params, encode_params
 
@@ -113,7 +114,23 @@ class TorchrunPool(WorkerPool):
             frame = encode_params(mine, rid, 0, self.rank) if self.rank == src else None
             data = self.transport.broadcast_bytes(group, frame, src=src)
             received.update(decode_params(data, {n: shapes[n] for n in mine}, rid, 0))
-        self.worker.load_global(received if received else self.worker.global_state())
+        embedding = self._relay_initial_embedding(received, rid)
+        self.worker.load_global(received if received else self.worker.global_state(), embedding)
+
+    def _relay_initial_embedding(self, received: dict[str, torch.Tensor], rid: str) -> torch.Tensor | None:
+        """A compressed pipeline's later stages rebuild boundaries from the global embedding they do
+        not hold: its first stage hands them the agreed one (a validated dense frame)."""
+        w = self.worker
+        if w.relay is None:
+            return None
+        first = self.layout.stage_ranks(w.replica, 0)[0]
+        if self.rank == first:
+            frame = encode_params({EMBEDDING: received[EMBEDDING]}, rid, 0, self.rank)
+            for dst in w.later_stages():
+                self.transport.send_bytes(dst, frame)
+            return None
+        shape = (self.cfg.model.vocab_size, self.cfg.model.dim)
+        return decode_params(self.transport.recv_bytes(first), {EMBEDDING: shape}, rid, 0)[EMBEDDING]
 
     def _maybe_fail(self, round_idx: int) -> None:
         f = self.fault
