@@ -123,6 +123,38 @@ def plot_sweep(result: dict) -> Path:
     return PLOT
 
 
+def tables(result: dict) -> str:
+    """The results as markdown: headline runs (mean ± std over seeds), the k sweep, reconciliations."""
+    full = mean(result["runs"]["all_full"]["final_val_loss"])
+    bf16 = result["bf16_activation_bytes_per_token"]
+    lines = ["| run | final val loss (mean ± std) | vs all full | per seed | boundary B/token/direction "
+             "| below bf16 activations | pseudo-gradient B/replica/round | simulated wall-clock |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run, v in result["runs"].items():
+        losses = v["final_val_loss"]
+        b = v["boundary_bytes_per_token"]
+        lines.append(f"| {run} | {mean(losses):.4f} ± {spread(losses):.4f} | {mean(losses) / full - 1:+.1%} | "
+                     f"{', '.join(f'{x:.3f}' for x in losses)} | {b:.2f} | "
+                     f"{f'{bf16 / b:.1f}x' if b else '-'} | {v['pgrad_bytes_per_round']:,.0f} | {v['sim_wallclock_s']:.0f} s |")
+    lines += ["", "| k | all_compressed | vs all full | selective | vs all full | selective closer |", "|---|---|---|---|---|---|"]
+    for k in sorted(result["k_sweep"], key=int, reverse=True):
+        row = result["k_sweep"][k]
+        a, c = row["all_compressed"], row["selective"]
+        lines.append(f"| {k} (d/{result['d_model'] // int(k)}) | {a:.4f} | {a / full - 1:+.1%} | {c:.4f} | "
+                     f"{c / full - 1:+.1%} | {'yes' if abs(c - full) < abs(a - full) else 'no'} |")
+    for key, title in (("reconciliation", f"k = {result['default_k']}"), ("reconciliation_d16", f"k = {result['d_model'] // 16}")):
+        rec = result.get(key)
+        if not rec:
+            continue
+        lines += ["", f"| selective, {title}: compress_sync | final val loss (mean ± std) | vs all full | per seed |",
+                  "|---|---|---|---|"]
+        for mode, losses in rec.items():
+            if isinstance(losses, list):
+                lines.append(f"| {mode} | {mean(losses):.4f} ± {spread(losses):.4f} | {mean(losses) / full - 1:+.1%} | "
+                             f"{', '.join(f'{x:.3f}' for x in losses)} |")
+    return "\n".join(lines)
+
+
 def merge_split(args: argparse.Namespace) -> None:
     """The span-split reconciliation beside the two in the results file, on the same seeds."""
     result = json.loads(RESULTS.read_text())
@@ -152,12 +184,16 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--sweep-seeds", type=int, default=3)
     ap.add_argument("--out", default="/tmp/distrain_bench_hetero")
+    ap.add_argument("--table", action="store_true", help="print the results file as the BENCHMARKS tables")
     ap.add_argument("--merge-split", action="store_true",
                     help="add the 'split' reconciliation (selective, default k and d/16, all seeds) to an existing "
                          "results file")
     args = ap.parse_args()
     if args.merge_split:
         merge_split(args)
+        return
+    if args.table:
+        print(tables(json.loads(RESULTS.read_text())))
         return
     if args.quick:
         args.steps, args.seeds, args.sweep_seeds = 60, 1, 1
