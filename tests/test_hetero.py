@@ -131,3 +131,13 @@ def test_span_split_lets_compressed_replicas_vote_only_inside_the_subspace():
     torch.testing.assert_close(split("other", kept, (16, 8), torch.device("cpu")), sum(w) / 3, rtol=1e-6, atol=1e-7)
     only_full = [k for k in kept if k[0] != 7]  # no compressed contribution: the plain mean
     torch.testing.assert_close(split("wo", only_full, (16, 8), torch.device("cpu")), (w[0] + w[1]) / 2)
+
+
+def test_chunkwise_training_inside_a_compressed_pipeline_stage(tiny_config):
+    """SeCO inside the stages of a compressed pipeline replica, beside a full replica: the run
+    trains (chunk-wise backward composes with the pipeline's boundaries)."""
+    s = Simulation(tiny_config(*COMMON, "--train.steps=12", "--train.eval_every=12", "--train.lr=3e-3",
+                               "--train.chunkwise.mode=seco", "--train.chunkwise.chunk_len=8",
+                               "--topology.replica=[{}, {kind='pipeline', stages=2, compress={k=16}}]",
+                               "--run.name=seco_pipe")).run()
+    assert s.final_val_loss < s.first_val_loss - 0.3
