@@ -249,7 +249,6 @@ class Worker:
             return
         self.sampler.load_state_dict({"epoch": 0, "position": 0})  # document batches vary in size: replay
         for _ in range(batches):
-            self.sampler.peek_lengths()
             self.sampler.next_batch()
 
     # ----- state --------------------------------------------------------------------------------
