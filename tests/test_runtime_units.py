@@ -17,7 +17,8 @@ from distrain.config import ConfigError, load_config
 from distrain.layout import Layout
 from distrain.optim import lr_multiplier
 from distrain.outer import RoundStats
-from distrain.runtime.common import Fault, newest_common_step
+from distrain.runtime.common import newest_common_step
+from distrain.runtime.faults import Fault
 from distrain.runtime.coordinator import Coordinator
 from distrain.worker import RoundReport, decode_params, encode_params
 
@@ -164,7 +165,7 @@ def test_catch_up_puts_weights_schedule_and_data_where_a_never_failed_replica_is
     tokens = read_shard(data.train_path)
     layout = Layout.from_config(cfg)
     hub = SimulatedHub(2, layout.byte_groups())
-    w = build_worker(cfg, layout, 1, tokens, hub.transport(1))
+    w = build_worker(cfg, layout, 1, data, hub.transport(1))
     new = {n: t + 1.0 for n, t in w.global_state().items()}
     w.catch_up(new, rounds_done=4)  # 4 rounds of 3 steps
     assert w.trainer.step == 12
