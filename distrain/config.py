@@ -125,6 +125,7 @@ class OuterConfig:
     momentum: float = 0.0  # DiLoCo: 0.9 Nesterov
     nesterov: bool = False
     topk: int = 64  # per 4096-element chunk
+    topk_warmup: list[int] = field(default_factory=list)  # sparseloco: k of the first rounds, one per round, then topk
     chunk: int = 64  # block side for 2-D tensors / chunk length for 1-D
     ef_beta: float = 0.95
     quantizer: str = "reference"  # reference | symmetric | none
@@ -134,6 +135,11 @@ class OuterConfig:
     apply_delay: int = 0  # 1: apply each aggregate one round late (overlap)
     robust_clip: float = 2.0  # clip a contribution above this multiple of the round's low-median norm (0: off)
     robust_reject: float = 10.0  # reject one above this multiple as an outlier
+
+    def topk_at(self, round_idx: int) -> int:
+        """k of outer round ``round_idx`` (0-based): denser warm-up rounds release the error buffer
+        faster while it holds most of the early progress; every replica derives the same k."""
+        return self.topk_warmup[round_idx] if 0 <= round_idx < len(self.topk_warmup) else self.topk
 
 
 @dataclass(frozen=True)
@@ -510,6 +516,15 @@ def _check_outer(cfg: Config) -> None:
     _need(1 <= o.topk <= min(4096, o.chunk * o.chunk),
           f"outer.topk must be in [1, {min(4096, o.chunk * o.chunk)}] (the elements of a {o.chunk}x{o.chunk} block), "
           f"got {o.topk}")
+    for k in o.topk_warmup:
+        _need(isinstance(k, int) and 1 <= k <= min(4096, o.chunk * o.chunk),
+              f"outer.topk_warmup: {k!r} must be an integer in [1, {min(4096, o.chunk * o.chunk)}]")
+    if o.topk_warmup:
+        _need(o.algorithm == "sparseloco", f"outer.topk_warmup is for outer.algorithm = 'sparseloco', "
+                                           f"not {o.algorithm!r}")
+        _need(not any(r.kind == "pipeline" and r.compress.k for r in cfg.topology.tables()),
+              "outer.topk_warmup does not combine with compressed pipeline replicas yet (their span-split "
+              "aggregation and embedding relay decode with one fixed k)")
     _need(o.index_coding != "gaps" or o.chunk <= 256,
           f"outer.index_coding = 'gaps' stores 16-bit gaps: outer.chunk must be <= 256, got {o.chunk}")
     _need(0 <= o.ef_beta <= 1, f"outer.ef_beta must be in [0, 1], got {o.ef_beta}")

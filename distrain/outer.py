@@ -136,6 +136,13 @@ class _FrameExchange:
         self.run_id = run_id
         self.rank = rank
 
+    def use(self, codec: Codec) -> None:
+        """Encode and decode with ``codec`` from now on (a per-round schedule); an encoder swapped in
+        by fault injection stays."""
+        if self.encoder is self.codec:
+            self.encoder = codec
+        self.codec = codec
+
     def exchange(self, round_idx: int, tensors: dict[str, torch.Tensor], state: dict[str, torch.Tensor]):
         encoded = {n: self.encoder.encode(n, t, state) for n, t in tensors.items()}
         frame = encode_frame(FrameMeta.for_codec(self.run_id, round_idx, self.rank, self.codec), encoded)
@@ -203,17 +210,21 @@ class PseudoGradientOuter(OuterOptimizer):
     gradient sent is this round's local progress (anchor − θ_local), the aggregate that comes back
     is applied one round later, and a replica keeps its own not-yet-aggregated progress on top of
     the global weights (θ_local ← θ_global − own progress), as "eager updates" / Psyche do.
+
+    ``codec_at`` (optional) gives the codec of each round (SparseLoCo's top-k warm-up); every
+    replica derives it from the round index alone, so every frame of a round uses the same one.
     """
 
     def __init__(self, initial: Weights, codec: Codec, lr: float, momentum: float, nesterov: bool,
                  transport: Transport, group: str, run_id: str, rank: int, apply_delay: int = 0, segment: int = 0,
                  policy: RobustPolicy | None = None, post_step: Callable[[Weights], None] | None = None,
-                 combine: Combine | None = None):
+                 combine: Combine | None = None, codec_at: Callable[[int], Codec] | None = None):
         if apply_delay not in (0, 1):
             raise ValueError(f"outer.apply_delay must be 0 or 1, got {apply_delay}")
         super().__init__(initial)
         self.segment = segment
         self.post_step = post_step
+        self.codec_at = codec_at
         self.global_params = {n: t.detach().float().clone() for n, t in initial.items()}
         if post_step is not None:
             post_step(self.global_params)
@@ -263,6 +274,8 @@ class PseudoGradientOuter(OuterOptimizer):
         else:
             base = self.start if self.start is not None else self.global_params
         deltas = {n: base[n] - local[n].float() for n in self.names}
+        if self.codec_at is not None:
+            self.exchange.use(self.codec_at(round_idx))
         agg, wire, contributors, reasons = self.exchange.exchange(round_idx, deltas, self.codec_state)
         if self.apply_delay:
             if self.pending is not None:
@@ -340,10 +353,11 @@ class DDPOuter(OuterOptimizer):
         self.step = int(state["step"])
 
 
-def make_codec_from_config(cfg: Config) -> Codec:
+def make_codec_from_config(cfg: Config, round_idx: int = -1) -> Codec:
+    """The configured codec of outer round ``round_idx`` (default: the steady-state one)."""
     o = cfg.outer
     if o.algorithm == "sparseloco":
-        return make_codec("sparseloco", topk=o.topk, chunk=o.chunk, beta=o.ef_beta, quantizer=o.quantizer,
+        return make_codec("sparseloco", topk=o.topk_at(round_idx), chunk=o.chunk, beta=o.ef_beta, quantizer=o.quantizer,
                           aggregation=o.aggregation, index_coding=o.index_coding)
     return make_codec("dense", dtype=o.dense_dtype)
 
@@ -358,6 +372,11 @@ def make_outer(cfg: Config, initial: Weights, rank: int, transport: Transport, g
         return DDPOuter(initial, transport, group, run_id, rank, policy)
     if not algo.rounds:
         return OuterOptimizer(initial)
-    return PseudoGradientOuter(initial, make_codec_from_config(cfg), o.lr, o.momentum, o.nesterov,
+    codec_at = None
+    if o.topk_warmup:
+        codecs = {k: make_codec_from_config(cfg, r) for r, k in enumerate(o.topk_warmup)}
+        codecs[o.topk] = make_codec_from_config(cfg)
+        codec_at = lambda round_idx: codecs[o.topk_at(round_idx)]  # noqa: E731
+    return PseudoGradientOuter(initial, make_codec_from_config(cfg, 0), o.lr, o.momentum, o.nesterov,
                                transport, group, run_id, rank, apply_delay=o.apply_delay, segment=segment,
-                               policy=policy, post_step=post_step, combine=combine)
+                               policy=policy, post_step=post_step, combine=combine, codec_at=codec_at)

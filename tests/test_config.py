@@ -105,3 +105,20 @@ def test_chunkwise_training_through_the_trainer(tiny_config):
                           "--train.chunkwise.sparse_chunks=2", f"--run.name={mode}")
         s = Simulation(cfg).run()
         assert s.steps == 4 and s.final_val_loss < s.first_val_loss
+
+
+def test_topk_warmup_schedule_and_its_checks():
+    """k per round: the warm-up list first (0-based rounds), then outer.topk; bad values fail at load."""
+    o = load_config(None, ["--outer.algorithm=sparseloco", "--outer.topk_warmup=[512, 128]"]).outer
+    assert [o.topk_at(r) for r in range(4)] == [512, 128, 64, 64]
+    assert load_config(None, ["--outer.algorithm=sparseloco"]).outer.topk_at(0) == 64
+    for overrides, needle in [
+        (["--outer.algorithm=sparseloco", "--outer.topk_warmup=[0]"], "outer.topk_warmup: 0 must be an integer"),
+        (["--outer.algorithm=sparseloco", "--outer.topk_warmup=[5000]"], "in [1, 4096]"),
+        (["--outer.algorithm=diloco", "--outer.topk_warmup=[256]"], "is for outer.algorithm = 'sparseloco'"),
+        (["--outer.algorithm=sparseloco", "--outer.topk_warmup=[256]",
+          "--topology.replica=[{kind=\"pipeline\", stages=2, compress={k=8}}]"], "compressed pipeline"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            load_config(None, overrides)
+        assert needle in str(e.value)

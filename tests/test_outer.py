@@ -48,14 +48,14 @@ def sparse_codec(**kw):
 
 
 def run_rounds(codec, rounds: int, lr=1.0, momentum=0.0, nesterov=False, apply_delay=0, wrap=None, policy=None,
-               replicas=R):
+               replicas=R, codec_at=None):
     hub = SimulatedHub(replicas, {"g": list(range(replicas))}, timeout_s=30)
 
     def body(t: SimulatedTransport):
         model = Tiny()
         transport = wrap(t) if wrap else t
         outer = PseudoGradientOuter(owned_parameters(model), codec, lr, momentum, nesterov, transport, "g", "run",
-                                    t.rank, apply_delay, policy=policy)
+                                    t.rank, apply_delay, policy=policy, codec_at=codec_at)
         stats = []
         for r in range(rounds):
             local_progress(model, t.rank, r)
@@ -96,6 +96,32 @@ def test_error_feedback_is_kept_per_replica_and_differs():
     ef0 = results[0][1].codec_state["w"]
     ef1 = results[1][1].codec_state["w"]
     assert ef0.abs().sum() > 0 and not torch.equal(ef0, ef1)
+
+
+def test_topk_warmup_sends_the_scheduled_k_each_round_and_counts_its_bytes():
+    """Round r encodes with the schedule's k: the first round equals a plain round at k = 1024, the
+    error buffer carries over between codecs, and the denser rounds cost more bytes on the wire."""
+    ks = [1024, 256]
+    codecs = {k: sparse_codec(topk=k) for k in (*ks, 64)}
+
+    def schedule(r):
+        return codecs[ks[r] if r < len(ks) else 64]
+
+    first = run_rounds(codecs[64], rounds=1, codec_at=schedule)
+    plain = run_rounds(codecs[1024], rounds=1)
+    for n, p in plain[0][0].items():
+        assert torch.equal(first[0][0][n], p)
+    results = run_rounds(codecs[64], rounds=3, codec_at=schedule)
+    warm, dense = results[0][2], plain[0][2]
+    assert warm[0].wire_bytes == dense[0].wire_bytes  # same k, same deltas: the same frame
+    assert warm[0].wire_bytes > warm[1].wire_bytes > warm[2].wire_bytes
+    assert all(s.contributors == R and s.rejected == 0 for s in warm)
+    for params, _, _ in results[1:]:  # every replica decoded every round's frames alike
+        for n in params:
+            assert torch.equal(params[n], results[0][0][n])
+    # the last round is an ordinary k = 64 round on top of the warm-up's error buffers
+    steady = [s.wire_bytes for s in run_rounds(codecs[64], rounds=3)[0][2]]
+    assert abs(warm[2].wire_bytes - steady[2]) < 0.1 * steady[2]
 
 
 def test_diloco_nesterov_matches_formula():
