@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from comm.errors import ShapeMismatchError, StaleFrameError
-from distrain.config import ConfigError, load_config
 from distrain.layout import Layout
 from distrain.optim import lr_multiplier
 from distrain.outer import RoundStats
