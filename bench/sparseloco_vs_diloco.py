@@ -70,9 +70,10 @@ RUNS: dict[str, list[str]] = {
     "sparseloco_warmup1": SPARSE + ["--outer.topk_warmup=[256]"],
     "sparseloco_warmup2": SPARSE + ["--outer.topk_warmup=[256, 128]"],
     "sparseloco_warmup3": SPARSE + ["--outer.topk_warmup=[512, 256, 128]"],
+    "sparseloco_warmup128x2": SPARSE + ["--outer.topk_warmup=[128, 128]"],
 }
 # The runs drawn in the plot (when present), in this order.
-PLOTTED = ["ddp", "diloco", "sparseloco"]
+PLOTTED = ["ddp", "diloco", "sparseloco", "sparseloco_warmup128x2"]
 
 
 def overrides(size: str, steps: int, replicas: int, inner_steps: int, eval_every: int, out_dir: str) -> list[str]:
