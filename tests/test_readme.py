@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from subprocs import run_in_session
 
 REPO = Path(__file__).resolve().parent.parent
 SHORT = ("--train.steps=4 --outer.inner_steps=2 --train.eval_every=4 --train.eval_batches=1 --train.warmup_steps=1 "
@@ -141,17 +142,10 @@ def test_readme_block_runs_as_written(index, checkout, tmp_path):
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
         env.pop(k, None)
-    proc = subprocess.Popen(["bash", "-e", "-c", script], cwd=checkout, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=BLOCK_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"block {index} did not finish in {BLOCK_TIMEOUT_S} s:\n{script}\n{out[-3000:]}")
+        res = run_in_session(["bash", "-e", "-c", script], cwd=checkout, env=env, timeout_s=BLOCK_TIMEOUT_S,
+                             what=f"block {index}:\n{script}\n")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
         stop(str(temp))
         shutil.rmtree(temp, ignore_errors=True)
-    assert proc.returncode == 0, f"block {index}:\n{script}\n--- output ---\n{out[-4000:]}"
+    assert res.returncode == 0, f"block {index}:\n{script}\n--- output ---\n{res.stdout[-4000:]}"

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from subprocs import run_in_session
 
 from distrain.checkpoint import load_latest
 from distrain.config import load_config, save_config
@@ -73,15 +74,7 @@ def stop_cluster(marks: list[str]) -> None:
 
 
 def run(cmd: list[str], env: dict, timeout: float = JOB_TIMEOUT_S) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{' '.join(cmd[:4])} did not finish in {timeout} s:\n{out[-4000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    return run_in_session(cmd, cwd=REPO, env=env, timeout_s=timeout, what=" ".join(cmd[:4]))
 
 
 @pytest.fixture(scope="module")

@@ -6,13 +6,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from subprocs import run_in_session
 
 from distrain.checkpoint import load_latest
 from distrain.config import load_config, save_config
@@ -45,18 +45,7 @@ def torchrun(config: Path, nproc: int, *extra: str, restarts: int = 0) -> subpro
            f"--max-restarts={restarts}", "--monitor-interval=0.5", "-m", "launch.torchrun",
            "--config", str(config), *extra]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {TIMEOUT_S} s:\n{out[-4000:]}")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    return run_in_session(cmd, cwd=REPO, env=env, timeout_s=TIMEOUT_S, what="torchrun")
 
 
 def rank_state(run_dir: Path, rank: int) -> dict:
