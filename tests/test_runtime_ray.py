@@ -129,9 +129,15 @@ def baseline(cluster, tiny_corpus, data_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")
     cfg = tiny_config(root / "base.toml", tiny_corpus, data_cache, root / "runs", "base")
     excludes = json.dumps({"excludes": [".git", ".cache", "runs", "*.egg-info", "**/__pycache__", "bench/results"]})
-    res = run(["ray", "job", "submit", "--address", cluster["dashboard"], "--working-dir", ".",
-               "--runtime-env-json", excludes, "--", "python", "-m", "launch.ray", "--config", str(cfg)],
-              cluster["env"])
+    submit = ["ray", "job", "submit", "--address", cluster["dashboard"], "--working-dir", ".",
+              "--runtime-env-json", excludes, "--", "python", "-m", "launch.ray", "--config", str(cfg)]
+    # A fresh head's dashboard can answer before its job agent has registered; the job was then not
+    # submitted, so submitting again is safe (bounded: 12 tries, 5 s apart).
+    for _ in range(12):
+        res = run(submit, cluster["env"])
+        if "No available agent to submit job" not in res.stdout:
+            break
+        time.sleep(5)
     assert res.returncode == 0 and "succeeded" in res.stdout, res.stdout[-4000:]
     return root, cfg
 
