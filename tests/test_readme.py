@@ -63,7 +63,9 @@ def rewrite(block: str, ports: dict[str, int], temp: Path) -> str:
             continue
         if line.startswith("ray start"):
             line += (f" --port={ports['gcs']} --dashboard-port={ports['dash']} --dashboard-host=127.0.0.1"
-                     f" --temp-dir={temp} --disable-usage-stats --include-dashboard=true")
+                     f" --temp-dir={temp} --disable-usage-stats --include-dashboard=true"
+                     f" --dashboard-agent-listen-port={ports['agent']} --dashboard-agent-grpc-port={ports['agent_grpc']}"
+                     f" --runtime-env-agent-port={ports['runtime_env']} --metrics-export-port={ports['metrics']}")
         if line.startswith("ray stop"):
             continue  # the test stops exactly its own cluster
         line = line.replace("http://127.0.0.1:8265", f"http://127.0.0.1:{ports['dash']}")
@@ -133,7 +135,7 @@ def test_readme_block_runs_as_written(index, checkout, tmp_path):
             ("ray " in block and importlib.util.find_spec("ray") is None):
         pytest.skip("an optional dependency of this block is not installed")
     temp = Path(f"/tmp/dtrm{os.getpid()}_{index}")  # short: Ray's socket paths must fit 107 bytes
-    ports = {"gcs": free_port(), "dash": free_port(), "rdzv": free_port()}
+    ports = {name: free_port() for name in ("gcs", "dash", "rdzv", "agent", "agent_grpc", "runtime_env", "metrics")}
     script = rewrite(block, ports, temp)
     home = tmp_path / "home"
     home.mkdir()

@@ -77,6 +77,13 @@ def run(cmd: list[str], env: dict, timeout: float = JOB_TIMEOUT_S) -> subprocess
     return run_in_session(cmd, cwd=REPO, env=env, timeout_s=timeout, what=" ".join(cmd[:4]))
 
 
+def own_agent_ports() -> list[str]:
+    """Free ports for the node's agents: Ray's fixed default (52365) may still be held by another
+    cluster's agent (the README test's), and a head whose agent cannot bind never accepts a job."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+
 @pytest.fixture(scope="module")
 def cluster():
     temp = tempfile.mkdtemp(prefix="dtray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
@@ -89,7 +96,7 @@ def cluster():
         res = run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                    f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=4",
                    "--object-store-memory=200000000", f"--temp-dir={temp}", "--disable-usage-stats",
-                   "--include-dashboard=true"], env, timeout=180)
+                   "--include-dashboard=true", *own_agent_ports()], env, timeout=180)
         assert res.returncode == 0, res.stdout[-3000:]
         yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": env}
     finally:
