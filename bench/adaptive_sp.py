@@ -4,7 +4,7 @@ cost model's accuracy on real gloo processes.
     python bench/adaptive_sp.py                       # the recorded run (a few minutes on 2 cores)
     python bench/adaptive_sp.py --batches 2 --no-write --profile runs/x/sp_profile.json   # quick
 
-Step times are modelled with ``parallel.sp_cost`` (no GPUs here), with the FlexSP reference's
+Step times are modelled with ``distrain.parallel.sp.cost`` (no GPUs here), with the FlexSP reference's
 coefficients of a 7B GPT on A100s (fitted compute, all-to-all bandwidth measured per group size
 with 8 GPUs a node: ~100 GB/s inside a node, 5-10 GB/s across) and its memory rule: 28 GB per GPU
 for activations and ZeRO-3 model states (7.1B × 16 bytes / devices) at 4.48 MiB per token. The 32
@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 from common import command, machine
 
-from parallel.sp_bounds import relaxed_lower_bound
-from parallel.sp_cost import REFERENCE_7B, makespan
-from parallel.sp_planner import allowed_degrees, best_homogeneous, homogeneous_plan, plan_step
+from distrain.parallel.sp.bounds import relaxed_lower_bound
+from distrain.parallel.sp.cost import REFERENCE_7B, makespan
+from distrain.parallel.sp.planner import allowed_degrees, best_homogeneous, homogeneous_plan, plan_step
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "adaptive_sp.json"  # the schema, nothing else
@@ -117,7 +117,7 @@ def profile_mape(profile_path: str | None) -> tuple[float, dict]:
         r = json.loads(Path(profile_path).read_text())
     else:
         from distrain.config import load_config
-        from distrain.profile_sp import profile
+        from distrain.cli.profile_sp import profile
 
         cfg = load_config(None, ["--model.preset=tiny"])
         r = profile(cfg, 4, max_len=512, validate=10, repeats=7)

@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from distrain.config import ChunkwiseConfig, ModelConfig
 from distrain.model import Transformer, cross_entropy
-from parallel.chunkwise import chunkwise_backward
+from distrain.parallel.chunkwise import chunkwise_backward
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("full", "checkpoint", "seco", "spaco")

@@ -1,4 +1,4 @@
-"""Projection of a 72B run over the internet with ``distrain.estimate`` (no training).
+"""Projection of a 72B run over the internet with ``distrain.cli.estimate`` (no training).
 
     python bench/estimate.py [--replicas 20] [--up-mbps 110] [--down-mbps 500] [--inner-steps 30]
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from common import command, machine
 
-from comm.network import Link
-from distrain.estimate import algorithm_frames, model_config, model_shapes, project
+from distrain.comm.network import Link
+from distrain.cli.estimate import algorithm_frames, model_config, model_shapes, project
 
 RESULTS = Path(__file__).resolve().parent / "results" / "estimate.json"
 PUBLISHED = {"utilisation": 0.945, "comm_s_per_round": 70.0, "replicas": 20, "down_mbps": 500.0, "up_mbps": 110.0,

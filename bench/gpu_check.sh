@@ -73,11 +73,11 @@ step() {  # step NAME LIMIT_S COMMAND...: run one step under what is left of the
   return $rc
 }
 
-step build_cpu 180 "$PY" -m comm.kernels.build --cpu=yes --cuda=no
+step build_cpu 180 "$PY" -m distrain.comm.kernels.build --cpu=yes --cuda=no
 HAVE_NVCC=0
-if "$PY" -c 'from comm.kernels import build; raise SystemExit(build.nvcc_compiler() is None)'; then
+if "$PY" -c 'from distrain.comm.kernels import build; raise SystemExit(build.nvcc_compiler() is None)'; then
   HAVE_NVCC=1
-  step build_cuda 240 "$PY" -m comm.kernels.build --cpu=no --cuda=yes --arch 80,90
+  step build_cuda 240 "$PY" -m distrain.comm.kernels.build --cpu=no --cuda=yes --arch 80,90
 fi
 
 if [ "$DRY" != 1 ] && ! "$PY" -c 'import torch; raise SystemExit(not torch.cuda.is_available())' 2>/dev/null; then

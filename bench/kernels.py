@@ -37,10 +37,10 @@ from common import command, machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from comm import kernels  # noqa: E402
-from comm.codecs.base import EncodedTensor  # noqa: E402
-from comm.codecs.sparseloco import SparseLoCoCodec, encode_, sparseloco_encode_  # noqa: E402
-from comm.kernels import build  # noqa: E402
+from distrain.comm import kernels  # noqa: E402
+from distrain.comm.codecs.base import EncodedTensor  # noqa: E402
+from distrain.comm.codecs.sparseloco import SparseLoCoCodec, encode_, sparseloco_encode_  # noqa: E402
+from distrain.comm.kernels import build  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernels.json"
 # distrain's defaults (distrain/config.py OuterConfig); --index-coding / --quantizer override.

@@ -103,9 +103,9 @@ def main() -> None:
     modes = {"sim": run_sim(base, "sim")}
     modes["torchrun"] = run_process(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m",
-         "launch.torchrun", "--config", str(base), "--run.name=torchrun"], out / "runs" / "torchrun")
+         "distrain.launch.torchrun", "--config", str(base), "--run.name=torchrun"], out / "runs" / "torchrun")
     modes["ray"] = run_process(
-        [sys.executable, "-m", "launch.ray", "--address", "local", "--num-cpus", "3", "--config", str(base),
+        [sys.executable, "-m", "distrain.launch.ray", "--address", "local", "--num-cpus", "3", "--config", str(base),
          "--run.name=ray"], out / "runs" / "ray")
     tps = {m: r["tokens"] / r["loop_s"] for m, r in modes.items()}
     same = {m: r["final_val_loss"] == modes["sim"]["final_val_loss"] for m, r in modes.items()}
@@ -117,9 +117,9 @@ def main() -> None:
     hetero = {"sim": run_sim(het, "het_sim")}
     hetero["torchrun"] = run_process(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3", "-m",
-         "launch.torchrun", "--config", str(het), "--run.name=het_torchrun"], out / "runs" / "het_torchrun")
+         "distrain.launch.torchrun", "--config", str(het), "--run.name=het_torchrun"], out / "runs" / "het_torchrun")
     hetero["ray"] = run_process(
-        [sys.executable, "-m", "launch.ray", "--address", "local", "--num-cpus", "3", "--config", str(het),
+        [sys.executable, "-m", "distrain.launch.ray", "--address", "local", "--num-cpus", "3", "--config", str(het),
          "--run.name=het_ray"], out / "runs" / "het_ray")
     states = {m: final_states(out / "runs" / f"het_{m}", 3) for m in hetero}
     hetero_identical = all(same_tensors(states["sim"], states[m]) for m in ("torchrun", "ray"))

@@ -110,7 +110,7 @@ def run_once(size: str, name: str, seed: int, args: argparse.Namespace) -> dict[
     base = overrides(size, steps, args.replicas, args.inner_steps, args.eval_every, args.out_dir)
     cfg = load_config(None, base + RUNS[name] + [f"--run.seed={seed}", f"--run.name={size}-{name}-s{seed}"])
     counter = RobustCounter()
-    outer_log = logging.getLogger("distrain.outer")
+    outer_log = logging.getLogger("distrain.outer")  # the exchange logs below it
     outer_log.addHandler(counter)
     t0 = time.perf_counter()
     try:

@@ -17,7 +17,8 @@ from common import command, machine
 
 from distrain.config import ModelConfig, TrainConfig
 from distrain.model import MODEL_PRESETS, build_model, count_parameters
-from distrain.trainer import InnerTrainer, resolve_device
+from distrain.inner.devices import resolve_device
+from distrain.inner.single import SingleSchedule
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
 
@@ -33,7 +34,7 @@ def measure(preset: str, vocab: int, seq_len: int, batch: int, steps: int, warmu
         x = torch.randint(0, vocab, (batch, seq_len + 1), generator=gen)
         return x[:, :-1], x[:, 1:]
 
-    trainer = InnerTrainer(model, TrainConfig(steps=steps + warmup, warmup_steps=1), batch_fn, device)
+    trainer = SingleSchedule(model, TrainConfig(steps=steps + warmup, warmup_steps=1), batch_fn, device)
     for _ in range(warmup):
         trainer.train_step()
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ in bf16 plus 36 bytes per micro-batch message.
 ``decode_boundary`` checks cheapest-first and allocates only after the size and checksum are
 right: prefix length, magic, version/reserved/known codes, exact total size, crc32, then the
 fields against what the receiver expects (shape, dtype, direction, step, micro-batch), then the
-values' finiteness. Each failure raises its own ``comm.errors.FrameError`` subclass.
+values' finiteness. Each failure raises its own ``distrain.comm.errors.FrameError`` subclass.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from comm.errors import (
+from distrain.comm.errors import (
     BadMagicError,
     ChecksumError,
     CodecMismatchError,

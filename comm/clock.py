@@ -1,24 +1,27 @@
 """Simulated time: one virtual clock per worker, moved by compute and by the network model.
 
 The clock never sleeps: a worker's compute advances its own clock (``advance_compute``), a
-collective moves every participant to the collective's end (``comm.network``), and a
+collective moves every participant to the collective's end (``distrain.comm.network``), and a
 point-to-point receive moves the receiver to the message's arrival. Time spent waiting is booked
 by cause — ``idle`` (waiting for the last participant of a collective), ``transfer`` (waiting for
 a point-to-point message) — so utilisation and a pipeline's bubble can be read off the counters.
-Real launchers have no virtual clock: their workers get ``None`` and charge nothing.
+Real launchers have no virtual clock: their workers get a ``WallClock``, which charges nothing.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Protocol
 
 
 class ComputeClock(Protocol):
-    """What a worker needs of a clock: charge the seconds its compute took (simulated)."""
+    """What a worker needs of a clock: charge the seconds its compute took (simulated), and read it."""
 
     def advance(self, seconds: float) -> None: ...
+
+    def now(self) -> float: ...
 
 
 @dataclass
@@ -106,3 +109,16 @@ class RankClock:
 
     def advance(self, seconds: float) -> None:
         self.clock.advance_compute(self.rank, seconds)
+
+    def now(self) -> float:
+        return self.clock.now(self.rank)
+
+
+class WallClock:
+    """Real launchers' clock: compute takes the time it takes (nothing to charge); ``now`` is real time."""
+
+    def advance(self, seconds: float) -> None:
+        pass
+
+    def now(self) -> float:
+        return time.perf_counter()

@@ -25,7 +25,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from comm.errors import CommError, NotAMemberError, UnknownGroupError
+from distrain.comm.errors import CommError, NotAMemberError, UnknownGroupError
 
 Ranks = tuple[int, ...]
 

@@ -10,7 +10,7 @@ overlap (full duplex), so worker ``i``'s transfer takes
 A collective is a barrier: it starts when the last participant arrives, ``T0 = max_i clock_i``,
 and ends for everyone at ``T0 + max_i t_i``. Counters per rank: ``idle_time_s`` (waiting for the
 last arrival, ``T0 − clock_i``), ``comm_time_s`` (``max_i t_i``), ``compute_time_s`` (charged
-to the ``comm.clock.VirtualClock`` by the workers); ``clock_s`` = compute + comm + idle +
+to the ``distrain.comm.clock.VirtualClock`` by the workers); ``clock_s`` = compute + comm + idle +
 transfer waits. Broadcast: the source uploads ``n`` bytes, every other member downloads ``n``; a
 barrier moves no bytes and costs the largest latency.
 
@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from comm.clock import RankTime, VirtualClock
+from distrain.comm.clock import RankTime, VirtualClock
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ back as ``None``; a member whose own contribution came too late gets ``RoundDrop
 must catch up before the next round.
 
 Payloads are ``bytes`` and stay bytes: anything else fetched from the store is refused, and the
-bytes are validated by ``comm.wire`` by the caller. (Ray's own control messages inside the cluster
+bytes are validated by ``distrain.comm.wire`` by the caller. (Ray's own control messages inside the cluster
 use Ray's serialisation; that is the cluster's trust boundary, not a frame.)
 
 Point-to-point messages go actor to actor: the sender calls the receiving actor's ``deliver``
@@ -31,8 +31,8 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from comm.errors import CollectiveTimeoutError, CommError, NotAMemberError, UnknownGroupError
-from comm.transport import WORLD, Transport
+from distrain.comm.errors import CollectiveTimeoutError, CommError, NotAMemberError, UnknownGroupError
+from distrain.comm.transport import WORLD, Transport
 
 
 class RoundDroppedError(CommError):
@@ -50,25 +50,28 @@ def _ray() -> Any:
 
 
 class Mailbox:
-    """Messages delivered to one worker, by sender; taken in order within the current round."""
+    """Messages delivered to one worker, by sender; taken in order within the open round.
+
+    ``round`` is the worker's open round as the loop handed it (``begin_round``): the one place on
+    the worker's side of the transport that holds it; the transport keys its collectives by it."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._round = 0
+        self.round = 0
         self._box: dict[int, dict[tuple[int, int], bytes]] = defaultdict(dict)
 
     def begin_round(self, round_idx: int) -> None:
         with self._cond:
-            self._round = int(round_idx)
+            self.round = int(round_idx)
             for box in self._box.values():
-                for key in [k for k in box if k[0] < self._round]:
+                for key in [k for k in box if k[0] < self.round]:
                     del box[key]
 
     def put(self, src: int, round_idx: int, seq: int, payload: bytes) -> None:
         if not isinstance(payload, bytes):
             raise CommError(f"message from rank {src} is {type(payload).__name__}, not bytes")
         with self._cond:
-            if round_idx < self._round:
+            if round_idx < self.round:
                 return  # a message of a round that is over: dropped
             self._box[src][(int(round_idx), int(seq))] = payload
             self._cond.notify_all()
@@ -77,12 +80,12 @@ class Mailbox:
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
-                got = self._box[src].pop((self._round, seq), None)
+                got = self._box[src].pop((self.round, seq), None)
                 if got is not None:
                     return got
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise CollectiveTimeoutError(f"no message #{seq} from rank {src} in round {self._round} "
+                    raise CollectiveTimeoutError(f"no message #{seq} from rank {src} in round {self.round} "
                                                  f"within {timeout_s:g} s")
                 self._cond.wait(remaining)
 
@@ -100,7 +103,6 @@ class RayTransport(Transport):
         # the Coordinator enforces the real deadline; this bound only guards against a dead Coordinator
         self._wait_s = 2 * float(timeout_s) + 30.0
         self._poll_s = poll_s
-        self._round = 0
         self._seq: dict[str, int] = defaultdict(int)
         self._peers: dict[int, Any] = {}
         self.mailbox = Mailbox()
@@ -118,7 +120,6 @@ class RayTransport(Transport):
 
     def begin_round(self, round_idx: int) -> None:
         """Collectives and messages from now on belong to ``round_idx`` (numbered from 0 within it)."""
-        self._round = int(round_idx)
         self._seq.clear()
         self._sent.clear()
         self._taken.clear()
@@ -134,7 +135,7 @@ class RayTransport(Transport):
             raise NotAMemberError(f"rank {self._rank} has no peer rank {dst} (peers: {sorted(self._peers)})")
         seq = self._sent[dst]
         self._sent[dst] = seq + 1
-        peer.deliver.remote(self._rank, self._round, seq, _as_bytes(payload))  # not awaited: no wait
+        peer.deliver.remote(self._rank, self.mailbox.round, seq, _as_bytes(payload))  # not awaited: no wait
 
     def recv_bytes(self, src: int) -> bytes:
         if src not in self._peers:
@@ -181,21 +182,21 @@ class RayTransport(Transport):
         seq = self._seq[group]
         self._seq[group] = seq + 1
         item = [ray.put(data)] if data is not None and op != "barrier" else []
-        ray.get(self._coord.contribute.remote(group, self._round, seq, op, src, self._rank, item))
+        ray.get(self._coord.contribute.remote(group, self.mailbox.round, seq, op, src, self._rank, item))
         deadline = time.monotonic() + self._wait_s
         delay = 0.002
         while True:
-            status, value = ray.get(self._coord.poll.remote(group, self._round, seq, self._rank))
+            status, value = ray.get(self._coord.poll.remote(group, self.mailbox.round, seq, self._rank))
             if status == "done":
                 return value
             if status == "dropped":
-                raise RoundDroppedError(f"rank {self._rank} dropped from {group!r} round {self._round}: {value}")
+                raise RoundDroppedError(f"rank {self._rank} dropped from {group!r} round {self.mailbox.round}: {value}")
             if status == "quorum":
-                raise QuorumError(f"group {group!r} round {self._round}: {value}")
+                raise QuorumError(f"group {group!r} round {self.mailbox.round}: {value}")
             if status == "error":
-                raise CommError(f"group {group!r} round {self._round} {op}: {value}")
+                raise CommError(f"group {group!r} round {self.mailbox.round} {op}: {value}")
             if time.monotonic() > deadline:
-                raise CollectiveTimeoutError(f"group {group!r} round {self._round} {op}: no answer from the "
+                raise CollectiveTimeoutError(f"group {group!r} round {self.mailbox.round} {op}: no answer from the "
                                              f"Coordinator within {self._wait_s:g} s")
             time.sleep(delay)
             delay = min(self._poll_s, delay * 2)

@@ -1,6 +1,6 @@
 """Robust aggregation: no single peer's (valid) frame can move the global weights far or abort a round.
 
-A frame that passes ``comm.wire.decode_frame`` is well formed and finite, but finite is not
+A frame that passes ``distrain.comm.wire.decode_frame`` is well formed and finite, but finite is not
 harmless: centroids of 3e38, or one flipped exponent bit in a dense payload, would move the
 weights to ~1e38, and two of them overflow the fp32 sum. This module bounds every decoded
 contribution by its norm relative to the round's contributions before ``codec.decode_aggregate``:
@@ -35,10 +35,10 @@ from typing import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 
-from comm.codecs import Codec, DenseCodec, EncodedTensor, SparseLoCoCodec
-from comm.codecs.quantizers import LEVELS
-from comm.errors import SchemaError
-from comm.wire import FrameMeta
+from distrain.comm.codecs import Codec, DenseCodec, EncodedTensor, SparseLoCoCodec
+from distrain.comm.codecs.quantizers import LEVELS
+from distrain.comm.errors import SchemaError
+from distrain.comm.wire import FrameMeta
 
 Member = Hashable
 Contribution = Mapping[str, EncodedTensor]

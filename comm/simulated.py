@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from comm.errors import (
+from distrain.comm.errors import (
     CollectiveMismatchError,
     CollectiveTimeoutError,
     CommError,
@@ -33,9 +33,9 @@ from comm.errors import (
     RankAbsentError,
     UnknownGroupError,
 )
-from comm.clock import VirtualClock
-from comm.network import Link, NetworkModel, RankStats
-from comm.transport import WORLD, Transport
+from distrain.comm.clock import VirtualClock
+from distrain.comm.network import Link, NetworkModel, RankStats
+from distrain.comm.transport import WORLD, Transport
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ uint8 payload) matched by two blocking ``recv``s on the other side. Sends are ne
 at the call, so two neighbours that both send before they receive cannot deadlock (the gloo
 pitfall of batched isend/irecv, pytorch#152938, is avoided by never batching); finished sends
 are reaped on later calls and ``flush`` waits for the rest. Device groups for tensors (DDP, ZeRO,
-Ulysses) are not the transport's: see ``comm.device_groups``.
+Ulysses) are not the transport's: see ``distrain.comm.device_groups``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from comm.errors import CollectiveTimeoutError, CommError, NotAMemberError, UnknownGroupError
-from comm.transport import WORLD, Transport
+from distrain.comm.errors import CollectiveTimeoutError, CommError, NotAMemberError, UnknownGroupError
+from distrain.comm.transport import WORLD, Transport
 
 MAX_PAYLOAD_BYTES = 1 << 31  # one frame; a larger announced size is refused before allocating
 
@@ -75,7 +75,7 @@ class TorchTransport(Transport):
     def __init__(self, groups: Mapping[str, Sequence[int]] | None = None, device: torch.device | str | None = None,
                  timeout_s: float | None = None, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
         if not (dist.is_available() and dist.is_initialized()):
-            raise CommError("torch.distributed is not initialised (call comm.torch_transport.init_process_group)")
+            raise CommError("torch.distributed is not initialised (call distrain.comm.torch_transport.init_process_group)")
         self._rank, self._world = dist.get_rank(), dist.get_world_size()
         self._backend = dist.get_backend()
         if device is not None:

@@ -35,9 +35,9 @@ import msgpack
 import numpy as np
 import zstandard
 
-from comm.codecs import Codec, EncodedTensor, make_codec
-from comm.codecs.base import WIRE_DTYPES, MetaValue, wire_dtype_name
-from comm.errors import (
+from distrain.comm.codecs import Codec, EncodedTensor, make_codec
+from distrain.comm.codecs.base import WIRE_DTYPES, MetaValue, wire_dtype_name
+from distrain.comm.errors import (
     BadMagicError,
     ChecksumError,
     CodecMismatchError,

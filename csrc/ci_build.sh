@@ -15,10 +15,10 @@ if [ "${DISTRAIN_CI_SKIP_CUDA:-0}" != "1" ]; then
     exit 1
   fi
   echo "== CUDA library (sm_80, sm_90) =="
-  "$PY" -m comm.kernels.build --cpu=no --cuda=yes --arch 80,90 --force --verbose
+  "$PY" -m distrain.comm.kernels.build --cpu=no --cuda=yes --arch 80,90 --force --verbose
   "$PY" - <<'PYEOF'
 import ctypes
-from comm.kernels import _lib, build
+from distrain.comm.kernels import _lib, build
 lib = ctypes.CDLL(str(build.lib_dir() / build.CUDA_LIB))
 for name in _lib._SIGNATURES["cuda"]:
     getattr(lib, name)  # AttributeError if a symbol is missing
@@ -28,4 +28,4 @@ PYEOF
 fi
 
 echo "== CPU library =="
-"$PY" -m comm.kernels.build --cpu=yes --cuda=no --force --verbose
+"$PY" -m distrain.comm.kernels.build --cpu=yes --cuda=no --force --verbose

@@ -13,7 +13,6 @@ as in the simulation of old. From the ranks follow, once, for every mode:
   pipeline replica (its stages reduce the clip norm there);
 - **device groups** for tensors (fast links): each multi-device full replica's ranks (DDP, ZeRO,
   and later every sequence-parallel subgroup), plus single-rank groups for DeepSpeed;
-- **pipeline neighbours** for point-to-point boundaries;
 - **data shards**: one disjoint token stream per full-replica device, one per pipeline replica
   (all its stages read the same micro-batches, so token ids never cross a boundary).
 """
@@ -22,9 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from comm.network import Link
-from parallel.sp_planner import device_classes, merge_nearest
+from distrain.comm.network import Link
 from distrain.config import Config
+from distrain.parallel.sp.search import device_classes, merge_nearest
 from distrain.topology import ReplicaSpec, WorkerSpec, resolve_topology
 
 
@@ -47,7 +46,7 @@ class WorkerSlot:
 
 def sp_candidate_groups(rep: ReplicaSpec) -> list[tuple[int, ...]]:
     """Device-index groups (size >= 2) an adaptive-SP plan of ``rep`` can use: consecutive devices
-    inside a speed class, and inside every class the planner may merge (``parallel.sp_planner``)."""
+    inside a speed class, and inside every class the planner may merge (``distrain.parallel.sp.planner``)."""
     classes = device_classes(len(rep.workers), [w.speed for w in rep.workers], rep.sp_capacity or None)
     seen: list[tuple[int, ...]] = []
     while True:
@@ -183,14 +182,6 @@ class Layout:
                 if rep.parallel == "sp":
                     specs.extend(tuple(ranks[i] for i in g) for g in sp_candidate_groups(rep))
         return list(dict.fromkeys(specs))
-
-    def neighbours(self, rank: int) -> tuple[int | None, int | None]:
-        """The previous and next stage's rank of a pipeline stage worker (None at the ends)."""
-        slot = self.slot(rank)
-        rep = self.replicas[slot.replica]
-        prev = self.stage_ranks(slot.replica, slot.stage - 1)[0] if slot.stage > 0 else None
-        nxt = self.stage_ranks(slot.replica, slot.stage + 1)[0] if slot.stage < rep.stages - 1 else None
-        return prev, nxt
 
     # ----- data, links, resources --------------------------------------------------------------
     def data_shard(self, rank: int) -> tuple[int, int]:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distrain.config import MODEL_PRESETS, ModelConfig  # noqa: F401 - MODEL_PRESETS re-exported
-from parallel.chunkwise_attention import prefix_causal_attention
+from distrain.parallel.chunkwise_attention import prefix_causal_attention
 
 def ffn_hidden_dim(cfg: ModelConfig) -> int:
     if cfg.ffn_dim:

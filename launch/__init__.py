@@ -1,4 +1,4 @@
-"""Entry points: ``python -m launch.simulate``, ``torchrun … -m launch.torchrun``, ``python -m launch.ray``.
+"""Entry points: ``python -m distrain.launch.simulate``, ``torchrun … -m distrain.launch.torchrun``, ``python -m distrain.launch.ray``.
 
 Nothing imports this package; each module is a thin command line over ``distrain``.
 """

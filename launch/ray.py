@@ -1,9 +1,9 @@
-"""Ray entry point: the driver of a Ray job (see ``distrain.runtime.ray``).
+"""Ray entry point: the driver of a Ray job (see ``distrain.runtime.ray.pool``).
 
     export RAY_AUTH_MODE=token
     ray start --head --node-ip-address=127.0.0.1 --num-cpus=4 --object-store-memory=200000000
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
-        python -m launch.ray --config configs/ray_local.toml --run.out_dir=$PWD/runs
+        python -m distrain.launch.ray --config configs/ray_local.toml --run.out_dir=$PWD/runs
 
 Without ``ray job submit`` it also runs as a plain driver against a running cluster
 (``--address auto``, the default) or a private local one (``--address local``).
@@ -21,7 +21,7 @@ from distrain.runtime.faults import Fault
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="python -m launch.ray", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m distrain.launch.ray", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="ray_local", help="TOML file or preset name in configs/")
     p.add_argument("--address", default="auto", help="Ray cluster address: auto (the running cluster / job), "
@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         faults = [Fault.parse(f) for f in args.fault]
     except (ConfigError, ValueError) as e:
-        print(f"launch.ray: config error: {e}", file=sys.stderr)
+        print(f"distrain.launch.ray: config error: {e}", file=sys.stderr)
         return 2
     import ray
 
-    from distrain.runtime.ray import run_ray_job
+    from distrain.runtime.ray.pool import run_ray_job
 
     if args.address == "local":
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=True)

@@ -1,4 +1,4 @@
-"""``python -m launch.simulate`` — the same as ``distrain simulate`` (every mode has a launch module)."""
+"""``python -m distrain.launch.simulate`` — the same as ``distrain simulate`` (every mode has a launch module)."""
 
 from __future__ import annotations
 

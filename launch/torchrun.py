@@ -1,8 +1,8 @@
 """torchrun entry point: one process per worker (see ``distrain.runtime.torchrun``).
 
-    torchrun --standalone --nproc-per-node 3 -m launch.torchrun --config configs/torchrun_cpu.toml
+    torchrun --standalone --nproc-per-node 3 -m distrain.launch.torchrun --config configs/torchrun_cpu.toml
     torchrun --nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
-        --nproc-per-node 4 --max-restarts 3 -m launch.torchrun --config my.toml
+        --nproc-per-node 4 --max-restarts 3 -m distrain.launch.torchrun --config my.toml
 
 The world size must equal the layout's: one process per worker of the topology (a full replica's
 devices, a pipeline's stages).
@@ -25,7 +25,7 @@ from distrain.runtime.faults import Fault
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="python -m launch.torchrun", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m distrain.launch.torchrun", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="torchrun_cpu", help="TOML file or preset name in configs/")
     p.add_argument("--fault", default="", help="fault injection, e.g. exit:rank=1,round=2 (tests and demos)")
@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         layout = Layout.from_config(cfg)
         fault = Fault.parse(args.fault) if args.fault else None
     except (ConfigError, ValueError) as e:
-        print(f"launch.torchrun: config error: {e}", file=sys.stderr)
+        print(f"distrain.launch.torchrun: config error: {e}", file=sys.stderr)
         return 2
     world = int(os.environ.get("WORLD_SIZE", "0"))
     if world != layout.world_size:
-        print(f"launch.torchrun: WORLD_SIZE={world or 'unset'} but the topology has {layout.world_size} workers "
+        print(f"distrain.launch.torchrun: WORLD_SIZE={world or 'unset'} but the topology has {layout.world_size} workers "
               f"({layout.n_replicas} replicas); run under torchrun with --nproc-per-node {layout.world_size}",
               file=sys.stderr)
         return 2
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     import torch.distributed as dist
 
-    from comm.torch_transport import init_process_group
+    from distrain.comm.torch_transport import init_process_group
     from distrain.runtime.torchrun import run_torchrun
 
     init_process_group(cfg.runtime.backend, cfg.topology.round_timeout_s)

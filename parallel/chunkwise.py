@@ -46,7 +46,7 @@ SpaCO (sparse), the estimator and exactly what is unbiased:
   not select raises instead of silently dropping it.
 
 Attention of a chunk over [prefix; own] is the model's own code, which calls
-`parallel.chunkwise_attention.prefix_causal_attention` (two unmasked flash calls merged by their
+`distrain.parallel.chunkwise_attention.prefix_causal_attention` (two unmasked flash calls merged by their
 log-sum-exp on CPU: much faster than one masked call).
 
 The model is duck-typed (this package must not import `distrain`): it needs `is_first`, `is_last`,

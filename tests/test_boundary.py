@@ -7,8 +7,8 @@ import struct
 import pytest
 import torch
 
-from comm import boundary as bd
-from comm.errors import (
+from distrain.comm import boundary as bd
+from distrain.comm.errors import (
     BadMagicError,
     ChecksumError,
     CodecMismatchError,

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 import distrain.model as dm
 from distrain.config import ChunkwiseConfig, ModelConfig
 from distrain.model import Transformer
-from parallel.chunkwise import chunkwise_backward, factors, plan_chunks, select_chunks
-from parallel.chunkwise_attention import (
+from distrain.parallel.chunkwise import chunkwise_backward, factors, plan_chunks, select_chunks
+from distrain.parallel.chunkwise_attention import (
     _PrefixCausal,
     prefix_causal_attention,
 )

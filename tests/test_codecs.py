@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from comm.codecs import DenseCodec, EncodedTensor, SparseLoCoCodec, make_codec
-from comm.codecs.bitpack import pack_bits, packed_nbytes, unpack_bits
-from comm.codecs.chunking import ChunkLayout, k_for, largest_divisor_at_most
-from comm.codecs.quantizers import quantize_reference, quantize_symmetric
-from comm.errors import IndexRangeError, NonFiniteError, SchemaError
+from distrain.comm.codecs import DenseCodec, EncodedTensor, SparseLoCoCodec, make_codec
+from distrain.comm.codecs.bitpack import pack_bits, packed_nbytes, unpack_bits
+from distrain.comm.codecs.chunking import ChunkLayout, k_for, largest_divisor_at_most
+from distrain.comm.codecs.quantizers import quantize_reference, quantize_symmetric
+from distrain.comm.errors import IndexRangeError, NonFiniteError, SchemaError
 
 AWKWARD = [(1,), (1, 1), (), (7,), (65,), (130,), (67, 100), (3, 5, 7), (1, 4097), (96, 40)]
 
@@ -302,14 +302,14 @@ def test_validate_rejects_non_finite_and_wrong_buffers():
 @pytest.fixture
 def reference_only():
     """Run the PyTorch reference even where the kernel library is built."""
-    from comm import kernels
+    from distrain.comm import kernels
 
     with kernels.forced_mode("reference"):
         yield
 
 
 def _count_index_decodes(monkeypatch) -> list[int]:
-    import comm.codecs.sparseloco as sl
+    import distrain.comm.codecs.sparseloco as sl
 
     calls = [0]
     real = sl.decode_indices
@@ -354,7 +354,7 @@ def test_decode_aggregate_validates_what_it_did_not_see_validated(reference_only
 
 @pytest.mark.parametrize("kernel", [False, True], ids=["reference", "kernel-if-built"])
 def test_decode_aggregate_device_cpu_is_the_default(kernel):
-    from comm import kernels
+    from distrain.comm import kernels
 
     codec = SparseLoCoCodec()
     parts = [codec.encode("w", torch.randn(64, 128, generator=gen(42 + r)), {}) for r in range(2)]
@@ -372,7 +372,7 @@ def test_decode_aggregate_device_cpu_is_the_default(kernel):
 @pytest.mark.parametrize("mode", ["reference", "auto"])
 @pytest.mark.parametrize("kind", ["sparseloco", "dense"])
 def test_decode_aggregate_lands_on_cuda_with_the_same_bits(mode, kind):
-    from comm import kernels
+    from distrain.comm import kernels
 
     codec = make_codec(kind, **({"aggregation": "mean_selected"} if kind == "sparseloco" else {}))
     parts = [codec.encode("w", torch.randn(192, 256, generator=gen(44 + r)), {}) for r in range(4)]
@@ -384,13 +384,13 @@ def test_decode_aggregate_lands_on_cuda_with_the_same_bits(mode, kind):
 
 
 def test_kernels_import_no_codec():
-    """comm.kernels sits below comm.codecs: importing it (and calling the geometry) loads no codec."""
+    """distrain.comm.kernels sits below distrain.comm.codecs: importing it (and calling the geometry) loads no codec."""
     import subprocess
     import sys
 
-    code = ("import sys, comm.kernels, comm.kernels.geometry as g; "
+    code = ("import sys, distrain.comm.kernels, distrain.comm.kernels.geometry as g; "
             "assert g.chunk_layout((64, 64), 64, 64).nnz == 64; "
-            "print(sorted(m for m in sys.modules if m.startswith('comm.codecs')))")
+            "print(sorted(m for m in sys.modules if m.startswith('distrain.comm.codecs')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -477,7 +477,7 @@ def test_fp16_values_saturate_and_error_feedback_keeps_the_rest():
 
 @pytest.mark.parametrize("shape", [(256, 192), (100,), (64, 64), (3, 1000), (1, 1)])
 def test_gap_index_coding_decodes_to_the_same_contribution(shape):
-    from comm.codecs import make_codec
+    from distrain.comm.codecs import make_codec
 
     g = torch.Generator().manual_seed(7)
     delta = torch.randn(shape, generator=g)
@@ -493,8 +493,8 @@ def test_gap_index_coding_decodes_to_the_same_contribution(shape):
 
 
 def test_gap_coded_frames_are_smaller_after_zstd():
-    from comm.codecs import make_codec
-    from comm.wire import FrameMeta, encode_frame
+    from distrain.comm.codecs import make_codec
+    from distrain.comm.wire import FrameMeta, encode_frame
 
     delta = torch.randn(1024, 1024, generator=torch.Generator().manual_seed(3))
     sizes = {}
@@ -511,8 +511,8 @@ def test_gap_coded_frames_are_smaller_after_zstd():
                                            ("short", "SchemaError")])
 def test_gap_coded_bad_indices_are_rejected(corrupt, error):
 
-    from comm import errors
-    from comm.codecs import EncodedTensor, make_codec
+    from distrain.comm import errors
+    from distrain.comm.codecs import EncodedTensor, make_codec
 
     codec = make_codec("sparseloco", index_coding="gaps")
     et = codec.encode("t", torch.randn(128, 128, generator=torch.Generator().manual_seed(1)), {})

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from distrain.cli import main
-from distrain.compare import COMPARE_AXES, CompareError, compare_runs, figure, load_run, table
+from distrain.cli.compare import COMPARE_AXES, CompareError, compare_runs, figure, load_run, table
 from distrain.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -122,3 +122,14 @@ def test_topk_warmup_schedule_and_its_checks():
         with pytest.raises(ConfigError) as e:
             load_config(None, overrides)
         assert needle in str(e.value)
+
+
+def test_run_id_changes_with_the_trajectory_not_with_names_or_logging():
+    """Frames carry the run id: a peer with another model or algorithm must be rejected, a peer that
+    only logs or checkpoints differently must not."""
+    base = load_config(None, [])
+    assert len(base.hash()) == 16 and base.run_id() == f"default-{base.hash()}"
+    for same in ("--logging.progress=false", "--checkpoint.every=5", "--runtime.torch_threads=1"):
+        assert load_config(None, [same]).hash() == base.hash(), same
+    for other in ("--model.dim=128", "--outer.algorithm=diloco", "--train.lr=0.01", "--train.steps=300"):
+        assert load_config(None, [other]).hash() != base.hash(), other

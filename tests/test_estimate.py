@@ -1,6 +1,6 @@
 """``distrain estimate``: the same network model and frame bytes as the simulator, no training.
 
-The time model is checked against ``comm.network`` directly (exact), the whole prediction against
+The time model is checked against ``distrain.comm.network`` directly (exact), the whole prediction against
 ``run_simulation`` on small runs (within 1 % of the simulated clock), and the projection's
 arithmetic (R − 1 downloads, overlap = max(compute, comm)) on the 72B preset."""
 
@@ -11,10 +11,10 @@ import math
 
 import pytest
 
-from comm.codecs import make_codec
-from comm.network import Link, NetworkModel
+from distrain.comm.codecs import make_codec
+from distrain.comm.network import Link, NetworkModel
 from distrain.cli import main
-from distrain.estimate import (
+from distrain.cli.estimate import (
     FrameBytes,
     allgather_s,
     count_params,
@@ -29,7 +29,7 @@ from distrain.estimate import (
 from distrain.runtime.simulation import run_simulation
 
 
-# ----- the time model is comm.network's --------------------------------------------------------------
+# ----- the time model is distrain.comm.network's --------------------------------------------------------------
 @pytest.mark.parametrize("replicas", [2, 3, 5])
 def test_allgather_equals_the_network_models_collective(replicas):
     link = Link(up_mbps=7.0, down_mbps=23.0, latency_ms=13.0)
@@ -65,7 +65,7 @@ def test_ddp_syncs_every_step_and_never_overlaps():
                                          ("dense", {"dtype": "fp32"}), ("dense", {"dtype": "bf16"})])
 def test_sampled_frame_estimate_agrees_with_the_whole_model_encoding(kind, params, monkeypatch):
     """The large-model path (header from stand-ins, payload by a sampled zstd ratio) vs encoding all."""
-    import distrain.estimate as est
+    import distrain.cli.estimate as est
 
     shapes = {f"layers.{i}.w": (512, 512) for i in range(6)} | {f"layers.{i}.norm": (512,) for i in range(6)}
     codec = make_codec(kind, **params)

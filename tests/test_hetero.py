@@ -8,7 +8,7 @@ import torch
 
 from distrain.layout import Layout
 from distrain.runtime.simulation import Simulation
-from parallel.subspace import make_basis
+from distrain.parallel.pipeline.subspace import make_basis
 
 COMMON = ["--outer.algorithm=sparseloco", "--train.steps=9", "--outer.inner_steps=3", "--train.eval_every=9",
           "--runtime.torch_threads=1"]
@@ -112,8 +112,8 @@ def test_project_global_puts_every_replica_on_the_subspace(tiny_config):
 
 def test_span_split_lets_compressed_replicas_vote_only_inside_the_subspace():
     """agg = P·mean(all) + (I − P)·mean(unconstrained) for a constrained matrix; others: mean(all)."""
-    from comm.codecs import make_codec
-    from distrain.stage import SpanSplit
+    from distrain.comm.codecs import make_codec
+    from distrain.worker.compressed import SpanSplit
 
     codec = make_codec("dense", dtype="fp32")
     torch.manual_seed(0)

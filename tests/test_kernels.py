@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from comm import kernels
-from comm.codecs.base import EncodedTensor
-from comm.codecs.sparseloco import SparseLoCoCodec, encode_, sparseloco_encode_
-from comm.errors import IndexRangeError, SchemaError
-from comm.kernels import _lib, build
+from distrain.comm import kernels
+from distrain.comm.codecs.base import EncodedTensor
+from distrain.comm.codecs.sparseloco import SparseLoCoCodec, encode_, sparseloco_encode_
+from distrain.comm.errors import IndexRangeError, SchemaError
+from distrain.comm.kernels import _lib, build
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -370,7 +370,7 @@ def test_missing_library_falls_back_and_logs_once(tmp_path, monkeypatch, caplog)
     _lib._warned.discard("load-cpu")
     kernels.set_mode("auto")
     try:
-        with caplog.at_level(logging.INFO, logger="comm.kernels"):
+        with caplog.at_level(logging.INFO, logger="distrain.comm.kernels"):
             assert kernels.backend("cpu") == "reference"
             ef1, ef2, delta = torch.zeros(50), torch.zeros(50), torch.randn(50)
             a = encode_(ef1, delta, beta=0.9, topk=64, chunk=64, quantizer="reference")

@@ -6,12 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from comm.codecs import make_codec
-from comm.simulated import SimulatedHub, SimulatedTransport, run_ranks
-from comm.transport import Transport
-from comm.wire import decode_frame, encode_frame
-from comm.robust import RobustPolicy
-from distrain.outer import DDPOuter, PseudoGradientOuter, owned_parameters
+from distrain.comm.codecs import make_codec
+from distrain.comm.simulated import SimulatedHub, SimulatedTransport, run_ranks
+from distrain.comm.transport import Transport
+from distrain.comm.wire import decode_frame, encode_frame
+from distrain.comm.robust import RobustPolicy
+from distrain.outer.base import owned_parameters
+from distrain.outer.ddp import DDPOuter
+from distrain.outer.pseudo_gradient import PseudoGradientOuter
+from distrain.outer.step import OuterStep
 
 R = 3
 
@@ -54,8 +57,8 @@ def run_rounds(codec, rounds: int, lr=1.0, momentum=0.0, nesterov=False, apply_d
     def body(t: SimulatedTransport):
         model = Tiny()
         transport = wrap(t) if wrap else t
-        outer = PseudoGradientOuter(owned_parameters(model), codec, lr, momentum, nesterov, transport, "g", "run",
-                                    t.rank, apply_delay, policy=policy, codec_at=codec_at)
+        outer = PseudoGradientOuter(owned_parameters(model), codec, OuterStep(lr, momentum, nesterov, apply_delay),
+                                    transport, "g", "run", t.rank, policy=policy, codec_at=codec_at)
         stats = []
         for r in range(rounds):
             local_progress(model, t.rank, r)
@@ -162,9 +165,9 @@ def test_apply_delay_applies_each_aggregate_one_round_late():
              for n in theta0}
     for n in theta0:
         torch.testing.assert_close(outer.global_params[n], theta0[n] - mean0[n], rtol=1e-6, atol=1e-6)
-    assert outer.pending is not None
+    assert outer.step.pending is not None
     target = outer.flush()
-    assert outer.pending is None
+    assert outer.step.pending is None
     for n, t in target.items():
         assert torch.equal(t, outer.global_params[n])
 
@@ -215,7 +218,7 @@ def _reencode(frame: bytes, change, codec=None) -> bytes:
 
 
 def _round_of(frame: bytes) -> int:
-    from comm import wire
+    from distrain.comm import wire
 
     prefix = wire.PREFIX.unpack_from(frame)
     header_len = prefix[4]
@@ -225,7 +228,7 @@ def _round_of(frame: bytes) -> int:
 
 
 def _with_buffer(et, name, fill):
-    from comm.codecs import EncodedTensor
+    from distrain.comm.codecs import EncodedTensor
 
     bufs = dict(et.buffers)
     arr = bufs[name].copy()
@@ -317,7 +320,7 @@ def _dense(values_change):
 
 
 def _scaled_values(et, change):
-    from comm.codecs import EncodedTensor
+    from distrain.comm.codecs import EncodedTensor
 
     bufs = {k: change(v.copy()) if v.dtype.kind == "f" else v for k, v in et.buffers.items()}
     return EncodedTensor(shape=et.shape, meta=et.meta, buffers=bufs)
@@ -404,8 +407,8 @@ def test_a_whole_outer_round_on_cuda_equals_the_cpu_round(algo):
             model = Tiny()
             local_progress(model, t.rank, 0)
             model = model.to(device)
-            outer = PseudoGradientOuter(owned_parameters(model), codec, lr, momentum, nesterov, t, "g", "run", t.rank,
-                                        policy=RobustPolicy())
+            outer = PseudoGradientOuter(owned_parameters(model), codec, OuterStep(lr, momentum, nesterov), t, "g",
+                                        "run", t.rank, policy=RobustPolicy())
             stats = [sync_model(outer, model, r) for r in range(2)]
             assert all(g.device.type == torch.device(device).type for g in outer.global_params.values())
             return {n: p.detach().cpu() for n, p in model.named_parameters()}, stats

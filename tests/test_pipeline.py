@@ -18,15 +18,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comm import boundary as bd
-from comm.errors import CommError, FutureFrameError
-from comm.simulated import SimulatedHub, run_ranks
+from distrain.comm import boundary as bd
+from distrain.comm.errors import CommError, FutureFrameError
+from distrain.comm.simulated import SimulatedHub, run_ranks
 from distrain.config import ChunkwiseConfig, ModelConfig
 from distrain.model import Transformer
-from parallel import pipeline as pp
-from parallel import pipeline_schedule as sch
-from parallel import subspace as ss
-from parallel.chunkwise import chunkwise_backward, plan_chunks, select_chunks
+from distrain.parallel.pipeline import step as pp
+from distrain.parallel.pipeline import schedule as sch
+from distrain.parallel.pipeline import subspace as ss
+from distrain.parallel.chunkwise import chunkwise_backward, plan_chunks, select_chunks
 
 D, V = 32, 96
 
@@ -454,7 +454,7 @@ def test_single_stage_needs_no_transport_and_equals_the_model():
 
 
 def test_runs_over_the_simulated_transport():
-    """The same step over comm.simulated (the real in-process transport, not the fake above)."""
+    """The same step over distrain.comm.simulated (the real in-process transport, not the fake above)."""
     full = full_model()
     stages, subs, ref = compressed(full, [0, 1, 3, 4])
     mbs = micro_batches(n=3)
@@ -473,8 +473,8 @@ import os, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 torch.set_num_threads(1)
-from comm.torch_transport import TorchTransport, init_process_group
-from parallel import pipeline as pp
+from distrain.comm.torch_transport import TorchTransport, init_process_group
+from distrain.parallel.pipeline import step as pp
 from test_pipeline import compressed, full_model, micro_batches, reference, split
 
 init_process_group("gloo", timeout_s=60)

@@ -25,7 +25,7 @@ from subprocs import run_in_session
 REPO = Path(__file__).resolve().parent.parent
 SHORT = ("--train.steps=4 --outer.inner_steps=2 --train.eval_every=4 --train.eval_batches=1 --train.warmup_steps=1 "
          "--data.max_bytes=1500000 --checkpoint.every=0 --logging.progress=false --topology.round_timeout_s=120.0")
-TRAINING = re.compile(r"(distrain (simulate|train|prepare)|-m launch\.(simulate|torchrun|ray))\b(?!.*--help)")
+TRAINING = re.compile(r"(distrain (simulate|train|prepare)|-m distrain\.launch\.(simulate|torchrun|ray))\b(?!.*--help)")
 BLOCK_TIMEOUT_S = 900
 
 
@@ -121,7 +121,7 @@ BLOCKS = bash_blocks((REPO / "README.md").read_text())
 
 def test_the_readme_has_its_launch_blocks():
     text = "\n".join(BLOCKS)
-    for needed in ("distrain simulate", "-m launch.torchrun", "-m launch.ray", "ray job submit", "ray start"):
+    for needed in ("distrain simulate", "-m distrain.launch.torchrun", "-m distrain.launch.ray", "ray job submit", "ray start"):
         assert needed in text
 
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from comm.codecs import EncodedTensor, make_codec
-from comm.errors import FrameError, MalformedHeaderError, OversizedFrameError, SchemaError
-from comm.robust import (
+from distrain.comm.codecs import EncodedTensor, make_codec
+from distrain.comm.errors import FrameError, MalformedHeaderError, OversizedFrameError, SchemaError
+from distrain.comm.robust import (
     RobustPolicy,
     SenderMismatchError,
     check_sender,
@@ -26,7 +26,7 @@ from comm.robust import (
     robust_aggregate_inputs,
     scale_contribution,
 )
-from comm.wire import PREFIX_SIZE, FrameLimits, FrameMeta, decode_frame, encode_frame
+from distrain.comm.wire import PREFIX_SIZE, FrameLimits, FrameMeta, decode_frame, encode_frame
 
 SHAPES = {"layers.0.w": (96, 64), "layers.0.norm": (64,), "head": (67, 100)}
 CODECS = [
@@ -270,7 +270,7 @@ def test_scale_contribution_zeroes_unused_centroids():
     (tensors,) = contributions(codec, 1)
     et = tensors["layers.0.norm"]
     cents = et.buffers["centroids"].copy()
-    from comm.codecs.bitpack import unpack_bits
+    from distrain.comm.codecs.bitpack import unpack_bits
 
     codes = unpack_bits(et.buffers["codes"], codec.layout(et.shape).nnz, 2)
     unused = [c for c in range(4) if c not in set(codes.tolist())]

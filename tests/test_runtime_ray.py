@@ -132,12 +132,12 @@ def metrics(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def baseline(cluster, tiny_corpus, data_cache, tmp_path_factory):
-    """``ray job submit --working-dir . -- python -m launch.ray``: 3 workers, no fault."""
+    """``ray job submit --working-dir . -- python -m distrain.launch.ray``: 3 workers, no fault."""
     root = tmp_path_factory.mktemp("ray")
     cfg = tiny_config(root / "base.toml", tiny_corpus, data_cache, root / "runs", "base")
     excludes = json.dumps({"excludes": [".git", ".cache", "runs", "*.egg-info", "**/__pycache__", "bench/results"]})
     submit = ["ray", "job", "submit", "--address", cluster["dashboard"], "--working-dir", ".",
-              "--runtime-env-json", excludes, "--", "python", "-m", "launch.ray", "--config", str(cfg)]
+              "--runtime-env-json", excludes, "--", "python", "-m", "distrain.launch.ray", "--config", str(cfg)]
     # A fresh head's dashboard can answer before its job agent has registered; the job was then not
     # submitted, so submitting again is safe (bounded: 12 tries, 5 s apart).
     for _ in range(12):
@@ -169,7 +169,7 @@ def test_ray_job_submit_equals_the_simulation(baseline):
     assert [m["workers"] for m in train] == [3, 3, 3, 3]
     assert [m["val_loss"] for m in rows if m["kind"] == "val"][-1] == summary.final_val_loss
     coord = load_latest(run_dir / "checkpoints" / "coordinator")
-    assert coord.state["round"] == 4 and coord.state["loop"]["tokens"] == summary.tokens
+    assert coord.state["loop"]["round"] == 4 and coord.state["loop"]["tokens"] == summary.tokens
 
 
 def test_worker_killed_mid_round_is_dropped_restarted_and_caught_up(cluster, baseline, tiny_corpus, data_cache):
@@ -180,7 +180,7 @@ def test_worker_killed_mid_round_is_dropped_restarted_and_caught_up(cluster, bas
     rejects as stale. The run ends finite and close to the no-fault run."""
     root, _ = baseline
     cfg = tiny_config(root / "fault.toml", tiny_corpus, data_cache, root / "runs", "fault")
-    res = run([sys.executable, "-m", "launch.ray", "--address", cluster["gcs"], "--config", str(cfg),
+    res = run([sys.executable, "-m", "distrain.launch.ray", "--address", cluster["gcs"], "--config", str(cfg),
                "--fault=kill:rank=1,round=1,delay=0.5", "--fault=stale:rank=2,round=2"], cluster["env"])
     assert res.returncode == 0, res.stdout[-4000:]
     rows = metrics(root / "runs" / "fault")
@@ -216,7 +216,7 @@ def test_restarted_job_resumes_from_the_coordinator_checkpoint(cluster, baseline
         shutil.rmtree(d / "step-12")
         (d / "latest").unlink()
     (cut / "metrics.jsonl").unlink()
-    res = run([sys.executable, "-m", "launch.ray", "--address", cluster["gcs"], "--config", str(cfg_path),
+    res = run([sys.executable, "-m", "distrain.launch.ray", "--address", cluster["gcs"], "--config", str(cfg_path),
                "--run.name=cut", "--checkpoint.resume=auto"], cluster["env"])
     assert res.returncode == 0, res.stdout[-4000:]
     rows = metrics(cut)
@@ -239,7 +239,7 @@ def test_heterogeneous_ray_job_equals_the_simulation(cluster, baseline, tiny_cor
     root, _ = baseline
     cfg = tiny_config(root / "hetero.toml", tiny_corpus, data_cache, root / "runs", "hetero",
                       "--topology.replica=[{devices=2}, {}]")
-    res = run([sys.executable, "-m", "launch.ray", "--address", cluster["gcs"], "--config", str(cfg)], cluster["env"])
+    res = run([sys.executable, "-m", "distrain.launch.ray", "--address", cluster["gcs"], "--config", str(cfg)], cluster["env"])
     assert res.returncode == 0, res.stdout[-4000:]
     threads = torch.get_num_threads()
     try:
@@ -268,7 +268,7 @@ def test_mixed_topology_ray_job_equals_the_simulation(cluster, baseline, tiny_co
 
     root, _ = baseline
     cfg = tiny_config(root / "mixed.toml", tiny_corpus, data_cache, root / "runs", "mixed", MIXED)
-    res = run([sys.executable, "-m", "launch.ray", "--address", cluster["gcs"], "--config", str(cfg)], cluster["env"])
+    res = run([sys.executable, "-m", "distrain.launch.ray", "--address", cluster["gcs"], "--config", str(cfg)], cluster["env"])
     assert res.returncode == 0, res.stdout[-4000:]
     threads = torch.get_num_threads()
     try:
@@ -292,7 +292,7 @@ def test_a_killed_stage_worker_drops_its_pipeline_replica_which_rejoins(cluster,
     ends with every worker on the same global weights."""
     root, _ = baseline
     cfg = tiny_config(root / "stagefault.toml", tiny_corpus, data_cache, root / "runs", "stagefault", MIXED)
-    res = run([sys.executable, "-m", "launch.ray", "--address", cluster["gcs"], "--config", str(cfg),
+    res = run([sys.executable, "-m", "distrain.launch.ray", "--address", cluster["gcs"], "--config", str(cfg),
                "--fault=kill:rank=3,round=1,delay=0.5"], cluster["env"])
     assert res.returncode == 0, res.stdout[-4000:]
     rows = metrics(root / "runs" / "stagefault")
@@ -317,7 +317,7 @@ def test_adaptive_sp_replica_ray_job_equals_the_simulation(cluster, baseline, ti
     root, _ = baseline
     cfg = tiny_config(root / "sp.toml", tiny_corpus, data_cache, root / "runs", "sp", "--data.sampler=documents",
                       "--topology.replica=[{devices=2, parallel='sp'}, {}]")
-    res = run([sys.executable, "-m", "launch.ray", "--address", cluster["gcs"], "--config", str(cfg)], cluster["env"])
+    res = run([sys.executable, "-m", "distrain.launch.ray", "--address", cluster["gcs"], "--config", str(cfg)], cluster["env"])
     assert res.returncode == 0, res.stdout[-4000:]
     threads = torch.get_num_threads()
     try:

@@ -42,7 +42,7 @@ def write_config(path: Path, overrides: list[str]) -> Path:
 def torchrun(config: Path, nproc: int, *extra: str, restarts: int = 0) -> subprocess.CompletedProcess:
     """Launch and wait; the whole process group is killed if it outlives the timeout."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           f"--max-restarts={restarts}", "--monitor-interval=0.5", "-m", "launch.torchrun",
+           f"--max-restarts={restarts}", "--monitor-interval=0.5", "-m", "distrain.launch.torchrun",
            "--config", str(config), *extra]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
     return run_in_session(cmd, cwd=REPO, env=env, timeout_s=TIMEOUT_S, what="torchrun")

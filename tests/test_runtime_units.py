@@ -12,14 +12,15 @@ import msgpack
 import pytest
 import torch
 
-from comm.errors import ShapeMismatchError, StaleFrameError
+from distrain.comm.errors import ShapeMismatchError, StaleFrameError
 from distrain.layout import Layout
 from distrain.optim import lr_multiplier
-from distrain.outer import RoundStats
+from distrain.outer.base import RoundStats
 from distrain.runtime.common import newest_common_step
 from distrain.runtime.faults import Fault
-from distrain.runtime.coordinator import Coordinator
-from distrain.worker import RoundReport, decode_params, encode_params
+from distrain.runtime.ray.coordinator import Coordinator
+from distrain.worker.frames import decode_params, encode_params
+from distrain.worker.worker import RoundReport
 
 
 class Clock:
@@ -78,7 +79,7 @@ def test_marking_a_dead_worker_absent_completes_at_once_and_it_rejoins_later():
     c.contribute("replicas", 1, 0, "all_gather", None, 2, ["c"])
     c.mark_absent(1, 1, "ActorDiedError")
     assert c.poll("replicas", 1, 0, 2) == ("done", [["a"], None, ["c"]])
-    c.mark_present(1)
+    c.mark_present(1, 2)
     c.end_round(2)
     for r in range(3):
         c.contribute("replicas", 2, 0, "all_gather", None, r, [r])
@@ -89,8 +90,8 @@ def test_marking_a_dead_worker_absent_completes_at_once_and_it_rejoins_later():
 def test_broadcast_needs_its_source_and_mismatched_calls_fail():
     c, _ = coord(quorum=0.3)
     c.contribute("replicas", 0, 0, "broadcast", 1, 0, [])
-    c.mark_absent(1)
-    c.mark_absent(2)
+    c.mark_absent(1, 0)
+    c.mark_absent(2, 0)
     assert c.poll("replicas", 0, 0, 0) == ("error", "broadcast source 1 is absent")
     c2, _ = coord()
     c2.contribute("replicas", 0, 0, "all_gather", None, 0, ["a"])
@@ -104,13 +105,13 @@ def test_old_collectives_are_forgotten_and_state_round_trips():
     c, _ = coord()
     for r in range(3):
         c.contribute("replicas", 0, 0, "all_gather", None, r, [r])
-    c.end_round(3, {"loss": 1.0}, {"tokens": 12, "step": 9})
+    c.end_round(3, {"loss": 1.0}, {"round": 3, "tokens": 12, "step": 9})
     assert c.poll("replicas", 0, 0, 0)[0] == "error"  # expired
     c.set_global(3, {"0": ["w0"], "1": ["w1"]})
     assert c.get_global() == (3, {"0": ["w0"], "1": ["w1"]})
     d, _ = coord()
     d.load_state_dict(c.state_dict())
-    assert (d.round, d.loop["tokens"], d.global_round) == (3, 12, 3)
+    assert (d.loop["round"], d.loop["tokens"], d.global_round) == (3, 12, 3)
     with pytest.raises(ValueError, match="for 3 workers, this job has 4"):
         coord(world=4)[0].load_state_dict(c.state_dict())
 
@@ -153,10 +154,10 @@ def test_round_report_survives_msgpack():
 
 
 def test_catch_up_puts_weights_schedule_and_data_where_a_never_failed_replica_is(tiny_config):
-    from comm.simulated import SimulatedHub
+    from distrain.comm.simulated import SimulatedHub
     from distrain.data import TokenSampler, read_shard
     from distrain.runtime.common import prepare_data
-    from distrain.worker import build_worker
+    from distrain.worker.build import build_worker
 
     cfg = tiny_config("--outer.algorithm=sparseloco", "--topology.replicas=2", "--outer.inner_steps=3",
                       "--train.steps=30", "--train.warmup_steps=4")
@@ -167,17 +168,17 @@ def test_catch_up_puts_weights_schedule_and_data_where_a_never_failed_replica_is
     w = build_worker(cfg, layout, 1, data, hub.transport(1))
     new = {n: t + 1.0 for n, t in w.global_state().items()}
     w.catch_up(new, rounds_done=4)  # 4 rounds of 3 steps
-    assert w.trainer.step == 12
-    assert w.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.train.lr * lr_multiplier(12, cfg.train))
-    assert w.trainer.scheduler.get_last_lr()[0] == pytest.approx(cfg.train.lr * lr_multiplier(12, cfg.train))
+    assert w.schedule.step == 12
+    assert w.schedule.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.train.lr * lr_multiplier(12, cfg.train))
+    assert w.schedule.scheduler.get_last_lr()[0] == pytest.approx(cfg.train.lr * lr_multiplier(12, cfg.train))
     assert all(torch.equal(w.global_state()[n], new[n]) for n in new)
     assert all(torch.equal(p.detach(), new[n]) for n, p in w.model.named_parameters())
     fresh = TokenSampler(tokens, cfg.data.seq_len, cfg.train.batch_size, rank=1, world_size=2, seed=cfg.run.seed)
     for _ in range(12):
         fresh.next_batch()
     assert torch.equal(w.sampler.next_batch()[0], fresh.next_batch()[0])
-    res = w.trainer.train_step()  # and it trains on from there
-    assert res.lr == pytest.approx(cfg.train.lr * lr_multiplier(12, cfg.train)) and w.trainer.step == 13
+    res = w.schedule.train_step()  # and it trains on from there
+    assert res.lr == pytest.approx(cfg.train.lr * lr_multiplier(12, cfg.train)) and w.schedule.step == 13
 
 
 # ----- torch.distributed transport on 3 gloo ranks ---------------------------------------------
@@ -190,8 +191,8 @@ def _free_port() -> int:
 def _transport_body(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from comm.errors import CommError, NotAMemberError
-    from comm.torch_transport import TorchTransport
+    from distrain.comm.errors import CommError, NotAMemberError
+    from distrain.comm.torch_transport import TorchTransport
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -243,8 +244,8 @@ def test_torch_transport_variable_sizes_groups_broadcast(tmp_path):
 
 
 def test_ray_mailbox_orders_by_sequence_and_drops_older_rounds():
-    from comm.errors import CollectiveTimeoutError
-    from comm.ray_transport import Mailbox
+    from distrain.comm.errors import CollectiveTimeoutError
+    from distrain.comm.ray_transport import Mailbox
 
     box = Mailbox()
     box.begin_round(2)

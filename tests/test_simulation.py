@@ -96,7 +96,7 @@ def test_straggler_policies(tiny_config):
     assert fewer.utilisation() == pytest.approx(1.0, abs=0.01)
     assert fewer.clock_s() < wait.clock_s()
     # the slow replica's schedule is compressed to its own step count
-    assert fewer.workers[1].trainer.cfg.steps == 4
+    assert fewer.workers[1].schedule.cfg.steps == 4
 
 
 def test_replicas_end_rounds_on_identical_weights(tiny_config):

@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from parallel.sp_bounds import relaxed_lower_bound
-from parallel.sp_cost import REFERENCE_7B, CostModelError, SPCosts, check_plan, lower_bound, makespan, mape
-from parallel.sp_plan import PlanAhead, PlanError, SequenceTooLongError, SPPlan
-from parallel.sp_planner import (
+from distrain.parallel.sp.bounds import relaxed_lower_bound
+from distrain.parallel.sp.cost import REFERENCE_7B, CostModelError, SPCosts, check_plan, lower_bound, makespan, mape
+from distrain.parallel.sp.plan import PlanAhead, PlanError, SequenceTooLongError, SPPlan
+from distrain.parallel.sp.planner import (
     allowed_degrees,
     best_homogeneous,
     bucket_lengths,

@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from parallel.sp_cost import SPCosts
-from parallel.sp_profile import fit_costs
+from distrain.parallel.sp.cost import SPCosts
+from distrain.parallel.sp.profile import fit_costs
 
 
 def test_fit_recovers_compute_and_per_degree_bandwidth():

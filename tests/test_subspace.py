@@ -7,7 +7,7 @@ import torch
 
 from distrain.config import ModelConfig
 from distrain.model import Transformer
-from parallel import subspace as ss
+from distrain.parallel.pipeline import subspace as ss
 
 D, K, V = 32, 8, 96
 

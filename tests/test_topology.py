@@ -28,8 +28,6 @@ def test_two_full_and_two_pipelines_of_a_six_layer_model():
     assert groups["segment3"] == [0, 1, 3, 6]
     assert groups["replica2"] == [2, 3] and groups["replica3"] == [4, 5, 6]
     assert lay.owned_segments(0) == [0, 1, 2, 3] and lay.owned_segments(5) == [1, 2]
-    assert lay.neighbours(4) == (None, 5) and lay.neighbours(5) == (4, 6) and lay.neighbours(6) == (5, None)
-    assert lay.neighbours(0) == (None, None)
     # a pipeline's stages read the same micro-batches: one data stream per pipeline replica
     assert [lay.data_shard(r) for r in range(7)] == [(0, 4), (1, 4), (2, 4), (2, 4), (3, 4), (3, 4), (3, 4)]
     assert lay.reporter(2) == 3 and lay.reporter(3) == 6 and lay.eval_replica == 0

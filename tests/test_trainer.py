@@ -10,7 +10,7 @@ import torch
 from distrain.config import ModelConfig, TrainConfig
 from distrain.model import Transformer
 from distrain.optim import lr_multiplier
-from distrain.trainer import InnerTrainer
+from distrain.inner.single import SingleSchedule
 
 
 def model() -> Transformer:
@@ -38,9 +38,9 @@ def test_gradient_accumulation_equals_the_concatenated_batch():
     big = [torch.cat(small[0:2]), torch.cat(small[2:4])]
     a, b = model(), model()
     grads = {"a": [], "b": []}  # the grad_sync hook sees the accumulated gradients before the step
-    ta = InnerTrainer(a, TrainConfig(steps=2, grad_accum=2, warmup_steps=0), feeder(small), torch.device("cpu"),
+    ta = SingleSchedule(a, TrainConfig(steps=2, grad_accum=2, warmup_steps=0), feeder(small), torch.device("cpu"),
                       grad_sync=lambda g: grads["a"].append([x.clone() for x in g]))
-    tb = InnerTrainer(b, TrainConfig(steps=2, grad_accum=1, warmup_steps=0), feeder(big), torch.device("cpu"),
+    tb = SingleSchedule(b, TrainConfig(steps=2, grad_accum=1, warmup_steps=0), feeder(big), torch.device("cpu"),
                       grad_sync=lambda g: grads["b"].append([x.clone() for x in g]))
     for _ in range(2):
         ra, rb = ta.train_step(), tb.train_step()
@@ -65,7 +65,7 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 def test_clipping_bounds_the_update_and_nan_loss_is_an_error():
     m = model()
     seqs = batches(1, 2)
-    t = InnerTrainer(m, TrainConfig(steps=1, grad_clip=1e-3, warmup_steps=0), feeder(seqs), torch.device("cpu"))
+    t = SingleSchedule(m, TrainConfig(steps=1, grad_clip=1e-3, warmup_steps=0), feeder(seqs), torch.device("cpu"))
     res = t.train_step()
     assert res.grad_norm > 1e-3  # reported before clipping
     with torch.no_grad():

@@ -8,16 +8,16 @@ import time
 
 import pytest
 
-from comm.errors import (
+from distrain.comm.errors import (
     CollectiveMismatchError,
     CollectiveTimeoutError,
     NotAMemberError,
     RankAbsentError,
     UnknownGroupError,
 )
-from comm.network import Link, NetworkModel
-from comm.simulated import SimulatedHub, SimulatedTransport, run_ranks
-from comm.transport import Transport
+from distrain.comm.network import Link, NetworkModel
+from distrain.comm.simulated import SimulatedHub, SimulatedTransport, run_ranks
+from distrain.comm.transport import Transport
 
 GROUPS = {"stage0": [0, 2], "stage1": [3, 1]}
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parallel.sp_plan import SPPlan
+from distrain.parallel.sp.plan import SPPlan
 
 TOL = 1e-5
 
@@ -96,7 +96,7 @@ ATTN_CASES = {
 
 def _attention_case(rank: int, name: str, cache) -> dict | None:
     """One case on processes 0..world-1 of the job (the others only join the group's creation)."""
-    from parallel.ulysses import even_split, ulysses_attention
+    from distrain.parallel.sp.ulysses import even_split, ulysses_attention
 
     world, H, Hkv, lens = ATTN_CASES[name]
     pg = cache(tuple(range(world)))
@@ -171,7 +171,7 @@ def _reference_grads(model, inputs, targets, cu):
 
 
 def _step_plans(rank: int, world: int, cache) -> dict:
-    from parallel.sp_step import sp_train_step
+    from distrain.parallel.sp.step import sp_train_step
 
     inputs, targets, cu, lens = _batch()
     ref_model = _model()
@@ -200,8 +200,8 @@ def _step_plans(rank: int, world: int, cache) -> dict:
 
 def _job(rank: int, world: int) -> dict:
     """Everything that needs processes, in one job: starting processes costs more than the checks."""
-    from parallel.sp_plan import broadcast_plan
-    from parallel.ulysses import GroupCache
+    from distrain.parallel.sp.plan import broadcast_plan
+    from distrain.parallel.sp.ulysses import GroupCache
 
     cache = GroupCache()
     res = {"attention": {name: _attention_case(rank, name, cache) for name in sorted(ATTN_CASES)}}
@@ -251,7 +251,7 @@ def test_broadcast_plan_gives_every_rank_the_leaders_plan(job):
 
 
 def test_shards_cover_the_group_stream_evenly():
-    from parallel.sp_step import local_shard
+    from distrain.parallel.sp.step import local_shard
 
     cu = [0, 4, 9, 10, 17]  # 4 documents: 4, 5, 1, 7 tokens
     seen, pos_all = [], []
@@ -265,8 +265,8 @@ def test_shards_cover_the_group_stream_evenly():
 
 
 def test_bad_shapes_and_degrees_are_named():
-    from parallel.sp_step import sp_forward_backward
-    from parallel.ulysses import head_split, ulysses_attention
+    from distrain.parallel.sp.step import sp_forward_backward
+    from distrain.parallel.sp.ulysses import head_split, ulysses_attention
 
     with pytest.raises(ValueError, match="needs at least 8 query heads, the model has 6"):
         head_split(6, 8)
@@ -285,7 +285,7 @@ def test_bad_shapes_and_degrees_are_named():
 
 
 def test_one_device_plan_matches_the_model_without_any_process_group():
-    from parallel.sp_step import sp_train_step
+    from distrain.parallel.sp.step import sp_train_step
 
     inputs, targets, cu, lens = _batch(seed=4)
     model = _model()

@@ -11,9 +11,9 @@ import pytest
 import torch
 import zstandard
 
-from comm.codecs import EncodedTensor, make_codec
-from comm.codecs.bitpack import pack_bits, unpack_bits
-from comm.errors import (
+from distrain.comm.codecs import EncodedTensor, make_codec
+from distrain.comm.codecs.bitpack import pack_bits, unpack_bits
+from distrain.comm.errors import (
     BadMagicError,
     ChecksumError,
     CodecMismatchError,
@@ -33,7 +33,7 @@ from comm.errors import (
     UnknownTensorError,
     UnsupportedVersionError,
 )
-from comm.wire import PREFIX_SIZE, FrameLimits, FrameMeta, decode_frame, encode_frame
+from distrain.comm.wire import PREFIX_SIZE, FrameLimits, FrameMeta, decode_frame, encode_frame
 
 SHAPES = {"layers.0.w": (96, 64), "layers.0.norm": (64,), "head": (67, 100)}
 
@@ -265,8 +265,8 @@ def test_no_unpickling_in_comm():
     import pathlib
     import re
 
-    import comm
+    import distrain.comm
 
     pattern = re.compile(r"import pickle|from pickle|pickle\.loads?\(|torch\.load\(|allow_pickle=True")
-    sources = pathlib.Path(comm.__file__).parent.rglob("*.py")
+    sources = pathlib.Path(distrain.comm.__file__).parent.rglob("*.py")
     assert not [str(p) for p in sources if pattern.search(p.read_text())]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from comm.codecs.base import BufferSpec, Codec, CodecState, EncodedTensor
-from comm.codecs.dense import DenseCodec
-from comm.codecs.sparseloco import SparseLoCoCodec, sparseloco_encode_
+from distrain.comm.codecs.base import BufferSpec, Codec, CodecState, EncodedTensor
+from distrain.comm.codecs.dense import DenseCodec
+from distrain.comm.codecs.sparseloco import SparseLoCoCodec, sparseloco_encode_
 
 CODECS: dict[str, type[Codec]] = {SparseLoCoCodec.kind: SparseLoCoCodec, DenseCodec.kind: DenseCodec}
 

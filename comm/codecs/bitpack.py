@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from comm.kernels.geometry import packed_nbytes
+from distrain.comm.kernels.geometry import packed_nbytes
 
 MAX_FIELD_BITS = 25
 

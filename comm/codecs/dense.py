@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from comm.codecs.base import (
+from distrain.comm.codecs.base import (
     BufferSpec,
     Codec,
     CodecState,
@@ -20,7 +20,7 @@ from comm.codecs.base import (
     check_shape,
     require_choice,
 )
-from comm.errors import NonFiniteError, SchemaError
+from distrain.comm.errors import NonFiniteError, SchemaError
 
 DENSE_DTYPES = {"fp32": "f4", "bf16": "u2"}
 

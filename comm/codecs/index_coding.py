@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from comm.codecs.bitpack import pack_bits, padding_is_zero, unpack_bits
-from comm.errors import IndexRangeError, SchemaError
-from comm.kernels.geometry import INDEX_CODINGS, index_nbytes
+from distrain.comm.codecs.bitpack import pack_bits, padding_is_zero, unpack_bits
+from distrain.comm.errors import IndexRangeError, SchemaError
+from distrain.comm.kernels.geometry import INDEX_CODINGS, index_nbytes
 
 __all__ = ["INDEX_CODINGS", "decode_indices", "encode_indices", "index_nbytes"]
 

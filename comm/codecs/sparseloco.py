@@ -21,7 +21,7 @@ Aggregation over replicas (``decode_aggregate``): each contribution is scattered
 (rank order) into an fp32 sum; ``mean_selected`` divides every coordinate by the number of
 replicas that selected it (coordinates nobody selected stay 0), ``sum_over_r`` divides by R.
 
-Kernels (``comm.kernels``): ``encode_`` and ``SparseLoCoCodec`` run the C++/CUDA kernel for the
+Kernels (``distrain.comm.kernels``): ``encode_`` and ``SparseLoCoCodec`` run the C++/CUDA kernel for the
 tensors' device when one is loaded and this reference otherwise; this module registers the
 reference as the kernels' fallback (the kernels never import the codec). ``validate`` keeps the
 indices it decoded in ``EncodedTensor.cache``, so the reference ``decode_aggregate`` does not
@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from comm.codecs.base import (
+from distrain.comm.codecs.base import (
     BufferSpec,
     Codec,
     CodecState,
@@ -44,12 +44,12 @@ from comm.codecs.base import (
     require_choice,
     require_int,
 )
-from comm import kernels
-from comm.codecs.bitpack import pack_bits, packed_nbytes, padding_is_zero, unpack_bits
-from comm.codecs.index_coding import INDEX_CODINGS, decode_indices, encode_indices, index_nbytes
-from comm.codecs.quantizers import LEVELS, QUANTIZERS, quantize
-from comm.errors import IndexRangeError, NonFiniteError, SchemaError
-from comm.kernels.geometry import ChunkLayout, chunk_layout
+from distrain.comm import kernels
+from distrain.comm.codecs.bitpack import pack_bits, packed_nbytes, padding_is_zero, unpack_bits
+from distrain.comm.codecs.index_coding import INDEX_CODINGS, decode_indices, encode_indices, index_nbytes
+from distrain.comm.codecs.quantizers import LEVELS, QUANTIZERS, quantize
+from distrain.comm.errors import IndexRangeError, NonFiniteError, SchemaError
+from distrain.comm.kernels.geometry import ChunkLayout, chunk_layout
 
 AGGREGATIONS = ("mean_selected", "sum_over_r")
 VALUE_DTYPES = {"fp16": ("f2", np.dtype("<f2"), torch.float16), "fp32": ("f4", np.dtype("<f4"), torch.float32)}

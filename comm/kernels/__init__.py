@@ -1,11 +1,11 @@
 """Fast SparseLoCo encode and decode-aggregate: C++ (OpenMP) and CUDA kernels behind torch ops.
 
-The kernels take tensors and geometry (``comm.kernels.geometry``) and never import a codec: the
-SparseLoCo codec (``comm.codecs.sparseloco``) is the specification, registers its PyTorch
+The kernels take tensors and geometry (``distrain.comm.kernels.geometry``) and never import a codec: the
+SparseLoCo codec (``distrain.comm.codecs.sparseloco``) is the specification, registers its PyTorch
 reference as the ops' fallback (``register_reference``) and wraps the raw outputs into its own
 ``EncodedTensor``. ``encode`` and ``decode_aggregate`` produce, bit for bit, what that reference
 produces; they run the fastest implementation available for the tensors' device. Build the
-libraries with ``python -m comm.kernels.build`` (or set ``DISTRAIN_KERNELS=build``); see
+libraries with ``python -m distrain.comm.kernels.build`` (or set ``DISTRAIN_KERNELS=build``); see
 ``comm/kernels/_lib.py`` for the environment switches. Importing this package never compiles,
 loads or fails.
 """
@@ -19,11 +19,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from comm.kernels import _lib
-from comm.kernels import ops as _ops
-from comm.kernels._lib import mode, set_mode
-from comm.kernels.geometry import chunk_layout
-from comm.kernels.ops import KernelError, register_reference
+from distrain.comm.kernels import _lib
+from distrain.comm.kernels import ops as _ops
+from distrain.comm.kernels._lib import mode, set_mode
+from distrain.comm.kernels.geometry import chunk_layout
+from distrain.comm.kernels.ops import KernelError, register_reference
 
 __all__ = ["KernelError", "backend", "decode_aggregate", "encode", "forced_mode", "mode",
            "register_reference", "set_mode", "status"]

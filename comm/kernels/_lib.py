@@ -9,7 +9,7 @@
 * ``reference`` (or ``off``): never load a library.
 
 Whatever goes wrong (no library, a stale one, a missing compiler, a wrong ABI) is logged once and
-the reference is used instead: importing or calling ``comm.kernels`` never fails because of it.
+the reference is used instead: importing or calling ``distrain.comm.kernels`` never fails because of it.
 A library is loaded once per process: a rebuilt one is picked up by new processes.
 """
 
@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass
 
 
-log = logging.getLogger("comm.kernels")
+log = logging.getLogger("distrain.comm.kernels")
 
 ABI_VERSION = 1  # must equal DL_ABI_VERSION in csrc/distrain_kernels.h
 MODES = ("auto", "build", "reference", "off")
@@ -119,14 +119,14 @@ def _warn_once(key: str, msg: str, level: int = logging.WARNING) -> None:
 
 
 def _target(kind: str):
-    from comm.kernels import build as _build
+    from distrain.comm.kernels import build as _build
 
     return _build.cpu_target() if kind == "cpu" else _build.cuda_target()
 
 
 def _load(kind: str) -> tuple[ctypes.CDLL | None, str]:
     """Load one library or explain why not (the explanation is logged once by the caller)."""
-    from comm.kernels import build as _build
+    from distrain.comm.kernels import build as _build
 
     m = mode()
     if m in ("reference", "off"):
@@ -143,12 +143,12 @@ def _load(kind: str) -> tuple[ctypes.CDLL | None, str]:
             _warn_once(f"build-{kind}", f"cannot build the {kind} kernels: {exc}")
     try:
         if not path.exists():
-            hint = "python -m comm.kernels.build" + (" --cuda=yes" if kind == "cuda" else "")
+            hint = "python -m distrain.comm.kernels.build" + (" --cuda=yes" if kind == "cuda" else "")
             return None, f"{path} not found (build it with `{hint}` or set DISTRAIN_KERNELS=build)"
         if have_sources and _build.kind_sources(kind):
             if not _build.built_from_current_sources(kind):
                 return None, (f"{path} is stale (csrc/ changed since it was built); rebuild with "
-                              "`python -m comm.kernels.build` or set DISTRAIN_KERNELS=build")
+                              "`python -m distrain.comm.kernels.build` or set DISTRAIN_KERNELS=build")
         lib = ctypes.CDLL(str(path))
         for name, (restype, argtypes) in _SIGNATURES[kind].items():
             fn = getattr(lib, name)

@@ -1,4 +1,4 @@
-"""Build the kernel shared libraries from ``csrc/``: ``python -m comm.kernels.build``.
+"""Build the kernel shared libraries from ``csrc/``: ``python -m distrain.comm.kernels.build``.
 
 Kept out of ``pip install`` on purpose: installing never needs a compiler, and a missing library
 only means the PyTorch reference runs instead. The CPU library needs g++ with OpenMP; the CUDA
@@ -156,7 +156,7 @@ def build_cuda(out_dir: Path | None = None, force: bool = False, verbose: bool =
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m comm.kernels.build", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m distrain.comm.kernels.build", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=None, help="output folder (default: %(default)s → "
                    "$DISTRAIN_KERNELS_DIR or build/kernels)")
     p.add_argument("--cuda", choices=("auto", "yes", "no"), default="auto",

@@ -5,14 +5,14 @@ dispatch on the device of their tensor arguments. The ``CPU`` and ``CUDA`` imple
 the ctypes libraries; when those are unavailable (not built, stale, ``DISTRAIN_KERNELS=reference``)
 and for every other device (CompositeExplicitAutograd) they run the *reference* that the codec
 registered with ``register_reference``: this module takes tensors and geometry and never imports
-a codec, so the specification stays in ``comm.codecs`` and is handed down, not reached up for.
+a codec, so the specification stays in ``distrain.comm.codecs`` and is handed down, not reached up for.
 Registered with the low-level ``torch.library.Library`` API rather than ``custom_op``: the
 latter's Python wrapper layers cost ~0.3 ms per call, more than the whole kernel on a small
 tensor. Fake (meta) implementations let the ops appear in traced graphs.
 
 Encode outputs are CPU tensors: the payload goes to the wire anyway, and reading the result back
 is where the CUDA kernels' data errors are checked. The kernels check buffer sizes, dtypes and
-devices themselves, so calling the ops directly (without ``comm.kernels``) cannot make the
+devices themselves, so calling the ops directly (without ``distrain.comm.kernels``) cannot make the
 libraries read or write out of bounds.
 
 Outputs of encode: ``indices`` (uint8, packed), ``values`` (uint8 packed 2-bit codes, or fp16/fp32
@@ -27,9 +27,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from comm.errors import IndexRangeError
-from comm.kernels import _lib
-from comm.kernels.geometry import ChunkLayout, chunk_layout, index_nbytes, packed_nbytes
+from distrain.comm.errors import IndexRangeError
+from distrain.comm.kernels import _lib
+from distrain.comm.kernels.geometry import ChunkLayout, chunk_layout, index_nbytes, packed_nbytes
 
 
 class KernelError(RuntimeError):
@@ -51,7 +51,7 @@ def _reference(op: str) -> Callable[..., object]:
     fn = _REFERENCES.get(op)
     if fn is None:
         raise KernelError(f"distrain::{op}: no kernel library loaded and no reference registered "
-                          "(importing comm.codecs registers it)")
+                          "(importing distrain.comm.codecs registers it)")
     return fn
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from comm.codecs import EncodedTensor
-from comm.ray_transport import RayTransport
+from distrain.comm.codecs import EncodedTensor
+from distrain.comm.ray_transport import RayTransport
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +72,13 @@ class FaultyTransport(RayTransport):
         super().__init__(*args, **kwargs)
         self._stale_round, self._hold_round, self._hold_s = stale_round, hold_round, hold_s
         self._last: bytes | None = None
-        self._current = 0
-
-    def begin_round(self, round_idx: int) -> None:
-        super().begin_round(round_idx)
-        self._current = round_idx
 
     def all_gather_bytes(self, group: str, payload: bytes) -> list[bytes | None]:
-        if self._current == self._hold_round:
-            log.warning("fault injection: worker %d holds in round %d until it is killed", self.rank, self._current)
+        current = self.mailbox.round
+        if current == self._hold_round:
+            log.warning("fault injection: worker %d holds in round %d until it is killed", self.rank, current)
             time.sleep(self._hold_s)
-        send = self._last if self._current == self._stale_round and self._last is not None else payload
+        send = self._last if current == self._stale_round and self._last is not None else payload
         self._last = payload
         return super().all_gather_bytes(group, send)
 

@@ -15,107 +15,20 @@ in the driver.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import time
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from distrain.config import Config
-from distrain.layout import Layout
 from distrain.runtime.common import newest_common_step, wanted_resume_step
+from distrain.runtime.pool import LoopState, WorkerPool
 from distrain.runtime.records import RoundLogger, RunSummary, crossed, round_record
-from distrain.worker import RoundReport, nominal_steps
+from distrain.worker.build import nominal_steps
+from distrain.worker.worker import RoundReport
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoopState:
-    """What a resumed run continues from (saved beside every rank's checkpoint)."""
-
-    round: int = 0
-    step: int = 0  # inner steps of a replica at full speed
-    tokens: int = 0
-    bytes_sent: int = 0
-    busy_s: float = 0.0  # real seconds of inner steps (mean over replicas)
-    elapsed_s: float = 0.0  # real seconds of the round loop, earlier attempts included
-    first_val: float = float("nan")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-class WorkerPool(ABC):
-    """How the RoundLoop reaches its workers in one launch mode."""
-
-    layout: Layout
-    mode: str  # simulation | torchrun | ray
-    clock_name = "wall"  # what the records' sim_time_s is: "sim" (virtual clock) or "wall"
-
-    @property
-    def is_coordinator(self) -> bool:
-        """This process logs the run (the driver, or rank 0 under torchrun)."""
-        return True
-
-    @property
-    def restarted(self) -> bool:
-        """The job was restarted under it (torchrun's elastic agent): resume whatever the config says."""
-        return False
-
-    @abstractmethod
-    def checkpoint_steps(self) -> list[list[int]]:
-        """Checkpoint steps of every rank, newest first (not yet verified)."""
-
-    @abstractmethod
-    def load(self, step: int) -> dict[str, Any] | None:
-        """Every rank loads its checkpoint of ``step``; the saved loop state, or None if any rank cannot."""
-
-    @abstractmethod
-    def initial_sync(self) -> None:
-        """A fresh run: every segment's owners agree on the initial weights."""
-
-    @abstractmethod
-    def run_round(self, round_idx: int, max_steps: int) -> list[RoundReport]:
-        """Run ``round_idx`` on the live workers; the reports of those that completed it."""
-
-    @abstractmethod
-    def finish(self) -> None:
-        """Apply updates still in flight (the last round)."""
-
-    @abstractmethod
-    def evaluate(self) -> float:
-        """Validation loss of the global weights (on the evaluation replica)."""
-
-    @abstractmethod
-    def save(self, step: int, loop: dict[str, Any]) -> None:
-        """Every live rank checkpoints its worker, with the loop state beside it."""
-
-    def catch_up(self, round_idx: int) -> list[dict[str, Any]]:
-        """Workers that fell behind rejoin at ``round_idx`` (events to log)."""
-        return []
-
-    def publish_global(self, round_idx: int) -> None:
-        """The global weights at the start of ``round_idx`` go where a restarted worker finds them."""
-
-    def events(self) -> list[dict[str, Any]]:
-        """Membership events since the last call (dropped, rejoined, rejected frames)."""
-        return []
-
-    def clock(self, state: LoopState) -> tuple[float, float]:
-        """(clock seconds, compute utilisation) for the records: the loop's wall-clock by default."""
-        return state.elapsed_s, min(1.0, state.busy_s / max(1e-9, state.elapsed_s))
-
-    def summary_extra(self) -> dict[str, Any]:
-        return {}
-
-    def record_extra(self) -> dict[str, Any]:
-        """Mode-specific figures for the round's record (simulation: the pipelines' waits)."""
-        return {}
 
 
 def n_rounds(cfg: Config) -> int:
@@ -188,7 +101,7 @@ class RoundLoop:
                                 **pool.summary_extra()})
                     logger.say(f"resumed from step {self.resumed_from} (round {s.round} of {self.total})")
             elif s.round == 0:
-                s.first_val = pool.evaluate()
+                s.first_val = pool.evaluate(s.round)
                 if logger is not None:
                     logger.initial_val(s.first_val)
             pool.publish_global(s.round)
@@ -198,11 +111,11 @@ class RoundLoop:
                 t0 = time.perf_counter()
                 reports = pool.run_round(s.round, cfg.train.steps - s.step)
                 if s.round + 1 == self.total:
-                    pool.finish()
+                    pool.finish(s.round)
                 pool.publish_global(s.round + 1)
                 steps = min(self.h, cfg.train.steps - s.step)
                 self._account(reports, time.perf_counter() - t0)
-                events += pool.events()
+                events += pool.events(round_idx)
                 clock_s, util = pool.clock(s)
                 rec = round_record(s.round, s.step, reports, self.layout, s.tokens, s.bytes_sent, clock_s, util,
                                    time.perf_counter() - t0)
@@ -213,7 +126,7 @@ class RoundLoop:
                         logger.log({"kind": "event", "step": s.step, **e})
                     logger.train(rec)
                 if s.round == self.total or crossed(s.step, steps, cfg.train.eval_every):
-                    val = pool.evaluate()
+                    val = pool.evaluate(s.round)
                     if logger is not None:
                         logger.val(rec, val)
                 if logger is not None:

@@ -12,7 +12,7 @@ import numpy as np
 from distrain.config import Config
 from distrain.layout import Layout
 from distrain.metrics import MetricsLogger, Progress, human_bytes
-from distrain.worker import RoundReport
+from distrain.worker.worker import RoundReport
 
 
 @dataclass
@@ -132,12 +132,6 @@ class RoundLogger:
         self.dense.append(rec.get("dense_bytes", 0.0))
         self.records.append(rec)
         self.metrics.log(rec, step=rec["step"])
-
-    def eval_due(self, rec: dict[str, Any], steps: int) -> bool:
-        return rec["round"] == self.total_rounds or crossed(rec["step"], steps, self.cfg.train.eval_every)
-
-    def checkpoint_due(self, rec: dict[str, Any], steps: int) -> bool:
-        return rec["round"] == self.total_rounds or crossed(rec["step"], steps, self.cfg.checkpoint.every)
 
     def val(self, rec: dict[str, Any], val_loss: float) -> None:
         self.val_loss = val_loss

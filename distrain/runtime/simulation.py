@@ -3,7 +3,7 @@
 ``distrain train`` is the one-replica case (no outer round); ``distrain simulate`` runs any
 topology through the very same ``Worker.run_round`` and ``RoundLoop`` the multi-process modes use.
 The network model turns bytes into simulated seconds on each worker's own link; multi-device
-replicas get real gloo process groups between their threads (``comm.device_groups``), so DDP runs
+replicas get real gloo process groups between their threads (``distrain.comm.device_groups``), so DDP runs
 here exactly as it does under torchrun.
 """
 
@@ -16,9 +16,9 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from comm.device_groups import InProcessGroupHub
-from comm.network import NetworkModel
-from comm.simulated import SimulatedHub
+from distrain.comm.device_groups import InProcessGroupHub
+from distrain.comm.network import NetworkModel
+from distrain.comm.simulated import SimulatedHub
 from distrain.checkpoint import CheckpointError
 from distrain.config import Config, ConfigError, save_config
 from distrain.layout import Layout
@@ -32,9 +32,11 @@ from distrain.runtime.common import (
     validation_batches,
 )
 from distrain.runtime.faults import Fault, HostileCodec
-from distrain.runtime.loop import LoopState, RoundLoop, WorkerPool
+from distrain.runtime.loop import RoundLoop
+from distrain.runtime.pool import LoopState, WorkerPool
 from distrain.runtime.records import RunSummary
-from distrain.worker import RoundReport, Worker, build_worker
+from distrain.worker.build import build_worker
+from distrain.worker.worker import RoundReport, Worker
 
 T = TypeVar("T")
 
@@ -111,15 +113,13 @@ class SimulationPool(WorkerPool):
     def run_round(self, round_idx: int, max_steps: int) -> list[RoundReport]:
         for f in self.faults:
             if f.round == round_idx:  # from this round on, its frames are valid, finite and huge
-                for sync in self.workers[f.rank].syncs.values():
-                    if hasattr(sync, "exchange"):
-                        sync.exchange.encoder = HostileCodec(sync.exchange.codec, f.delay or 1e30)
+                self.workers[f.rank].inject(lambda codec, f=f: HostileCodec(codec, f.delay or 1e30))
         return self._on_all(lambda w: w.run_round(round_idx, max_steps), self.workers)
 
-    def finish(self) -> None:
+    def finish(self, round_idx: int) -> None:
         self._on_all(lambda w: w.finish(), self.workers)
 
-    def evaluate(self) -> float:
+    def evaluate(self, round_idx: int) -> float:
         ranks = self.layout.eval_ranks()
         losses = self._on_all(lambda r: self.workers[r].evaluate(self.val_batches), ranks)
         return losses[-1]  # the full replica's leader, or the pipeline's last stage
@@ -177,17 +177,6 @@ class Simulation:
     @property
     def run_dir(self) -> Path:
         return self.pool.run_dir
-
-    def record_extra(self) -> dict[str, Any]:
-        """The pipeline workers' share of simulated time spent waiting at boundaries (the bubble
-        and the transfers of activations and their gradients)."""
-        ranks = [w.rank for w in self.layout.workers if self.layout.replicas[w.replica].kind == "pipeline"]
-        if not ranks:
-            return {}
-        stats = [self.hub.stats(r) for r in ranks]
-        clock = sum(st.clock_s for st in stats)
-        return {"pipeline_wait_share": sum(st.transfer_wait_s for st in stats) / clock if clock > 0 else 0.0,
-                "boundary_bytes_total": sum(st.p2p_bytes_sent for st in stats)}
 
     def clock_s(self) -> float:
         return self.pool.clock_s()

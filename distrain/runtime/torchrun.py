@@ -22,9 +22,9 @@ from typing import Any
 import msgpack
 import torch
 
-from comm.device_groups import ProcessDeviceGroups
-from comm.torch_transport import TorchTransport
-from comm.transport import WORLD
+from distrain.comm.device_groups import ProcessDeviceGroups
+from distrain.comm.torch_transport import TorchTransport
+from distrain.comm.transport import WORLD
 from distrain.checkpoint import CheckpointError
 from distrain.config import Config, save_config
 from distrain.layout import Layout
@@ -37,10 +37,13 @@ from distrain.runtime.common import (
     validation_batches,
 )
 from distrain.runtime.faults import Fault
-from distrain.runtime.loop import RoundLoop, WorkerPool
-from distrain.stage import EMBEDDING
+from distrain.runtime.loop import RoundLoop
+from distrain.runtime.pool import WorkerPool
 from distrain.runtime.records import RunSummary
-from distrain.worker import RoundReport, build_worker, decode_params, encode_params
+from distrain.worker.build import build_worker
+from distrain.worker.frames import decode_params, encode_params
+from distrain.worker.stage import EMBEDDING
+from distrain.worker.worker import RoundReport
 
 log = logging.getLogger("distrain.torchrun")
 
@@ -146,10 +149,10 @@ class TorchrunPool(WorkerPool):
         self.transport.flush()
         return [RoundReport.from_dict(d) for d in self._gather(report.to_dict())]
 
-    def finish(self) -> None:
+    def finish(self, round_idx: int) -> None:
         self.worker.finish()
 
-    def evaluate(self) -> float:
+    def evaluate(self, round_idx: int) -> float:
         loss = self.worker.evaluate(self.val_batches) if self.rank in self.eval_ranks else None
         src = self.eval_ranks[-1]  # the full replica's leader, or the pipeline's last stage
         got = self.transport.broadcast_bytes(WORLD, struct.pack("<d", loss) if self.rank == src else None, src=src)

@@ -1,0 +1,134 @@
+"""DeepSpeed ZeRO-1/2 as the inner schedule of a multi-device full replica (optional dependency).
+
+DeepSpeed is imported only when a replica asks for it (``parallel = "deepspeed"``); it needs one
+process per device with ``torch.distributed`` initialised, so it runs under torchrun and Ray, not
+in the in-process simulation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distrain.config import TrainConfig
+from distrain.inner.devices import ReplicaDevices
+from distrain.inner.schedule import Batch, InnerSchedule, StepOutcome
+from distrain.model import cross_entropy
+
+
+class _ReplicaMPU:
+    """The "model-parallel unit" DeepSpeed asks for its groups: data-parallel = this replica,
+    model-parallel = this process alone, so ZeRO shards optimiser state inside the replica only."""
+
+    def __init__(self, devices: ReplicaDevices):
+        self.d = devices
+
+    def get_data_parallel_group(self):
+        return self.d.group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.d.position
+
+    def get_data_parallel_world_size(self) -> int:
+        return len(self.d.ranks)
+
+    def get_model_parallel_group(self):
+        return self.d.solo
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return 0
+
+
+class DeepSpeedSchedule(InnerSchedule):
+    """Inner steps under a DeepSpeed ZeRO-1/2 engine.
+
+    The same AdamW groups and schedule as every schedule (passed to DeepSpeed as client optimiser
+    and scheduler: ``self.optimizer`` stays the torch AdamW, the engine's wrapper is ``self.zero``);
+    clipping and accumulation are DeepSpeed's. Its checkpoint state holds the model, schedule and
+    step; the ZeRO-partitioned AdamW moments are not in it (a resumed DeepSpeed replica restarts
+    them at zero).
+    """
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, next_batch: Callable[[], Batch], device: torch.device,
+                 devices: ReplicaDevices, zero_stage: int, seed: int = 0, **clocked: Any):
+        if device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        try:
+            import deepspeed
+        except ImportError as e:
+            raise ImportError("parallel = 'deepspeed' needs DeepSpeed: pip install 'distrain[deepspeed]'") from e
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
+        super().__init__(model, cfg, device, seed=seed, **clocked)
+        self.next_batch = next_batch
+        ds_config = {
+            "train_micro_batch_size_per_gpu": cfg.batch_size,
+            "gradient_accumulation_steps": cfg.grad_accum,
+            "gradient_clipping": cfg.grad_clip,
+            "zero_optimization": {"stage": zero_stage},
+            "steps_per_print": 1 << 30,
+        }
+        self.engine, self.zero, _, _ = deepspeed.initialize(
+            model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_config,
+            mpu=_ReplicaMPU(devices), dist_init_required=False)
+        self.devices, self.zero_stage = devices, zero_stage
+
+    def _step(self) -> StepOutcome:
+        self.engine.train()
+        total, tokens = 0.0, 0
+        for _ in range(self.cfg.grad_accum):
+            x, y = self.next_batch()
+            x, y = x.to(self.device), y.to(self.device)
+            loss = cross_entropy(self.engine(x), y)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.item()
+            tokens += y.numel()
+        loss_avg = total / self.cfg.grad_accum
+        self._check_finite(loss_avg)
+        norm = self.engine.get_global_grad_norm()
+        return StepOutcome(loss_avg, tokens, float(norm) if norm is not None else 0.0)
+
+    def refresh(self) -> None:
+        """The outer step changed the weights on the leader: every device takes them, then ZeRO's
+        fp32 partitions are rebuilt from the module."""
+        self.devices.broadcast_from_leader(self.model)
+        self.zero.refresh_fp32_params()
+
+    def seek(self, step: int) -> None:
+        super().seek(step)
+        self.engine.lr_scheduler = self.scheduler
+
+    def zero_partition_numel(self) -> int:
+        """fp32 master weights this process holds: about 1/N of the model under ZeRO over N processes."""
+        return int(sum(t.numel() for t in self.zero.single_partition_of_fp32_groups))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step,
+                "generator": self.generator.get_state(),
+                "zero": {"stage": self.zero_stage, "partition_numel": self.zero_partition_numel()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        self.step = int(state["step"])
+        self.generator.set_state(state["generator"])
+        self.zero.refresh_fp32_params()

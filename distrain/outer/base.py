@@ -1,0 +1,96 @@
+"""The outer optimiser's seam: one segment's parameters meeting the same parameters in other replicas.
+
+An outer optimiser never touches the model. Each round the worker hands it the replica's local
+weights in the ordinary parameterisation (``sync_round``) and loads what comes back; it reports
+what it actually loaded (``started``, through a compressed stage's constraint), from which the next
+pseudo-gradient is measured. Other modules see the global weights only through ``global_state``
+and move them only through ``reset_to``; what the last round kept (``contributions``) and fault
+injection (``wrap_encoder``) are declared hooks, not fields to reach into.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from distrain.comm.codecs import Codec, EncodedTensor
+
+Weights = dict[str, torch.Tensor]
+# One round's usable contributions: (member rank, its encoded tensors by name)
+Contributions = list[tuple[int, dict[str, EncodedTensor]]]
+
+
+@dataclass
+class RoundStats:
+    round: int
+    wire_bytes: int  # bytes this worker put on the wire this round (frames, headers included)
+    dense_bytes: int  # what the same tensors would take as dense fp32
+    contributors: int  # frames that entered the aggregate
+    rejected: int
+    reasons: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # real time spent in encode + exchange + decode + step
+    segment: int = 0
+
+
+def owned_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters by name, tied ones once (the outer round's unit of ownership)."""
+    out, seen = {}, set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p
+    return out
+
+
+def check_names(params: Weights, own: list[str]) -> None:
+    if set(params) != set(own):
+        raise ValueError(f"global weights name {sorted(set(params) ^ set(own))} differently from the model")
+
+
+class OuterOptimizer:
+    """An outer optimiser over one segment's parameters (by name); this base synchronises nothing
+    (``outer.algorithm = "none"``: one replica)."""
+
+    grad_sync: Callable[[list[torch.Tensor]], None] | None = None  # per-step gradient hook (a method of DDPOuter)
+    moves_in_rounds = False  # exchanges pseudo-gradients and keeps global weights (DiLoCo, SparseLoCo)
+
+    def __init__(self, initial: Weights):
+        self.names = list(initial)
+        self.shapes = {n: tuple(t.shape) for n, t in initial.items()}
+
+    def sync_round(self, round_idx: int, local: Weights) -> tuple[RoundStats | None, Weights | None]:
+        """The outer round of ``round_idx``: statistics, and the weights to start the next round
+        from (None: keep training on)."""
+        return None, None
+
+    def started(self, actual: Weights | None) -> None:
+        """The replica starts the next round from ``actual`` (None: exactly the returned target)."""
+
+    def global_state(self) -> Weights:
+        raise NotImplementedError(f"{type(self).__name__} keeps no global weights")
+
+    def reset_to(self, params: Weights) -> Weights:
+        """New global weights (initial agreement, catch-up); returns what to load."""
+        check_names(params, self.names)
+        return params
+
+    def flush(self) -> Weights | None:
+        """Apply anything still in flight (delayed mode); returns what to load, if anything."""
+        return None
+
+    def contributions(self) -> Contributions:
+        """The contributions the last round aggregated (a compressed pipeline relays the embedding's)."""
+        return []
+
+    def wrap_encoder(self, wrap: Callable[[Codec], Codec]) -> bool:
+        """Fault injection: encode this worker's own frames with ``wrap(codec)``; False if it sends none."""
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,339 @@
+"""A Ray job: one actor per worker, a Coordinator actor, and the RoundLoop in the driver.
+
+The driver (``python -m distrain.launch.ray``, usually started by ``ray job submit``) prepares the data,
+starts the Coordinator on its own node and one ``WorkerHost`` actor per worker of the layout, in
+placement groups built from the topology's per-worker resources: a multi-device full replica's
+bundles are STRICT_PACKed into a placement group of their own (its devices need a fast
+interconnect and join one torch.distributed world), every other worker shares one placement group
+with ``runtime.placement_strategy``. Each round it asks the live workers to run
+``Worker.run_round`` — the same code as simulation and torchrun, over ``RayTransport`` — and waits.
+
+The unit of failure is a replica. A worker whose actor dies (or whom the Coordinator drops at the
+deadline) takes its replica out of the round: all its workers are marked absent in every segment
+group, so the other replicas' round completes (if they make the quorum); the replica's other
+actors are restarted too (their pipeline partners or device world are gone). Before the next
+round every worker of the replica is set up again and loads the current global weights of the
+segments it holds from the Coordinator, its step, schedule and data position moved to where a
+worker that never failed would be; then the replica rejoins.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from distrain.comm.errors import CommError
+from distrain.comm.ray_transport import QuorumError
+from distrain.config import Config, save_config, to_toml
+from distrain.layout import Layout
+from distrain.runtime.common import prepare_data, setup_run_dir
+from distrain.runtime.faults import Fault
+from distrain.runtime.ray.coordinator import CoordinatorActor
+from distrain.runtime.loop import RoundLoop
+from distrain.runtime.pool import WorkerPool
+from distrain.runtime.records import RunSummary
+from distrain.runtime.ray.host import WorkerHost
+from distrain.worker.worker import RoundReport
+
+log = logging.getLogger(__name__)
+
+ACTOR_THREADS = 4  # a worker takes peers' deliveries while its round runs
+
+
+def _is_worker_failure(exc: BaseException) -> bool:
+    """Failures the job survives: the actor died, or the transport dropped/timed out the worker."""
+    import ray
+
+    return isinstance(exc, (ray.exceptions.RayActorError, CommError)) and not isinstance(exc, QuorumError)
+
+
+class RayPool(WorkerPool):
+    """The driver's view of the job: the Coordinator, the placement groups and the worker actors."""
+
+    mode = "ray"
+
+    def __init__(self, cfg: Config, faults: list[Fault] | None = None):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        if not cfg.algorithm.rounds:
+            raise ValueError("the Ray runtime runs diloco or sparseloco (rounds of H inner steps)")
+        if not Path(cfg.run.out_dir).is_absolute():
+            log.warning("run.out_dir=%r is relative to the job's working directory; give an absolute path "
+                        "to find the run after the job", cfg.run.out_dir)
+        self.cfg, self.faults = cfg, list(faults or [])
+        self.layout = lay = Layout.from_config(cfg)
+        self.run_dir = setup_run_dir(cfg).resolve()
+        self.data = prepare_data(cfg, progress=cfg.logging.progress)
+        save_config(cfg, self.run_dir / "config.toml")
+        here = ray.get_runtime_context().get_node_id()
+        self.coordinator = ray.remote(CoordinatorActor).options(
+            num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+        ).remote(lay.world_size, lay.byte_groups(), cfg.topology.quorum, cfg.topology.round_timeout_s)
+        self.pgs, placement = self._placement_groups()
+        text = to_toml(cfg.to_dict())
+        host = ray.remote(WorkerHost)
+        self.actors = [
+            host.options(max_concurrency=ACTOR_THREADS, max_restarts=cfg.runtime.max_restarts, max_task_retries=0,
+                         **placement[r]).remote(text, r, self.coordinator, self._worker_faults(r))
+            for r in range(lay.world_size)
+        ]
+        self.active: set[int] = set()
+        self.behind: set[int] = set(range(lay.world_size))
+        self._events: list[dict[str, Any]] = []
+        self._setup(sorted(self.behind))  # every worker built; the clock starts after this
+        self.active, self.behind = set(range(lay.world_size)), set()
+
+    # ----- placement and set-up ------------------------------------------------------------------
+    def _placement_groups(self) -> tuple[list[Any], list[dict[str, Any]]]:
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        lay, cfg = self.layout, self.cfg
+        together = [r for rep in lay.replicas if rep.kind == "full" and rep.devices > 1 for r in lay.ranks(rep.index)]
+        plans = [(f"replica{rep.index}", lay.ranks(rep.index), "STRICT_PACK")
+                 for rep in lay.replicas if rep.kind == "full" and rep.devices > 1]
+        rest = [r for r in range(lay.world_size) if r not in together]
+        if rest:
+            plans.append(("workers", rest, cfg.runtime.placement_strategy))
+        pgs, placement = [], [dict() for _ in range(lay.world_size)]
+        for name, ranks, strategy in plans:
+            bundles = [lay.ray_bundle(r) for r in ranks]
+            pg = placement_group(bundles, strategy=strategy, name=f"distrain-{cfg.run.name}-{name}")
+            try:
+                ray.get(pg.ready(), timeout=max(60.0, cfg.topology.round_timeout_s))
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(f"the cluster cannot place the bundles {bundles} of {name} (strategy {strategy}); "
+                                   f"available: {ray.available_resources()}") from None
+            pgs.append(pg)
+            for i, r in enumerate(ranks):
+                b = lay.ray_bundle(r)
+                placement[r] = dict(num_cpus=b["CPU"], num_gpus=b.get("GPU", 0), memory=b.get("memory"),
+                                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i))
+        return pgs, placement
+
+    def _worker_faults(self, rank: int) -> tuple[str, ...]:
+        """The worker-side part of the faults aimed at ``rank`` (see ``FaultyTransport``)."""
+        return tuple(f"{f.kind}:rank={f.rank},round={f.round}" for f in self.faults
+                     if f.rank == rank and f.kind in ("stale", "kill"))
+
+    def _peers(self, rank: int) -> dict[int, Any]:
+        """A pipeline stage talks point to point with the other stages of its replica."""
+        replica = self.layout.replica_of(rank)
+        if self.layout.replicas[replica].kind != "pipeline":
+            return {}
+        return {r: self.actors[r] for r in self.layout.ranks(replica) if r != rank}
+
+    def _setup(self, ranks: list[int]) -> dict[int, int]:
+        """Build the workers of ``ranks`` (whole replicas), waiting for restarting actors; rank → pid."""
+        import ray
+
+        deadline = time.monotonic() + min(180.0, 2 * self.cfg.topology.round_timeout_s)
+        while True:  # a restarting actor answers "unavailable" until its constructor has run
+            try:
+                ray.get([self.actors[r].info.remote() for r in ranks], timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+        addresses: dict[int, str | None] = {r: None for r in ranks}
+        for rep in self.layout.replicas:
+            ranks_of = self.layout.ranks(rep.index)
+            if rep.kind == "full" and rep.devices > 1 and ranks_of[0] in addresses:
+                addr = ray.get(self.actors[ranks_of[0]].rendezvous.remote())
+                addresses.update({r: addr for r in ranks_of})
+        refs = {r: self.actors[r].setup.remote(self._peers(r), addresses[r]) for r in ranks}
+        return {r: ray.get(ref) for r, ref in refs.items()}
+
+    # ----- failures --------------------------------------------------------------------------------
+    def _lose(self, rank: int, round_idx: int, why: str) -> None:
+        """``rank`` failed in ``round_idx``: its whole replica leaves the rounds until it has caught up."""
+        import ray
+
+        replica = self.layout.replica_of(rank)
+        log.warning("round %d: worker %d failed (%s): replica %d leaves the round", round_idx, rank, why, replica)
+        for r in self.layout.ranks(replica):
+            if r in self.behind:
+                continue
+            self.active.discard(r)
+            self.behind.add(r)
+            ray.get(self.coordinator.mark_absent.remote(r, round_idx, why.split(":")[0]))
+            if r != rank:  # its partners' pipeline or device world is gone: they restart too
+                ray.kill(self.actors[r], no_restart=False)
+
+    def _call_active(self, round_idx: int, method: str, *args: Any) -> dict[int, Any]:
+        """``method`` on every active worker; one that failed takes its replica out, not the job."""
+        import ray
+
+        refs = {r: getattr(self.actors[r], method).remote(*args) for r in sorted(self.active)}
+        out = {}
+        for r, ref in refs.items():
+            try:
+                out[r] = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - sorted into survivable and fatal
+                if not _is_worker_failure(e):
+                    raise
+                self._lose(r, round_idx, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+        return out
+
+    # ----- WorkerPool --------------------------------------------------------------------------
+    def checkpoint_steps(self) -> list[list[int]]:
+        """The Coordinator's steps: a worker without its own checkpoint there catches up instead."""
+        import ray
+
+        return [ray.get(self.coordinator.steps.remote(str(self.run_dir)))]
+
+    def load(self, step: int) -> dict[str, Any] | None:
+        import ray
+
+        loop = ray.get(self.coordinator.load.remote(str(self.run_dir), step))
+        if loop is None:
+            return None
+        loaded = ray.get([a.load.remote(str(self.run_dir), step) for a in self.actors])
+        for r, ok in enumerate(loaded):
+            if not ok:
+                self._lose(r, int(loop["round"]), "no usable checkpoint at resume")
+        return loop
+
+    def initial_sync(self) -> None:
+        """Nothing to agree on: every actor built its stage from the same seeded initialisation."""
+
+    def publish_global(self, round_idx: int) -> None:
+        """Each segment's global weights of ``round_idx`` from its lowest live owner to the Coordinator
+        (the frames stay in the object store, owned by this driver, so they outlive the workers)."""
+        import ray
+
+        items: dict[str, Any] = {}
+        for g in range(len(self.layout.segments)):
+            for r in [m for m in self.layout.segment_members(g) if m in self.active]:
+                frame_ref, size_ref = self.actors[r].export_global.options(num_returns=2).remote(round_idx, g)
+                try:
+                    ray.get(size_ref)
+                except ray.exceptions.RayActorError as e:
+                    self._lose(r, round_idx, type(e).__name__)
+                    continue
+                items[str(g)] = [frame_ref]
+                break
+            else:
+                raise RuntimeError(f"round {round_idx}: no live worker holds segment {g}'s global weights")
+        ray.get(self.coordinator.set_global.remote(round_idx, items))
+
+    def catch_up(self, round_idx: int) -> list[dict[str, Any]]:
+        """Replicas that fell behind are set up again, load the global weights of ``round_idx``, rejoin."""
+        import ray
+
+        events: list[dict[str, Any]] = []
+        if not self.behind:
+            return events
+        g_round, items = ray.get(self.coordinator.get_global.remote())
+        if g_round != round_idx:
+            raise RuntimeError(f"Coordinator holds the weights of round {g_round}, round {round_idx} is next")
+        for replica in sorted({self.layout.replica_of(r) for r in self.behind}):
+            ranks = self.layout.ranks(replica)
+            try:
+                pids = self._setup(ranks)
+                ray.get([self.actors[r].catch_up.remote(round_idx, items) for r in ranks])
+            except Exception as e:  # noqa: BLE001 - a replica that cannot come back yet stays out
+                if not (_is_worker_failure(e) or isinstance(e, ray.exceptions.GetTimeoutError)):
+                    raise
+                log.warning("replica %d cannot rejoin yet: %s", replica, str(e).splitlines()[0])
+                continue
+            for r in ranks:
+                self.behind.discard(r)
+                self.active.add(r)
+                ray.get(self.coordinator.mark_present.remote(r, round_idx))
+                events.append({"event": "caught_up", "rank": r, "round": round_idx, "pid": pids[r]})
+        return events
+
+    def run_round(self, round_idx: int, max_steps: int) -> list[RoundReport]:
+        import ray
+
+        pending = {self.actors[r].run_round.remote(round_idx, max_steps): r for r in sorted(self.active)}
+        for f in self.faults:
+            if f.kind == "kill" and f.round == round_idx and f.rank in self.active:
+                time.sleep(f.delay)
+                ray.kill(self.actors[f.rank], no_restart=False)
+                self._events.append({"event": "killed", "rank": f.rank, "round": round_idx})
+        deadline = time.monotonic() + 2 * self.cfg.topology.round_timeout_s + 60.0
+        reports: list[RoundReport] = []
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise RuntimeError(f"round {round_idx}: workers {sorted(pending.values())} neither finished nor failed")
+            r = pending.pop(ready[0])
+            try:
+                reports.append(RoundReport.from_dict(ray.get(ready[0])))
+            except Exception as e:  # noqa: BLE001 - sorted into survivable and fatal just below
+                if not _is_worker_failure(e):
+                    raise
+                self._lose(r, round_idx, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+        reports = [rep for rep in reports if rep.rank in self.active]  # a replica that failed left the round
+        if not reports:
+            raise RuntimeError(f"round {round_idx}: no worker finished it")
+        return sorted(reports, key=lambda rep: rep.rank)
+
+    def finish(self, round_idx: int) -> None:
+        self._call_active(round_idx, "finish")
+
+    def evaluate(self, round_idx: int) -> float:
+        """Validation loss on the evaluation replica (a full replica's leader, or every stage of a
+        pipeline), or on the next live replica that can give it."""
+        import ray
+
+        first = self.layout.eval_replica
+        order = [first] + [r.index for r in self.layout.replicas if r.index != first]
+        for replica in order:
+            ranks = self.layout.eval_ranks(replica)
+            if not all(r in self.active for r in ranks):
+                continue
+            refs = [self.actors[r].evaluate.remote() for r in ranks]
+            try:
+                return ray.get(refs)[-1]  # the leader, or the pipeline's last stage
+            except Exception as e:  # noqa: BLE001 - sorted into survivable and fatal
+                if not _is_worker_failure(e):
+                    raise
+                self._lose(ranks[0], round_idx, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+        raise RuntimeError("no live replica to evaluate on")
+
+    def save(self, step: int, loop: dict[str, Any]) -> None:
+        import ray
+
+        meta = {"round": loop["round"], "step": step, "tokens": loop["tokens"], "config_hash": self.cfg.hash()}
+        ray.get(self.coordinator.end_round.remote(loop["round"], None, loop))
+        self._call_active(loop["round"], "save", str(self.run_dir), step, loop, meta)
+        ray.get(self.coordinator.save.remote(str(self.run_dir), step, self.cfg.checkpoint.keep))
+
+    def events(self, round_idx: int) -> list[dict[str, Any]]:
+        import ray
+
+        ray.get(self.coordinator.end_round.remote(round_idx + 1))
+        out, self._events = self._events + ray.get(self.coordinator.take_events.remote()), []
+        return out
+
+    def summary_extra(self) -> dict[str, Any]:
+        return {"workers": len(self.actors)}
+
+    def close(self) -> None:
+        """Stop the actors and release the placement groups (the cluster itself keeps running)."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        ray.kill(self.coordinator, no_restart=True)
+        for pg in self.pgs:
+            remove_placement_group(pg)
+
+
+def run_ray_job(cfg: Config, faults: list[Fault] | None = None) -> RunSummary:
+    pool = RayPool(cfg, faults)
+    try:
+        summary = RoundLoop(cfg, pool, pool.run_dir).run()
+    finally:
+        pool.close()
+    assert summary is not None  # the driver is the coordinator
+    return summary

@@ -1,0 +1,171 @@
+"""How a compressed pipeline replica shares a round with unconstrained replicas.
+
+Every stage of a compressed pipeline rebuilds boundaries with the same ``T_fix``, recomputed from
+the global embedding each round (``T_fix = E − E·U·Uᵀ``) so that the compressed replica's embedding
+equals the global one. The first stage owns the embedding's segment; the later stages follow the
+global embedding through an ``EmbeddingShadow``: the first stage relays the round's aggregated
+embedding contributions (``EmbeddingRelay``, a few KB of SparseLoCo codes), and every stage applies
+the same outer step (``distrain.outer.step.OuterStep``) to its copy. The alternatives measured
+against that reconciliation: ``project_global`` and the span-split aggregation (``SpanSplit``).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Callable
+
+import torch
+
+from distrain.comm.codecs import Codec
+from distrain.comm.transport import Transport
+from distrain.comm.wire import FrameLimits, FrameMeta, decode_frame, encode_frame
+from distrain.config import Config
+from distrain.layout import Layout, WorkerSlot
+from distrain.outer.base import Weights
+from distrain.outer.build import outer_step_from_config
+from distrain.parallel.pipeline.subspace import make_basis
+from distrain.topology import ReplicaSpec
+from distrain.worker.stage import EMBEDDING
+
+_COUNT = struct.Struct("<I")
+
+
+def needs_embedding_shadow(cfg: Config, rep: ReplicaSpec, slot: WorkerSlot) -> bool:
+    """A later stage of a compressed pipeline, in a run whose global weights move in rounds."""
+    return rep.compressed and slot.stage > 0 and cfg.algorithm.rounds
+
+
+def project_global(cfg: Config, rep: ReplicaSpec, device: torch.device) -> Callable[[Weights], None]:
+    """``compress_sync = "project_global"``: W ← U·UᵀW for the constrained matrices (attention-out
+    and MLP-down of every layer before the compressed pipeline's last boundary), node0-style."""
+    u = make_basis(cfg.model.dim, rep.compress_k, rep.compress_seed, device=device)
+    last = rep.bounds[-2]
+    names = tuple(f"layers.{i}.{m}" for i in range(last) for m in ("attention.wo.weight", "feed_forward.w2.weight"))
+
+    @torch.no_grad()
+    def apply(weights: Weights) -> None:
+        for n in names:
+            if n in weights:
+                w = weights[n]
+                w.copy_(u.to(w) @ (u.T.to(w) @ w))
+
+    return apply
+
+
+def constrained_names(rep: ReplicaSpec) -> dict[str, str]:
+    """What a compressed pipeline constrains, by ordinary name: attention-out and MLP-down before
+    its last boundary (columns in span(U): "left") and the embedding (rows: "right")."""
+    names = {f"layers.{i}.{m}": "left" for i in range(rep.bounds[-2])
+             for m in ("attention.wo.weight", "feed_forward.w2.weight")}
+    return {**names, EMBEDDING: "right"}
+
+
+class SpanSplit:
+    """``compress_sync = "split"``: for a constrained matrix, the aggregate's in-subspace part is
+    everyone's mean and its out-of-subspace part the unconstrained replicas' mean only — a
+    compressed replica cannot move W outside span(U), so its sparsified contribution there is noise
+    and its absence of an update there is not a vote for zero."""
+
+    def __init__(self, codec: Codec, u: torch.Tensor, compressed: set[int], sides: dict[str, str]):
+        self.codec, self.u, self.compressed, self.sides = codec, u, set(compressed), sides
+
+    def __call__(self, name: str, kept: list[tuple[int, Any]], shape: tuple[int, ...],
+                 device: torch.device) -> torch.Tensor:
+        agg = self.codec.decode_aggregate([et for _, et in kept], shape, device=device)
+        side = self.sides.get(name)
+        free = [et for m, et in kept if m not in self.compressed]
+        if side is None or not free or len(free) == len(kept):
+            return agg
+        out = self.codec.decode_aggregate(free, shape, device=device)
+        u = self.u.to(device=device, dtype=agg.dtype)
+        diff = agg - out
+        return out + (u @ (u.T @ diff) if side == "left" else (diff @ u) @ u.T)
+
+
+def span_split(cfg: Config, layout: Layout, codec: Codec, device: torch.device) -> SpanSplit | None:
+    """The run's span-split aggregation, when ``compress_sync = "split"`` and a pipeline is compressed."""
+    reps = [r for r in layout.replicas if r.compressed]
+    if cfg.topology.compress_sync != "split" or not reps:
+        return None
+    u = make_basis(cfg.model.dim, reps[0].compress_k, reps[0].compress_seed, device=device)
+    members = {w.rank for w in layout.workers if layout.replicas[w.replica].compressed}
+    return SpanSplit(codec, u, members, constrained_names(reps[0]))
+
+
+class EmbeddingShadow:
+    """A later compressed stage's copy of the global embedding, stepped like the first stage's."""
+
+    def __init__(self, cfg: Config, initial: torch.Tensor, codec: Codec, combine: SpanSplit | None = None):
+        self.combine = combine
+        self.codec = codec
+        self.step = outer_step_from_config(cfg)
+        self.weight = {EMBEDDING: initial.detach().float().clone()}
+
+    @property
+    def embedding(self) -> torch.Tensor:
+        return self.weight[EMBEDDING]
+
+    def aggregate(self, kept: list[tuple[int, Any]], device: torch.device) -> Weights | None:
+        """The embedding's aggregate from the relayed contributions, as the first stage computed it."""
+        if not kept:
+            return None
+        shape = tuple(self.embedding.shape)
+        if self.combine is not None:
+            return {EMBEDDING: self.combine(EMBEDDING, kept, shape, device)}
+        return {EMBEDDING: self.codec.decode_aggregate([et for _, et in kept], shape, device=device)}
+
+    def receive(self, kept: list[tuple[int, Any]], round_idx: int) -> None:
+        """The relayed contributions of ``round_idx``: aggregated and stepped as the first stage did."""
+        self.step.take(self.weight, self.aggregate(kept, self.embedding.device), round_idx)
+
+    def flush(self) -> None:
+        self.step.flush(self.weight)
+
+    def reset_to(self, embedding: torch.Tensor) -> None:
+        self.weight = {EMBEDDING: embedding.detach().float().clone().to(self.embedding.device)}
+        self.step.pending = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weight": self.weight, **self.step.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weight = {k: v.float().clone() for k, v in state["weight"].items()}
+        self.step.load_state_dict(state)
+
+
+class EmbeddingRelay:
+    """The round's aggregated embedding contributions from a compressed pipeline's first stage
+    to its later stages: the contributing members, then one validated wire frame per contribution."""
+
+    def __init__(self, transport: Transport, codec: Codec, shape: tuple[int, ...], run_id: str, rank: int,
+                 max_parts: int):
+        self.transport, self.codec, self.shape = transport, codec, tuple(shape)
+        self.run_id, self.rank, self.max_parts = run_id, rank, max_parts
+
+    def send(self, dsts: list[int], kept: list[tuple[int, Any]], round_idx: int) -> int:
+        frames = [encode_frame(FrameMeta.for_codec(self.run_id, round_idx, self.rank, self.codec), {EMBEDDING: et})
+                  for _, et in kept]
+        head = _COUNT.pack(len(kept)) + struct.pack(f"<{len(kept)}I", *(m for m, _ in kept))
+        sent = 0
+        for dst in dsts:
+            self.transport.send_bytes(dst, head)
+            for f in frames:
+                self.transport.send_bytes(dst, f)
+            sent += len(head) + sum(len(f) for f in frames)
+        return sent
+
+    def receive(self, src: int, round_idx: int) -> list[tuple[int, Any]]:
+        """The contributing (member, encoded embedding) pairs the first stage aggregated."""
+        head = self.transport.recv_bytes(src)
+        (n,) = _COUNT.unpack_from(head) if len(head) >= _COUNT.size else (-1,)
+        if not 0 <= n <= self.max_parts or len(head) != _COUNT.size + 4 * n:
+            raise ValueError(f"embedding relay from rank {src}: a header of {len(head)} bytes for {n} contributions "
+                             f"(at most {self.max_parts})")
+        members = struct.unpack_from(f"<{n}I", head, _COUNT.size)
+        shapes = {EMBEDDING: self.shape}
+        kept = []
+        for m in members:
+            _, tensors = decode_frame(self.transport.recv_bytes(src), shapes, self.run_id, round_idx,
+                                      FrameLimits(), codec=self.codec, worker=src)
+            kept.append((int(m), tensors[EMBEDDING]))
+        return kept

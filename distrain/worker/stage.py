@@ -1,0 +1,91 @@
+"""What a worker holds: its stage of the model, seen in the ordinary parameterisation.
+
+A full replica's device and an uncompressed pipeline stage hold ordinary parameters
+(``ExactView``). A compressed pipeline stage holds ``Z`` (``W = U·Z``) for attention-out and
+MLP-down, and ``E_k`` beside a frozen token table ``T_fix`` for the embedding
+(``distrain.parallel.pipeline.subspace``); its ``SubspaceView`` materialises the ordinary weights
+for the outer round (pseudo-gradients are exchanged in the ordinary parameterisation, so compressed
+and uncompressed replicas share one round) and maps the global weights back onto the constraint.
+How such a replica meets the others in a round: ``distrain.worker.compressed``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distrain.config import Config
+from distrain.layout import Layout, WorkerSlot
+from distrain.model import build_model, initial_tensor
+from distrain.outer.base import Weights, owned_parameters
+from distrain.parallel.pipeline.subspace import Subspace, compress_stage, make_basis, split_embedding
+from distrain.topology import ReplicaSpec
+
+EMBEDDING = "tok_embeddings.weight"
+
+
+class ExactView:
+    """The model's own parameters are the ordinary ones."""
+
+    exact = True
+
+    def __init__(self, model: nn.Module):
+        self.params = owned_parameters(model)
+
+    def read(self) -> Weights:
+        return {n: p.detach().float() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def write(self, values: Weights, embedding: torch.Tensor | None = None) -> None:
+        for n, p in self.params.items():
+            p.copy_(values[n].to(p.device, p.dtype))
+
+
+class SubspaceView:
+    """A compressed stage: ordinary weights materialised (``U·Z``), written back onto the constraint."""
+
+    exact = False
+
+    def __init__(self, sub: Subspace):
+        self.sub = sub
+
+    def read(self) -> Weights:
+        return {n: t.float() for n, t in self.sub.ordinary_parameters().items()}
+
+    def write(self, values: Weights, embedding: torch.Tensor | None = None) -> None:
+        self.sub.load_ordinary(values, embedding=embedding)
+
+
+@dataclass
+class BuiltStage:
+    model: nn.Module
+    view: ExactView | SubspaceView
+    initial: Weights  # the unconstrained initial weights: what every replica's global weights start from
+    sub: Subspace | None = None
+
+
+def build_stage(cfg: Config, slot: WorkerSlot, rep: ReplicaSpec, device: torch.device) -> BuiltStage:
+    """The layers ``slot`` holds, seeded by name; constrained when its pipeline is compressed."""
+    model = build_model(cfg.model, *slot.layers, seed=cfg.run.seed).to(device)
+    initial = {n: p.detach().float().clone() for n, p in owned_parameters(model).items()}
+    if not rep.compressed:
+        return BuiltStage(model, ExactView(model), initial)
+    u = make_basis(cfg.model.dim, rep.compress_k, rep.compress_seed, device=device)
+    table = None
+    if not model.is_first:  # T_fix from the (seeded) initial embedding, as the first stage computes it
+        e0 = initial_tensor(cfg.model, EMBEDDING, (cfg.model.vocab_size, cfg.model.dim), cfg.run.seed).to(device)
+        table = split_embedding(e0, u)[1]
+    sub = compress_stage(model, u, token_table=table, method=rep.compress_method)
+    return BuiltStage(model, SubspaceView(sub), initial, sub)
+
+
+def segment_shapes(cfg: Config, layout: Layout, g: int) -> dict[str, tuple[int, ...]]:
+    """Every parameter shape of segment ``g`` (a catch-up frame's schema), without allocating it."""
+    a, b = layout.segments[g]
+    with torch.device("meta"):
+        model = build_model(cfg.model, a, b)
+    return {n: tuple(p.shape) for n, p in owned_parameters(model).items()}
+
+
