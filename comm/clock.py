@@ -17,9 +17,12 @@ from typing import Any, Protocol
 
 
 class ComputeClock(Protocol):
-    """What a worker needs of a clock: charge the seconds its compute took (simulated), and read it."""
+    """What a worker needs of a clock: charge the seconds its compute took (simulated), let time pass
+    without work (a slowed worker), and read it."""
 
     def advance(self, seconds: float) -> None: ...
+
+    def stall(self, seconds: float) -> None: ...
 
     def now(self) -> float: ...
 
@@ -110,6 +113,10 @@ class RankClock:
     def advance(self, seconds: float) -> None:
         self.clock.advance_compute(self.rank, seconds)
 
+    def stall(self, seconds: float) -> None:
+        """A slowed worker's extra time: booked as compute (it is busy, only slower)."""
+        self.clock.advance_compute(self.rank, seconds)
+
     def now(self) -> float:
         return self.clock.now(self.rank)
 
@@ -119,6 +126,10 @@ class WallClock:
 
     def advance(self, seconds: float) -> None:
         pass
+
+    def stall(self, seconds: float) -> None:
+        """A slowed worker's extra time really passes."""
+        time.sleep(seconds)
 
     def now(self) -> float:
         return time.perf_counter()

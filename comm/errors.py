@@ -106,3 +106,9 @@ class CollectiveMismatchError(CommError):
 
 class CollectiveTimeoutError(CommError):
     """Not every live member arrived at a collective within the timeout."""
+
+
+class RoundLateError(CommError):
+    """This worker reached a collective after its grace had passed: the round completed without it.
+
+    It is alive and keeps its state; it sits this round out and rejoins from the global weights."""

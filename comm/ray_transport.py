@@ -4,10 +4,11 @@ Each collective of a round is keyed ``(group, round, seq)`` (``seq`` counts this
 collectives since ``begin_round``), so a worker that restarts and rejoins lands on the same keys as
 everyone else. A member ``ray.put``s its payload and hands the *reference* (wrapped in a list, so
 Ray passes it on unresolved) to the Coordinator, then polls until the Coordinator declares the
-collective complete — every live member arrived, or the deadline passed with a quorum — and
-fetches the other members' payloads from the object store. Members the Coordinator dropped come
-back as ``None``; a member whose own contribution came too late gets ``RoundDroppedError`` and
-must catch up before the next round.
+collective complete — every live member arrived, or the grace passed — and fetches the other
+members' payloads from the object store. Members that did not come back as ``None``; a member
+whose own contribution came after the grace gets ``RoundLateError`` (it is alive: it sits the
+round out and rejoins with its state), one the Coordinator dropped as failed ``RoundDroppedError``
+(it must be rebuilt and catch up).
 
 Payloads are ``bytes`` and stay bytes: anything else fetched from the store is refused, and the
 bytes are validated by ``distrain.comm.wire`` by the caller. (Ray's own control messages inside the cluster
@@ -31,7 +32,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from distrain.comm.errors import CollectiveTimeoutError, CommError, NotAMemberError, UnknownGroupError
+from distrain.comm.errors import CollectiveTimeoutError, CommError, NotAMemberError, RoundLateError, UnknownGroupError
 from distrain.comm.transport import WORLD, Transport
 
 
@@ -189,6 +190,8 @@ class RayTransport(Transport):
             status, value = ray.get(self._coord.poll.remote(group, self.mailbox.round, seq, self._rank))
             if status == "done":
                 return value
+            if status == "late":
+                raise RoundLateError(f"rank {self._rank} late for {group!r} round {self.mailbox.round}: {value}")
             if status == "dropped":
                 raise RoundDroppedError(f"rank {self._rank} dropped from {group!r} round {self.mailbox.round}: {value}")
             if status == "quorum":

@@ -20,6 +20,8 @@ contribution by its norm relative to the round's contributions before ``codec.de
   SparseLoCo ``centroids``, or its ``values`` for quantizer ``none``; the dense ``values``, bf16
   re-rounded from its u2 bit patterns). Received buffers are never written to.
 
+Norms are compared per inner step when the contributions carry their step counts (replicas that
+ran different step counts in a round): a replica that did more work is never clipped for it.
 Decisions depend only on the received contributions, never on who computes them, so every replica
 keeps and clips exactly the same set and the replicas stay in sync. ``robust_aggregate_inputs``
 ties it together; ``check_sender`` verifies that a frame's header names the transport member it
@@ -224,10 +226,13 @@ def check_sender(meta: FrameMeta, member: int) -> None:
 
 
 def robust_aggregate_inputs(codec: Codec, contributions: Sequence[tuple[Member, Contribution]],
-                            policy: RobustPolicy | None = None) -> RobustOutcome:
+                            policy: RobustPolicy | None = None,
+                            steps: Mapping[Member, int] | None = None) -> RobustOutcome:
     """Judge the round's decoded contributions; the kept ones (clipped where needed) go to
-    ``codec.decode_aggregate``. Never raises for finite input; a member listed twice keeps only
-    its first contribution. An empty ``kept`` means "no usable contribution": skip the step."""
+    ``codec.decode_aggregate``. ``steps``: each member's inner steps in the round — norms are then
+    compared per step (the absolute bound still applies to the whole norm). Never raises for finite
+    input; a member listed twice keeps only its first contribution. An empty ``kept`` means "no
+    usable contribution": skip the step."""
     seen: set[Member] = set()
     unique: list[tuple[Member, Contribution]] = []
     duplicates: list[str] = []
@@ -237,8 +242,14 @@ def robust_aggregate_inputs(codec: Codec, contributions: Sequence[tuple[Member, 
             continue
         seen.add(member)
         unique.append((member, tensors))
+    policy = policy or RobustPolicy()
     norms = [(m, contribution_norm(codec, t)) for m, t in unique]
-    decisions, ref = decide(norms, policy)
+    per_step = [(m, n / max(1, steps.get(m, 1)) if steps and math.isfinite(n) else n) for m, n in norms]
+    decisions, ref = decide(per_step, policy)
+    for i, ((member, norm), d) in enumerate(zip(norms, decisions)):
+        if d.action != "reject" and norm > policy.max_norm:
+            decisions[i] = Decision(member, norm, "reject", 0.0, f"member {member}: norm {norm:.3g} exceeds the "
+                                                                 f"absolute bound {policy.max_norm:.3g}")
     outcome = RobustOutcome(kept=[], rejected=duplicates, decisions=decisions, reference=ref)
     for (member, tensors), d in zip(unique, decisions):
         if d.action == "reject":

@@ -56,14 +56,16 @@ from distrain.comm.errors import (
 )
 
 MAGIC = b"DTRN"
-VERSION = 1
+VERSION = 2  # 2: the header carries the sender's work in the round (inner steps, tokens)
 FLAG_ZSTD = 0x01
 KNOWN_FLAGS = FLAG_ZSTD
 PREFIX = struct.Struct("<4sBBHIQI")
 PREFIX_SIZE = PREFIX.size  # 24
 _CRC_OFFSET = PREFIX_SIZE - 4
 
-_TOP_KEYS = {"run", "round", "worker", "codec", "params", "raw", "tensors"}
+_TOP_KEYS = {"run", "round", "worker", "codec", "params", "work", "raw", "tensors"}
+MAX_STEPS = 1 << 31  # inner steps one replica may claim for one round
+MAX_TOKENS = 1 << 53  # tokens likewise (exact in a float64)
 _TENSOR_KEYS = {"name", "shape", "meta", "buffers"}
 
 
@@ -88,17 +90,22 @@ class FrameLimits:
 
 @dataclass(frozen=True)
 class FrameMeta:
-    """Who sent a frame, for which run and round, with which codec."""
+    """Who sent a frame, for which run and round, with which codec, after how much work: the inner
+    steps and tokens behind a pseudo-gradient, which a merge of unequal contributions weighs."""
 
     run_id: str
     round: int
     worker: int
     codec: str
     params: dict[str, MetaValue] = field(default_factory=dict)
+    steps: int = 0
+    tokens: int = 0
 
     @classmethod
-    def for_codec(cls, run_id: str, round: int, worker: int, codec: Codec) -> "FrameMeta":
-        return cls(run_id=run_id, round=round, worker=worker, codec=codec.kind, params=codec.params())
+    def for_codec(cls, run_id: str, round: int, worker: int, codec: Codec, steps: int = 0,
+                  tokens: int = 0) -> "FrameMeta":
+        return cls(run_id=run_id, round=round, worker=worker, codec=codec.kind, params=codec.params(), steps=steps,
+                   tokens=tokens)
 
 
 def encode_frame(
@@ -126,6 +133,7 @@ def encode_frame(
             "worker": int(meta.worker),
             "codec": meta.codec,
             "params": dict(meta.params),
+            "work": [int(meta.steps), int(meta.tokens)],
             "raw": offset,
             "tensors": entries,
         },
@@ -298,6 +306,10 @@ def _check_envelope(
     if not isinstance(header["codec"], str):
         raise SchemaError("codec must be a str")
     params = _check_scalars("params", header["params"])
+    work = header["work"]
+    if not (isinstance(work, list) and len(work) == 2 and all(_is_int(w) for w in work)
+            and 0 <= work[0] <= MAX_STEPS and 0 <= work[1] <= MAX_TOKENS):
+        raise SchemaError(f"work must be [steps, tokens], non-negative ints within [{MAX_STEPS}, {MAX_TOKENS}]")
     if codec is not None:
         if (header["codec"], params) != (codec.kind, codec.params()):
             raise CodecMismatchError(
@@ -309,7 +321,8 @@ def _check_envelope(
             local = make_codec(header["codec"], **params)
         except ValueError as exc:
             raise CodecMismatchError(f"frame codec is unusable: {exc}") from None
-    meta = FrameMeta(run_id=header["run"], round=header["round"], worker=header["worker"], codec=local.kind, params=local.params())
+    meta = FrameMeta(run_id=header["run"], round=header["round"], worker=header["worker"], codec=local.kind,
+                     params=local.params(), steps=work[0], tokens=work[1])
     return meta, local
 
 

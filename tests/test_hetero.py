@@ -14,6 +14,12 @@ COMMON = ["--outer.algorithm=sparseloco", "--train.steps=9", "--outer.inner_step
           "--runtime.torch_threads=1"]
 
 
+
+def planned(sim: Simulation, round_idx: int):
+    """The loop's step plan for ``round_idx`` (every replica here runs at the same speed: H steps each)."""
+    h = sim.loop.h
+    return sim.loop.planner.plan(round_idx, float(round_idx * h), [])
+
 def weights(worker) -> dict[str, torch.Tensor]:
     return worker.global_state()
 
@@ -48,7 +54,7 @@ def test_mixed_topology_keeps_the_constraint_and_the_full_replicas_on_the_global
     pool = sim.pool
     full, stage0, stage1 = pool.workers[0], pool.workers[2], pool.workers[3]
     for r in range(3):
-        pool.run_round(r, cfg.train.steps)
+        pool.run_round(r, planned(sim, r))
         glob = {**weights(stage0), **weights(stage1)}
         assert weights(full).keys() == glob.keys()
         assert all(torch.equal(weights(full)[k], v) for k, v in glob.items())  # one set of global weights
@@ -77,7 +83,7 @@ def test_boundary_bytes_are_2k_per_token_and_direction_plus_framing(tiny_config)
     cfg = tiny_config(*COMMON, "--train.steps=3", f"--topology.replica=[{{}}, {{kind='pipeline', stages=2, "
                       f"microbatches={mb}, compress={{k={k}}}}}]", "--run.name=bytes")
     sim = Simulation(cfg)
-    reports = sim.pool.run_round(0, 3)
+    reports = sim.pool.run_round(0, planned(sim, 0))
     rep = next(r for r in reports if r.rank == 1)  # the first stage: sends forward, receives backward
     positions = 3 * 4 * 32
     assert rep.extra["positions"] == positions
@@ -100,7 +106,7 @@ def test_project_global_puts_every_replica_on_the_subspace(tiny_config):
     cfg = tiny_config(*COMMON, "--topology.replica=[{}, {kind='pipeline', stages=2, compress={k=8}}]",
                       "--topology.compress_sync=project_global", "--run.name=projglobal")
     sim = Simulation(cfg)
-    sim.pool.run_round(0, cfg.train.steps)
+    sim.pool.run_round(0, planned(sim, 0))
     u = make_basis(64, 8, 1337)
     glob = weights(sim.pool.workers[0])
     w = glob["layers.0.attention.wo.weight"]

@@ -420,16 +420,20 @@ def test_a_stage_on_another_step_is_rejected_not_trained_on():
 
 
 def test_norm_records_are_validated():
-    rec = pp._STAT.pack
+    def rec(stage, sq, loss, vote=0):
+        return pp._STAT.pack(stage, sq, loss, vote)
+
     with pytest.raises(CommError, match="missing"):
         pp._parse_stats([rec(0, 1.0, float("nan")), None], 2)
     with pytest.raises(CommError, match="bad clip-norm record"):
         pp._parse_stats([rec(0, 1.0, 0.0), rec(0, 1.0, 0.0)], 2)
     with pytest.raises(CommError, match="bad clip-norm record"):
         pp._parse_stats([rec(0, float("nan"), 0.0), rec(1, 1.0, 0.0)], 2)
+    with pytest.raises(CommError, match="bad clip-norm record"):
+        pp._parse_stats([rec(0, 1.0, 0.0), rec(1, 1.0, 0.0, vote=7)], 2)  # a vote is 0 or 1
     with pytest.raises(CommError, match="bytes"):
         pp._parse_stats([b"x", rec(1, 1.0, 0.0)], 2)
-    assert pp._parse_stats([rec(1, 2.0, 3.0), rec(0, 1.0, float("nan"))], 2)[1] == (2.0, 3.0)
+    assert pp._parse_stats([rec(1, 2.0, 3.0, 1), rec(0, 1.0, float("nan"))], 2)[1] == (2.0, 3.0, True)
 
 
 def test_bad_placement_is_an_error():

@@ -26,7 +26,7 @@ from distrain.comm.robust import (
     robust_aggregate_inputs,
     scale_contribution,
 )
-from distrain.comm.wire import PREFIX_SIZE, FrameLimits, FrameMeta, decode_frame, encode_frame
+from distrain.comm.wire import PREFIX_SIZE, VERSION, FrameLimits, FrameMeta, decode_frame, encode_frame
 
 SHAPES = {"layers.0.w": (96, 64), "layers.0.norm": (64,), "head": (67, 100)}
 CODECS = [
@@ -283,7 +283,7 @@ def test_scale_contribution_zeroes_unused_centroids():
 
 # ----- header bombs (bounded before msgpack builds anything big) ------------------------------------
 def forge(header: bytes, payload: bytes = b"") -> bytes:
-    head = struct.pack("<4sBBHIQ", b"DTRN", 1, 1, 0, len(header), len(payload))
+    head = struct.pack("<4sBBHIQ", b"DTRN", VERSION, 1, 0, len(header), len(payload))
     return head + struct.pack("<I", zlib.crc32(head + header + payload)) + header + payload
 
 

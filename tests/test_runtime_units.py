@@ -33,7 +33,8 @@ class Clock:
 
 def coord(quorum=1.0, world=3, timeout=10.0):
     clock = Clock()
-    return Coordinator(world, {"replicas": list(range(world))}, quorum, timeout, clock=clock), clock
+    groups = {"replicas": list(range(world)), "inside": list(range(world))}
+    return Coordinator(world, groups, quorum, timeout, clock=clock, timeout_s=2 * timeout, graced=["replicas"]), clock
 
 
 # ----- Coordinator -----------------------------------------------------------------------------
@@ -46,31 +47,56 @@ def test_collective_completes_when_every_live_member_arrived():
     assert c.poll("replicas", 0, 0, 0) == ("done", [["ref0"], ["ref1"], ["ref2"]])
 
 
-def test_deadline_drops_the_missing_worker_when_the_quorum_is_met():
-    c, clock = coord(quorum=0.6)
+def test_a_slow_worker_misses_the_grace_sits_the_round_out_and_never_ends_the_job():
+    """With quorum 1.0 a slow worker still cannot fail the round: it is late (alive), not dead."""
+    c, clock = coord(quorum=1.0)
     c.contribute("replicas", 4, 0, "all_gather", None, 0, ["a"])
     c.contribute("replicas", 4, 0, "all_gather", None, 2, ["c"])
     clock.t = 9.9
     assert c.poll("replicas", 4, 0, 0)[0] == "wait"
     clock.t = 10.0
     assert c.poll("replicas", 4, 0, 0) == ("done", [["a"], None, ["c"]])
-    assert c.live_ranks() == [0, 2]
-    assert c.take_events() == [{"event": "dropped", "rank": 1, "round": 4, "why": "missed the deadline"}]
-    # the late worker learns it was dropped and must catch up; the next collective does not wait for it
+    assert c.live_ranks() == [0, 2] and c.late_ranks() == [1]
+    assert c.take_events() == [{"event": "late", "rank": 1, "round": 4, "why": "missed the 10 s grace"}]
+    # the late worker learns it is late (it keeps its state); the next collective does not wait for it
     c.contribute("replicas", 4, 0, "all_gather", None, 1, ["b"])
-    assert c.poll("replicas", 4, 0, 1)[0] == "dropped"
+    assert c.poll("replicas", 4, 0, 1)[0] == "late"
+    c.contribute("replicas", 4, 1, "all_gather", None, 1, ["b2"])  # a later collective of the round: late at once
     c.contribute("replicas", 4, 1, "all_gather", None, 0, ["a2"])
     c.contribute("replicas", 4, 1, "all_gather", None, 2, ["c2"])
     assert c.poll("replicas", 4, 1, 2) == ("done", [["a2"], None, ["c2"]])
+    assert c.poll("replicas", 4, 1, 1)[0] == "late"
+    # the driver brings it back with the global weights: it takes part again, with its state
+    c.mark_present(1, 5)
+    assert c.take_events() == [{"event": "rejoined", "rank": 1, "round": 5, "kept_state": True}]
+    for r in range(3):
+        c.contribute("replicas", 5, 0, "all_gather", None, r, [r])
+    assert c.poll("replicas", 5, 0, 1) == ("done", [[0], [1], [2]])
+
+
+def test_outside_the_exchange_a_missing_worker_is_dropped_at_the_deadline():
+    """A pipeline's per-step records are lock-step: who misses the (longer) deadline there failed."""
+    c, clock = coord(quorum=0.6)
+    c.contribute("inside", 4, 0, "all_gather", None, 0, ["a"])
+    c.contribute("inside", 4, 0, "all_gather", None, 2, ["c"])
+    clock.t = 10.0
+    assert c.poll("inside", 4, 0, 0)[0] == "wait"  # the grace does not apply here
+    clock.t = 20.0
+    assert c.poll("inside", 4, 0, 0) == ("done", [["a"], None, ["c"]])
+    assert c.live_ranks() == [0, 2] and c.late_ranks() == []
+    assert c.take_events() == [{"event": "dropped", "rank": 1, "round": 4, "why": "missed the 20 s deadline"}]
+    c.contribute("inside", 4, 0, "all_gather", None, 1, ["b"])
+    assert c.poll("inside", 4, 0, 1)[0] == "dropped"
 
 
 def test_below_quorum_the_collective_fails_for_everyone():
+    """Only dead members count against the quorum."""
     c, clock = coord(quorum=1.0)
     c.contribute("replicas", 0, 0, "all_gather", None, 0, ["a"])
     c.contribute("replicas", 0, 0, "all_gather", None, 1, ["b"])
-    clock.t = 11
+    c.mark_absent(2, 0, "ActorDiedError")
     status, reason = c.poll("replicas", 0, 0, 0)
-    assert status == "quorum" and "quorum is 3" in reason and "missing [2]" in reason
+    assert status == "quorum" and "quorum is 3" in reason
 
 
 def test_marking_a_dead_worker_absent_completes_at_once_and_it_rejoins_later():
@@ -79,6 +105,8 @@ def test_marking_a_dead_worker_absent_completes_at_once_and_it_rejoins_later():
     c.contribute("replicas", 1, 0, "all_gather", None, 2, ["c"])
     c.mark_absent(1, 1, "ActorDiedError")
     assert c.poll("replicas", 1, 0, 2) == ("done", [["a"], None, ["c"]])
+    c.contribute("replicas", 1, 0, "all_gather", None, 1, ["b"])  # its restarted actor's stale call
+    assert c.poll("replicas", 1, 0, 1)[0] == "dropped"
     c.mark_present(1, 2)
     c.end_round(2)
     for r in range(3):
@@ -167,18 +195,18 @@ def test_catch_up_puts_weights_schedule_and_data_where_a_never_failed_replica_is
     hub = SimulatedHub(2, layout.byte_groups())
     w = build_worker(cfg, layout, 1, data, hub.transport(1))
     new = {n: t + 1.0 for n, t in w.global_state().items()}
-    w.catch_up(new, rounds_done=4)  # 4 rounds of 3 steps
+    w.catch_up(new, steps_done=12)  # its replica ran 4 rounds of 3 steps
     assert w.schedule.step == 12
-    assert w.schedule.optimizer.param_groups[0]["lr"] == pytest.approx(cfg.train.lr * lr_multiplier(12, cfg.train))
-    assert w.schedule.scheduler.get_last_lr()[0] == pytest.approx(cfg.train.lr * lr_multiplier(12, cfg.train))
     assert all(torch.equal(w.global_state()[n], new[n]) for n in new)
     assert all(torch.equal(p.detach(), new[n]) for n, p in w.model.named_parameters())
     fresh = TokenSampler(tokens, cfg.data.seq_len, cfg.train.batch_size, rank=1, world_size=2, seed=cfg.run.seed)
     for _ in range(12):
         fresh.next_batch()
     assert torch.equal(w.sampler.next_batch()[0], fresh.next_batch()[0])
-    res = w.schedule.train_step()  # and it trains on from there
+    res = w.schedule.train_step()  # and it trains on from there (by default at its own step's learning rate)
     assert res.lr == pytest.approx(cfg.train.lr * lr_multiplier(12, cfg.train)) and w.schedule.step == 13
+    res = w.schedule.train_step(progress=20.5)  # in a round, at the run's global progress
+    assert res.lr == pytest.approx(cfg.train.lr * lr_multiplier(20.5, cfg.train)) and w.schedule.step == 14
 
 
 # ----- torch.distributed transport on 3 gloo ranks ---------------------------------------------

@@ -82,21 +82,30 @@ def test_simulated_clock_is_compute_plus_bytes_over_bandwidth(tiny_config):
 
 
 def test_straggler_policies(tiny_config):
+    from distrain.metrics import read_metrics
+    from distrain.optim import lr_multiplier
+
     common = ["--outer.algorithm=sparseloco", "--topology.replica=[{speed=1.0}, {speed=0.5}]",
               "--train.steps=8", "--outer.inner_steps=4", "--network.step_time_s=1.0", "--network.latency_ms=0.0",
               "--network.up_mbps=1000.0", "--network.down_mbps=1000.0"]
-    wait = Simulation(tiny_config(*common, "--topology.straggler_policy=wait", "--run.name=wait"))
-    wait.run()
-    fewer = Simulation(tiny_config(*common, "--topology.straggler_policy=fewer_steps", "--run.name=fewer"))
-    fewer.run()
-    assert [w.steps_per_round for w in wait.workers] == [4, 4]
-    assert [w.steps_per_round for w in fewer.workers] == [4, 2]
-    # waiting: the fast replica idles half of each round; fewer steps: both finish together
-    assert wait.utilisation() == pytest.approx(0.75, abs=0.01)
-    assert fewer.utilisation() == pytest.approx(1.0, abs=0.01)
-    assert fewer.clock_s() < wait.clock_s()
-    # the slow replica's schedule is compressed to its own step count
-    assert fewer.workers[1].schedule.cfg.steps == 4
+    runs = {}
+    for policy in ("wait", "fewer_steps", "window"):
+        runs[policy] = Simulation(tiny_config(*common, f"--topology.straggler_policy={policy}", f"--run.name={policy}"))
+        runs[policy].run()
+    counts = {p: [r["replica_steps"] for r in read_metrics(sim.run_dir) if r.get("kind") == "train"]
+              for p, sim in runs.items()}
+    assert counts == {"wait": [[4, 4], [4, 4]], "fewer_steps": [[4, 2], [4, 2]], "window": [[4, 2], [4, 2]]}
+    # waiting: the fast replica idles half of each round; fewer steps or a window: both finish together
+    assert runs["wait"].utilisation() == pytest.approx(0.75, abs=0.01)
+    assert runs["fewer_steps"].utilisation() == pytest.approx(1.0, abs=0.01)
+    assert runs["window"].utilisation() == pytest.approx(1.0, abs=0.01)
+    assert runs["window"].clock_s() < runs["wait"].clock_s()
+    # both replicas follow the run's progress: the slow one's last step (its 2nd of the last round)
+    # sits at progress 4 + 1 x 4/2 = 6, the fast one's (its 4th) at 7
+    cfg = runs["window"].cfg
+    fast, slow = (w.schedule.optimizer.param_groups[0]["lr"] for w in runs["window"].workers)
+    assert slow == pytest.approx(cfg.train.lr * lr_multiplier(6.0, cfg.train), rel=1e-12)
+    assert fast == pytest.approx(cfg.train.lr * lr_multiplier(7.0, cfg.train), rel=1e-12)
 
 
 def test_replicas_end_rounds_on_identical_weights(tiny_config):

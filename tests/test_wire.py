@@ -33,7 +33,7 @@ from distrain.comm.errors import (
     UnknownTensorError,
     UnsupportedVersionError,
 )
-from distrain.comm.wire import PREFIX_SIZE, FrameLimits, FrameMeta, decode_frame, encode_frame
+from distrain.comm.wire import PREFIX_SIZE, VERSION, FrameLimits, FrameMeta, decode_frame, encode_frame
 
 SHAPES = {"layers.0.w": (96, 64), "layers.0.norm": (64,), "head": (67, 100)}
 
@@ -54,7 +54,7 @@ def decode(frame: bytes, codec=None, round: int = 5, limits=None, expected=SHAPE
     return decode_frame(frame, expected, "run-a", round, limits, codec=codec)
 
 
-def forge(header: object | bytes, payload: bytes, flags: int = 1, version: int = 1, magic: bytes = b"DTRN") -> bytes:
+def forge(header: object | bytes, payload: bytes, flags: int = 1, version: int = VERSION, magic: bytes = b"DTRN") -> bytes:
     """A frame with a valid crc around arbitrary header/payload (the documented prefix layout)."""
     hb = header if isinstance(header, bytes) else msgpack.packb(header, use_bin_type=True)
     head = struct.pack("<4sBBHIQ", magic, version, flags, 0, len(hb), len(payload))
@@ -158,7 +158,7 @@ def test_oversized_lengths_are_rejected_before_reading():
     with pytest.raises(OversizedFrameError, match="payload"):
         decode(frame, limits=FrameLimits(max_payload_bytes=16))
     # A 24-byte prefix that claims a 1 TB payload: rejected by the cap, never "waited for".
-    claim = struct.pack("<4sBBHIQI", b"DTRN", 1, 1, 0, 10, 1 << 40, 0)
+    claim = struct.pack("<4sBBHIQI", b"DTRN", VERSION, 1, 0, 10, 1 << 40, 0)
     with pytest.raises(OversizedFrameError):
         decode(claim)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from distrain.comm.codecs.base import BufferSpec, Codec, CodecState, EncodedTensor
+from distrain.comm.codecs.base import BufferSpec, Codec, CodecState, EncodedTensor, Merge
 from distrain.comm.codecs.dense import DenseCodec
 from distrain.comm.codecs.sparseloco import SparseLoCoCodec, sparseloco_encode_
 
@@ -28,6 +28,7 @@ __all__ = [
     "CodecState",
     "DenseCodec",
     "EncodedTensor",
+    "Merge",
     "SparseLoCoCodec",
     "make_codec",
     "sparseloco_encode_",

@@ -9,6 +9,7 @@ is the caller's choice and the codec object itself stays immutable.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -64,6 +65,27 @@ class BufferSpec:
         return self.count * WIRE_DTYPES[self.dtype].itemsize
 
 
+@dataclass(frozen=True)
+class Merge:
+    """How unequal contributions combine: contribution i's values are multiplied by ``scales[i]`` and
+    weigh ``weights[i]`` in the mean — Σ wᵢ·sᵢ·vᵢ / Σ wᵢ over the contributions that count for a
+    coordinate (all of them, or those that selected it, as the codec's aggregation says)."""
+
+    scales: tuple[float, ...]
+    weights: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.scales) != len(self.weights):
+            raise ValueError(f"{len(self.scales)} scales for {len(self.weights)} weights")
+        if not all(math.isfinite(x) and x > 0 for x in (*self.scales, *self.weights)):
+            raise ValueError("merge scales and weights must be finite and positive")
+
+    @property
+    def plain(self) -> bool:
+        """Every contribution as sent, with weight 1 (the codecs' own aggregation)."""
+        return all(x == 1.0 for x in (*self.scales, *self.weights))
+
+
 class Codec(ABC):
     """Encode per-tensor pseudo-gradients; decode and aggregate all replicas' contributions."""
 
@@ -79,11 +101,13 @@ class Codec(ABC):
 
     @abstractmethod
     def decode_aggregate(self, parts: list[EncodedTensor], shape: tuple[int, ...],
-                         device: torch.device | str | None = None) -> torch.Tensor:
+                         device: torch.device | str | None = None,
+                         merge: Merge | None = None) -> torch.Tensor:
         """Aggregate the replicas' contributions (missing replicas already removed) to fp32.
 
         The result lies on ``device`` (None: CPU), the device of the weights it will update, and
-        is bit-identical whatever the device.
+        is bit-identical whatever the device. ``merge``: per-contribution scales and weights for
+        contributions of unequal work (None: every contribution as sent, weight 1).
         """
 
     @abstractmethod

@@ -15,6 +15,7 @@ from distrain.comm.codecs.base import (
     Codec,
     CodecState,
     EncodedTensor,
+    Merge,
     MetaValue,
     check_layout,
     check_shape,
@@ -81,16 +82,23 @@ class DenseCodec(Codec):
             raise NonFiniteError("dense values contain NaN or Inf")
 
     def decode_aggregate(self, parts: list[EncodedTensor], shape: tuple[int, ...],
-                         device: torch.device | str | None = None) -> torch.Tensor:
-        """Sum in list order and divide by R, on ``device``: fp32 adds are exact IEEE operations
-        everywhere, so the bits do not depend on the device."""
+                         device: torch.device | str | None = None, merge: Merge | None = None) -> torch.Tensor:
+        """Sum in list order and divide by R (by Σ weights under a merge), on ``device``: fp32 adds
+        are exact IEEE operations everywhere, so the bits do not depend on the device."""
         shape = check_shape(shape)
         if not parts:
             raise ValueError("decode_aggregate needs at least one contribution")
+        if merge is not None and len(merge.weights) != len(parts):
+            raise ValueError(f"a merge of {len(merge.weights)} contributions for {len(parts)}")
         dev = torch.device(device if device is not None else "cpu")
         total = torch.zeros(_numel(shape), dtype=torch.float32, device=dev)
-        for part in parts:
+        for i, part in enumerate(parts):
             if part.shape != shape:
                 raise ValueError(f"contribution of shape {part.shape} for a tensor of shape {shape}")
-            total += self._values(part).to(dev)
+            values = self._values(part).to(dev)
+            if merge is not None and not merge.plain:
+                values = values * float(merge.scales[i] * merge.weights[i])
+            total += values
+        if merge is not None and not merge.plain:
+            return (total / float(sum(merge.weights))).reshape(shape)
         return (total / float(len(parts))).reshape(shape)

@@ -38,6 +38,7 @@ from distrain.comm.codecs.base import (
     Codec,
     CodecState,
     EncodedTensor,
+    Merge,
     MetaValue,
     check_layout,
     check_shape,
@@ -191,22 +192,26 @@ def values_of(quantizer: str, buffers: dict[str, np.ndarray], nnz: int) -> torch
 
 
 def aggregate(contributions: list[tuple[torch.Tensor, torch.Tensor]], numel: int, aggregation: str,
-              device: torch.device) -> torch.Tensor:
+              device: torch.device, merge: Merge | None = None) -> torch.Tensor:
     """Scatter (flat index, value) contributions in list order into an fp32 sum on ``device``.
 
     Within one contribution every index appears once, so ``index_add_`` has no colliding adds
-    and the per-coordinate order is the list order on every device.
+    and the per-coordinate order is the list order on every device. Under a ``merge`` each
+    contribution's values are scaled and weighted, and the divisor is the weights' sum (over the
+    selectors, for ``mean_selected``) instead of the count.
     """
+    weighted = merge is not None and not merge.plain
     total = torch.zeros(numel, dtype=torch.float32, device=device)
     count = torch.zeros(numel, dtype=torch.float32, device=device) if aggregation == "mean_selected" else None
-    for gidx, vals in contributions:
+    for i, (gidx, vals) in enumerate(contributions):
         gidx, vals = gidx.to(device), vals.to(device)
-        total.index_add_(0, gidx, vals)
+        weight = float(merge.weights[i]) if weighted else 1.0
+        total.index_add_(0, gidx, vals * float(merge.scales[i] * weight) if weighted else vals)
         if count is not None:
-            count.index_add_(0, gidx, torch.ones_like(vals))
+            count.index_add_(0, gidx, torch.full_like(vals, weight))
     if count is not None:
-        return total / count.clamp(min=1.0)
-    return total / float(len(contributions))
+        return total / (count.clamp(min=1.0) if not weighted else torch.where(count > 0, count, 1.0))
+    return total / (float(sum(merge.weights)) if weighted else float(len(contributions)))
 
 
 class SparseLoCoCodec(Codec):
@@ -327,17 +332,20 @@ class SparseLoCoCodec(Codec):
         return lay.global_index(ids, local), values_of(self.quantizer, et.buffers, lay.nnz)
 
     def decode_aggregate(self, parts: list[EncodedTensor], shape: tuple[int, ...],
-                         device: torch.device | str | None = None) -> torch.Tensor:
+                         device: torch.device | str | None = None, merge: Merge | None = None) -> torch.Tensor:
+        """The kernels aggregate plain contributions; a weighted merge takes the reference path."""
         shape = check_shape(shape)
         if not parts:
             raise ValueError("decode_aggregate needs at least one contribution")
+        if merge is not None and len(merge.weights) != len(parts):
+            raise ValueError(f"a merge of {len(merge.weights)} contributions for {len(parts)}")
         for part in parts:
             if part.shape != shape:
                 raise ValueError(f"contribution of shape {part.shape} for a tensor of shape {shape}")
         dev = torch.device(device if device is not None else "cpu")
-        if kernels.backend(dev) == "reference":
+        if kernels.backend(dev) == "reference" or (merge is not None and not merge.plain):
             out = aggregate([self.decode(p) for p in parts], self.layout(shape).numel,
-                            self.aggregation, dev)
+                            self.aggregation, dev, merge)
             return out.reshape(shape)
         lay = self.layout(shape)
         specs = self.buffer_layout(shape)

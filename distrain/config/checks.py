@@ -104,6 +104,7 @@ def _check_outer(cfg: Config) -> None:
     choice("outer.quantizer", o.quantizer, ("reference", "symmetric", "none"))
     choice("outer.index_coding", o.index_coding, ("gaps", "packed"))
     choice("outer.aggregation", o.aggregation, ("mean_selected", "sum_over_r"))
+    choice("outer.merge", o.merge, ("mean", "steps", "tokens"))
     choice("outer.dense_dtype", o.dense_dtype, ("fp32", "bf16"))
     need(o.inner_steps >= 1, f"outer.inner_steps must be >= 1, got {o.inner_steps}")
     need(o.lr > 0, f"outer.lr must be positive, got {o.lr}")
@@ -138,7 +139,16 @@ def _check_topology(cfg: Config) -> None:
                                    f"{n} replicas; drop topology.replicas or make them agree")
     for i, table in enumerate(t.tables()):
         check_replica(table, i, cfg)
-    choice("topology.straggler_policy", t.straggler_policy, ("wait", "fewer_steps"))
+    choice("topology.straggler_policy", t.straggler_policy, ("window", "fewer_steps", "wait"))
+    choice("topology.step_times", t.step_times, ("measured", "configured"))
+    need(t.window_s >= 0, f"topology.window_s must be >= 0 (0: H x the fastest replica's step time), got {t.window_s}")
+    need(t.grace_s > 0, f"topology.grace_s must be positive, got {t.grace_s}")
+    need(t.grace_s <= t.round_timeout_s, f"topology.grace_s ({t.grace_s}) must not exceed topology.round_timeout_s "
+                                         f"({t.round_timeout_s})")
+    need(not t.step_plan or Path(t.step_plan).is_file(),
+         f"topology.step_plan: {t.step_plan} is not a file (give a run's metrics.jsonl to replay its step counts)")
+    need(not t.step_plan or t.straggler_policy == "window", "topology.step_plan replays a window run: set "
+                                                            "topology.straggler_policy = 'window'")
     choice("topology.compress_sync", t.compress_sync, ("project_start", "split", "project_global"))
     compressed = {(r.compress.k, r.compress.seed, str(r.stages)) for r in t.tables()
                   if r.kind == "pipeline" and r.compress.k}

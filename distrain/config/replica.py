@@ -56,7 +56,15 @@ class ReplicaConfig:
 class TopologyConfig:
     replicas: int = 0  # shorthand: N identical single-device full replicas (0: from the tables, or 1)
     replica: list[ReplicaConfig] = field(default_factory=list)  # [[topology.replica]] tables
-    straggler_policy: str = "wait"  # wait | fewer_steps
+    # How replicas of different speeds share a round (round-based algorithms):
+    # window: a compute window per round; each replica runs as many inner steps as fit, from its own
+    #   step time, so all reach the exchange together; fewer_steps: H × speed / fastest steps from the
+    #   configured speeds; wait: H steps each, the round waits for the slowest.
+    straggler_policy: str = "window"  # window | fewer_steps | wait
+    window_s: float = 0.0  # the compute window (0: H × the fastest replica's step time)
+    step_times: str = "measured"  # window: measured (EMA of each replica's steps) | configured (speeds only)
+    step_plan: str = ""  # window: replay the step counts logged in this metrics.jsonl (reproduce a run)
+    grace_s: float = 30.0  # Ray: how long the exchange waits past the first arrival for a late replica
     quorum: float = 1.0  # fraction of replicas a round needs
     round_timeout_s: float = 600.0
     # How a compressed pipeline replica meets unconstrained replicas in one round:

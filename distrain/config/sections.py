@@ -111,6 +111,10 @@ class OuterConfig:
     quantizer: str = "reference"  # reference | symmetric | none
     index_coding: str = "gaps"  # gaps (entropy-friendly, ~7.6 bits/index after zstd) | packed (12-bit fields)
     aggregation: str = "mean_selected"  # mean_selected | sum_over_r
+    # How contributions of replicas that ran different step counts in a round are merged:
+    # mean (as sent), steps (FedNova: each divided by its steps, the merge rescaled by the mean
+    # count), tokens (weighted by the tokens each trained on).
+    merge: str = "mean"
     dense_dtype: str = "fp32"  # DiLoCo wire dtype: fp32 | bf16
     apply_delay: int = 0  # 1: apply each aggregate one round late (overlap)
     robust_clip: float = 2.0  # clip a contribution above this multiple of the round's low-median norm (0: off)

@@ -28,5 +28,8 @@ class DDPSchedule(SingleSchedule):
                                       device_ids=[device.index] if device.type == "cuda" else None)
         super().__init__(ddp, cfg, next_batch, device, seed=seed, **clocked)
 
+    def _agree(self, vote: bool) -> bool:
+        return self.devices.any(vote)
+
     def refresh(self) -> None:
         self.devices.broadcast_from_leader(self.module)

@@ -59,11 +59,11 @@ class _ReplicaMPU:
 class DeepSpeedSchedule(InnerSchedule):
     """Inner steps under a DeepSpeed ZeRO-1/2 engine.
 
-    The same AdamW groups and schedule as every schedule (passed to DeepSpeed as client optimiser
-    and scheduler: ``self.optimizer`` stays the torch AdamW, the engine's wrapper is ``self.zero``);
-    clipping and accumulation are DeepSpeed's. Its checkpoint state holds the model, schedule and
-    step; the ZeRO-partitioned AdamW moments are not in it (a resumed DeepSpeed replica restarts
-    them at zero).
+    The same AdamW groups as every schedule (passed to DeepSpeed as its client optimiser:
+    ``self.optimizer`` stays the torch AdamW, whose learning rate the base sets before each step;
+    the engine's wrapper is ``self.zero``); clipping and accumulation are DeepSpeed's. Its checkpoint
+    state holds the model and step; the ZeRO-partitioned AdamW moments are not in it (a resumed
+    DeepSpeed replica restarts them at zero).
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, next_batch: Callable[[], Batch], device: torch.device,
@@ -85,7 +85,7 @@ class DeepSpeedSchedule(InnerSchedule):
             "steps_per_print": 1 << 30,
         }
         self.engine, self.zero, _, _ = deepspeed.initialize(
-            model=model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_config,
+            model=model, optimizer=self.optimizer, config=ds_config,
             mpu=_ReplicaMPU(devices), dist_init_required=False)
         self.devices, self.zero_stage = devices, zero_stage
 
@@ -105,30 +105,26 @@ class DeepSpeedSchedule(InnerSchedule):
         norm = self.engine.get_global_grad_norm()
         return StepOutcome(loss_avg, tokens, float(norm) if norm is not None else 0.0)
 
+    def _agree(self, vote: bool) -> bool:
+        return self.devices.any(vote)
+
     def refresh(self) -> None:
         """The outer step changed the weights on the leader: every device takes them, then ZeRO's
         fp32 partitions are rebuilt from the module."""
         self.devices.broadcast_from_leader(self.model)
         self.zero.refresh_fp32_params()
 
-    def seek(self, step: int) -> None:
-        super().seek(step)
-        self.engine.lr_scheduler = self.scheduler
-
     def zero_partition_numel(self) -> int:
         """fp32 master weights this process holds: about 1/N of the model under ZeRO over N processes."""
         return int(sum(t.numel() for t in self.zero.single_partition_of_fp32_groups))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step,
+        return {"model": self.model.state_dict(), "step": self.step,
                 "generator": self.generator.get_state(),
                 "zero": {"stage": self.zero_stage, "partition_numel": self.zero_partition_numel()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
         self.step = int(state["step"])
         self.generator.set_state(state["generator"])
         self.zero.refresh_fp32_params()

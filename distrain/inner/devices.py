@@ -53,3 +53,9 @@ class ReplicaDevices:
         for p in params:
             p.copy_(flat[offset : offset + p.numel()].view_as(p))
             offset += p.numel()
+
+    def any(self, flag: bool) -> bool:
+        """True on every device when any device says so (a vote to stop as a window closes)."""
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item() > 0)

@@ -43,11 +43,14 @@ class PipelineSchedule(InnerSchedule):
         if self.step_time_s:
             part = FORWARD_SHARE if kind == "F" else 1.0 - FORWARD_SHARE
             seconds = self.step_time_s * self.share * part / self.microbatches
-        self._charged += seconds / self.speed
+        self._charged += seconds / self.speed * self.slowdown
         self.clock.advance(seconds / self.speed)
+        if self.slowdown > 1.0:
+            self.clock.stall((self.slowdown - 1.0) * seconds / self.speed)
 
     def _charge(self, seconds: float) -> float:
-        """Compute was charged per micro-batch during the step (so the waits fall between)."""
+        """Compute (and a slowed worker's extra time) was charged per micro-batch during the step,
+        so the waits fall between."""
         charged, self._charged = self._charged, 0.0
         return charged
 
@@ -64,14 +67,13 @@ class PipelineSchedule(InnerSchedule):
                             schedule=self.schedule_name, subspace=self.sub, wire_dtype=self.wire_dtype,
                             grad_clip=self.cfg.grad_clip, chunkwise=cw if cw.mode != "off" else None,
                             chunk_generator=self.generator, autocast_dtype=self.amp_dtype,
-                            on_compute=self._charge_micro)
+                            on_compute=self._charge_micro, stop_vote=self._vote if self.window is not None else None)
         self.optimizer.step()
-        self.scheduler.step()
         if self.sub is not None:
             self.sub.after_step()
         extra = {"boundary_bytes": float(res.bytes_sent["forward"] + res.bytes_sent["backward"]),
                  "positions": float(res.positions), "wait_s": res.wait_s, "bubble": res.bubble_fraction}
-        return StepOutcome(res.loss, res.tokens, res.grad_norm, extra)
+        return StepOutcome(res.loss, res.tokens, res.grad_norm, extra, res.stop if self.window is not None else None)
 
     def evaluate(self, batches: list[Batch], model: nn.Module | None = None) -> float:
         """Validation loss of ``model`` (e.g. an uncompressed copy of the stage holding the global

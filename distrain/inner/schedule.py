@@ -1,11 +1,13 @@
 """The inner schedule's seam: how one worker runs its inner steps, and what a step reports.
 
-``InnerSchedule`` owns what every schedule shares — the model it trains, AdamW and its learning-
-rate schedule, the step counter, the generator for SpaCO's chunk sampling, the worker's clock —
-and the step's report with its timing. A subclass implements ``_step`` (one optimiser step: the
-forward/backward its parallelism needs, clipping, ``optimizer.step``, ``scheduler.step``) and, if
-its devices must agree after the weights were overwritten from outside, ``refresh``. The Worker
-knows nothing else of it.
+``InnerSchedule`` owns what every schedule shares — the model it trains, AdamW, the learning rate
+(a function of the run's global progress, so replicas that take different step counts in a round
+are always at the same point of warm-up and decay), the step counter, the generator for SpaCO's
+chunk sampling, the worker's clock — and the step's report with its timing. A subclass implements
+``_step`` (one optimiser step: the forward/backward its parallelism needs, clipping,
+``optimizer.step``) and, if its devices must agree, ``refresh`` (after the weights were overwritten
+from outside) and ``_agree`` (a vote to stop as a round's window closes). The Worker knows nothing
+else of it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import nn
 from distrain.comm.clock import ComputeClock, WallClock
 from distrain.config import TrainConfig
 from distrain.model import cross_entropy
-from distrain.optim import build_inner_optimizer, schedule_at
+from distrain.optim import build_inner_optimizer, lr_multiplier
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -37,6 +39,24 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
+# A replica's last step may end this much of a step past its window: a replica 1 % slower than the
+# fastest is not a step short (the planner counts steps with the same slack).
+OVERRUN = 0.25
+
+
+@dataclass(frozen=True)
+class Window:
+    """A round's compute window as a step sees it: after a step, stop when the next one would end
+    more than ``OVERRUN`` of a step past the window (a replica running slower than its measured pace)."""
+
+    start: float  # the worker clock's reading when the round's steps began
+    length_s: float
+    step_s: float  # the replica's expected step time
+
+    def overrun(self, now: float) -> bool:
+        return now - self.start + (1.0 - OVERRUN) * self.step_s > self.length_s
+
+
 @dataclass
 class StepOutcome:
     """What ``_step`` computed."""
@@ -45,6 +65,7 @@ class StepOutcome:
     tokens: int  # target tokens it trained on
     grad_norm: float  # before clipping
     extra: dict[str, float] = field(default_factory=dict)  # schedule-specific figures (boundary bytes, SP groups)
+    stop: bool | None = None  # the replica's agreed vote to stop after this step, if the step agreed it itself
 
 
 @dataclass
@@ -64,12 +85,14 @@ class InnerSchedule:
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, *, seed: int = 0,
                  clock: ComputeClock | None = None, step_time_s: float = 0.0, speed: float = 1.0):
         self.model, self.cfg, self.device = model, cfg, device
-        self.optimizer, self.scheduler = build_inner_optimizer(model, cfg)
+        self.optimizer = build_inner_optimizer(model, cfg)
         self.amp_dtype = autocast_dtype(cfg.precision, device)
         self.step = 0
         self.generator = torch.Generator().manual_seed(seed)  # SpaCO chunk sampling
         self.clock = clock if clock is not None else WallClock()
         self.step_time_s, self.speed = step_time_s, speed
+        self.slowdown = 1.0  # fault injection: every step takes this many times longer
+        self.window: Window | None = None  # the window of the step in progress
 
     # ----- the step ----------------------------------------------------------------------------
     def _step(self) -> StepOutcome:
@@ -81,19 +104,42 @@ class InnerSchedule:
             raise FloatingPointError(f"non-finite training loss {loss} at step {self.step}")
 
     def _charge(self, seconds: float) -> float:
-        """Charge the step's compute to the clock; returns what was charged."""
+        """Charge the step's compute to the clock (and a slowed worker's extra time); returns it."""
         compute = (self.step_time_s or seconds) / self.speed
         self.clock.advance(compute)
-        return compute
+        if self.slowdown > 1.0:
+            self.clock.stall((self.slowdown - 1.0) * compute)
+        return compute * self.slowdown
 
-    def train_step(self) -> StepReport:
+    def _vote(self) -> bool:
+        """This worker's vote to stop after the step in progress (its window is about to close)."""
+        return self.window is not None and self.window.overrun(self.clock.now())
+
+    def _agree(self, vote: bool) -> bool:
+        """The replica's decision from every worker's vote; one device decides alone."""
+        return vote
+
+    def set_progress(self, progress: float) -> float:
+        """The learning rate at ``progress`` (inner steps of a full-speed replica, global)."""
+        lr = self.cfg.lr * lr_multiplier(progress, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_step(self, progress: float | None = None, window: Window | None = None) -> StepReport:
+        """One inner step at global ``progress`` (default: this worker's own step count); with a
+        ``window``, ``report.stop`` says whether the replica stops after it."""
         t0, c0 = time.perf_counter(), self.clock.now()
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.set_progress(self.step if progress is None else progress)
+        self.window = window
         out = self._step()
         self.step += 1
         seconds = time.perf_counter() - t0
         compute = self._charge(seconds)
-        return StepReport(out.loss, out.tokens, out.grad_norm, out.extra, lr, seconds, compute, self.clock.now() - c0)
+        stop = out.stop if out.stop is not None else (window is not None and self._agree(self._vote()))
+        self.window = None
+        return StepReport(out.loss, out.tokens, out.grad_norm, out.extra, stop, lr, seconds, compute,
+                          self.clock.now() - c0)
 
     def _autocast(self) -> Any:
         if self.amp_dtype is None:
@@ -115,19 +161,17 @@ class InnerSchedule:
     def seek(self, step: int) -> None:
         """Be at inner step ``step`` without training (a restarted worker catching up)."""
         self.step = int(step)
-        self.scheduler = schedule_at(self.optimizer, self.cfg, self.step)
 
     def refresh(self) -> None:
         """The weights were overwritten from outside (the outer step): devices that must agree take
         the leader's. A single device reads them as they are."""
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "step": self.step, "generator": self.generator.get_state()}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.generator.set_state(state["generator"])

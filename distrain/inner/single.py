@@ -59,5 +59,4 @@ class SingleSchedule(InnerSchedule):
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip) if self.cfg.grad_clip > 0 \
             else torch.tensor(0.0)
         self.optimizer.step()
-        self.scheduler.step()
         return StepOutcome(loss, tokens, float(norm))

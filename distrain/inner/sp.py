@@ -84,7 +84,6 @@ class SPSchedule(InnerSchedule):
                             self.devices.position if self.devices is not None else 0, self._group_for,
                             ranks=self.ranks if self.devices is not None else None, grad_clip=self.cfg.grad_clip,
                             autocast_dtype=self.amp_dtype)
-        self.scheduler.step()
         return StepOutcome(res.loss, res.tokens, res.grad_norm,
                            {"sp_groups": float(len(plan.groups)), "sp_local_tokens": float(res.local_tokens)})
 
@@ -96,6 +95,9 @@ class SPSchedule(InnerSchedule):
     def seek(self, step: int) -> None:
         self._drop_ahead()
         super().seek(step)
+
+    def _agree(self, vote: bool) -> bool:
+        return self.devices.any(vote) if self.devices is not None else vote
 
     def refresh(self) -> None:
         if self.devices is not None:

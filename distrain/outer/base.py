@@ -19,8 +19,19 @@ from torch import nn
 from distrain.comm.codecs import Codec, EncodedTensor
 
 Weights = dict[str, torch.Tensor]
-# One round's usable contributions: (member rank, its encoded tensors by name)
-Contributions = list[tuple[int, dict[str, EncodedTensor]]]
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One member's usable contribution to a round: its encoded tensors and the work behind them."""
+
+    member: int
+    tensors: dict[str, EncodedTensor]
+    steps: int = 0  # inner steps of its replica in the round (0: not stated)
+    tokens: int = 0  # tokens its replica trained on in the round
+
+
+Contributions = list[Contribution]
 
 
 @dataclass
@@ -33,6 +44,7 @@ class RoundStats:
     reasons: list[str] = field(default_factory=list)
     seconds: float = 0.0  # real time spent in encode + exchange + decode + step
     segment: int = 0
+    clipped: int = 0  # contributions scaled down by the robust bound
 
 
 def owned_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -61,8 +73,10 @@ class OuterOptimizer:
         self.names = list(initial)
         self.shapes = {n: tuple(t.shape) for n, t in initial.items()}
 
-    def sync_round(self, round_idx: int, local: Weights) -> tuple[RoundStats | None, Weights | None]:
-        """The outer round of ``round_idx``: statistics, and the weights to start the next round
+    def sync_round(self, round_idx: int, local: Weights, steps: int = 0,
+                   tokens: int = 0) -> tuple[RoundStats | None, Weights | None]:
+        """The outer round of ``round_idx``, after ``steps`` inner steps on ``tokens`` tokens (what a
+        merge of unequal contributions weighs): statistics, and the weights to start the next round
         from (None: keep training on)."""
         return None, None
 

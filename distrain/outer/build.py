@@ -45,4 +45,5 @@ def make_outer(cfg: Config, initial: Weights, rank: int, transport: Transport, g
         codecs[o.topk] = codec_from_config(cfg)
         codec_at = lambda round_idx: codecs[o.topk_at(round_idx)]  # noqa: E731
     return PseudoGradientOuter(initial, codec_from_config(cfg, 0), outer_step_from_config(cfg, post_step), transport,
-                               group, run_id, rank, segment=segment, policy=policy, combine=combine, codec_at=codec_at)
+                               group, run_id, rank, segment=segment, policy=policy, combine=combine, codec_at=codec_at,
+                               merge=o.merge)

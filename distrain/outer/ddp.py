@@ -30,6 +30,7 @@ class DDPOuter(OuterOptimizer):
         self.dense_bytes = sum(t.numel() * 4 for t in initial.values())
         self.reasons: list[str] = []
         self.contributors = 0
+        self.clipped = 0
 
     @torch.no_grad()
     def grad_sync(self, grads: list[torch.Tensor]) -> None:
@@ -42,10 +43,12 @@ class DDPOuter(OuterOptimizer):
         self.wire += got.wire_bytes
         self.contributors = len(got.kept)
         self.reasons += got.reasons
+        self.clipped += got.clipped
 
-    def sync_round(self, round_idx: int, local: Weights) -> tuple[RoundStats, None]:
-        stats = RoundStats(round_idx, self.wire, self.dense_bytes, self.contributors, len(self.reasons), self.reasons)
-        self.wire, self.reasons = 0, []
+    def sync_round(self, round_idx: int, local: Weights, steps: int = 0, tokens: int = 0) -> tuple[RoundStats, None]:
+        stats = RoundStats(round_idx, self.wire, self.dense_bytes, self.contributors, len(self.reasons), self.reasons,
+                           clipped=self.clipped)
+        self.wire, self.reasons, self.clipped = 0, [], 0
         return stats, None
 
     def wrap_encoder(self, wrap: Callable[[Codec], Codec]) -> bool:

@@ -47,7 +47,7 @@ class PseudoGradientOuter(OuterOptimizer):
 
     def __init__(self, initial: Weights, codec: Codec, step: OuterStep, transport: Transport, group: str,
                  run_id: str, rank: int, segment: int = 0, policy: RobustPolicy | None = None,
-                 combine: Combine | None = None, codec_at: Callable[[int], Codec] | None = None):
+                 combine: Combine | None = None, codec_at: Callable[[int], Codec] | None = None, merge: str = "mean"):
         super().__init__(initial)
         self.segment = segment
         self.step = step
@@ -61,7 +61,8 @@ class PseudoGradientOuter(OuterOptimizer):
         self._target: Weights | None = None
         self._kept: Contributions = []
         device = next(iter(initial.values())).device
-        self.exchange = FrameExchange(codec, self.shapes, transport, group, run_id, rank, device, policy, combine)
+        self.exchange = FrameExchange(codec, self.shapes, transport, group, run_id, rank, device, policy, combine,
+                                      merge)
         self.dense_bytes = sum(t.numel() * 4 for t in initial.values())
 
     def global_state(self) -> Weights:
@@ -85,15 +86,16 @@ class PseudoGradientOuter(OuterOptimizer):
             self.start = _clone(actual)
 
     @torch.no_grad()
-    def sync_round(self, round_idx: int, local: Weights) -> tuple[RoundStats, Weights]:
+    def sync_round(self, round_idx: int, local: Weights, steps: int = 0, tokens: int = 0) -> tuple[RoundStats, Weights]:
         t0 = time.perf_counter()
+        self._kept = []
         base = self.start if self.start is not None else self.global_params
         if self.step.delay and self.anchor is not None:
             base = self.anchor
         deltas = {n: base[n] - local[n].float() for n in self.names}
         if self.codec_at is not None:
             self.exchange.use(self.codec_at(round_idx))
-        got = self.exchange.exchange(round_idx, deltas, self.codec_state)
+        got = self.exchange.exchange(round_idx, deltas, self.codec_state, steps, tokens)
         self._kept = got.kept
         self.step.take(self.global_params, got.aggregate, round_idx)
         if self.step.delay:
@@ -102,7 +104,7 @@ class PseudoGradientOuter(OuterOptimizer):
             target = self.global_params
         self._target = target
         return RoundStats(round_idx, got.wire_bytes, self.dense_bytes, len(got.kept), len(got.reasons), got.reasons,
-                          time.perf_counter() - t0, self.segment), target
+                          time.perf_counter() - t0, self.segment, got.clipped), target
 
     @torch.no_grad()
     def flush(self) -> Weights:

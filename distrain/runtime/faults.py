@@ -1,8 +1,9 @@
 """Fault injection for the launchers' tests and demos: what to break, where, and when.
 
-Faults are parsed from ``--fault=KIND:rank=R,round=N[,delay=S]`` and carried out by the mode that
-supports them: a rank that exits (torchrun's elastic restart), an actor killed mid-round or a stale
-frame (Ray), a hostile worker whose frames are valid but huge (simulation).
+Faults are parsed from ``--fault=KIND:rank=R,round=N[,delay=S][,factor=F]`` and carried out by the
+mode that supports them: a rank that exits (torchrun's elastic restart), an actor killed mid-round
+or a stale frame (Ray), a hostile worker whose frames are valid but huge (simulation), a slow
+worker (every mode).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Fault:
-    """``KIND:rank=R,round=N[,delay=S]`` — what to break, where, and when.
+    """``KIND:rank=R,round=N[,delay=S][,factor=F]`` — what to break, where, and when.
 
     - ``exit`` (torchrun): rank R exits at the start of round N, on the first attempt only, so
       torchrun's elastic restart has something to resume;
@@ -30,15 +31,18 @@ class Fault:
       and the driver kills its actor S seconds into the round (Ray restarts it);
     - ``stale`` (Ray): worker R re-sends its previous round's frame in round N;
     - ``hostile`` (simulation): from round N on, worker R's pseudo-gradient frames are valid and
-      finite but ``delay`` (default 1e30) times too large — what robust aggregation must survive.
+      finite but ``delay`` (default 1e30) times too large — what robust aggregation must survive;
+    - ``slow`` (every mode): from round N on (default 0), every inner step of worker R takes
+      ``factor`` times longer — real time under torchrun and Ray, simulated time in simulation.
     """
 
     kind: str
     rank: int
     round: int
     delay: float = 0.0
+    factor: float = 1.0
 
-    KINDS = ("exit", "kill", "stale", "hostile")
+    KINDS = ("exit", "kill", "stale", "hostile", "slow")
 
     @classmethod
     def parse(cls, spec: str) -> "Fault":
@@ -48,15 +52,29 @@ class Fault:
         fields: dict[str, str] = {}
         for part in filter(None, rest.split(",")):
             k, eq, v = part.partition("=")
-            if not eq or k not in ("rank", "round", "delay"):
-                raise ValueError(f"fault {spec!r}: expected rank=R,round=N[,delay=S], got {part!r}")
+            if not eq or k not in ("rank", "round", "delay", "factor"):
+                raise ValueError(f"fault {spec!r}: expected rank=R,round=N[,delay=S][,factor=F], got {part!r}")
             fields[k] = v
+        if kind == "slow":
+            fields.setdefault("round", "0")
+            if "factor" not in fields:
+                raise ValueError(f"fault {spec!r}: a slow worker needs factor=F (its steps take F times longer)")
         if "rank" not in fields or "round" not in fields:
             raise ValueError(f"fault {spec!r}: rank and round are required")
         try:
-            return cls(kind, int(fields["rank"]), int(fields["round"]), float(fields.get("delay", 0.0)))
+            fault = cls(kind, int(fields["rank"]), int(fields["round"]), float(fields.get("delay", 0.0)),
+                        float(fields.get("factor", 1.0)))
         except ValueError:
-            raise ValueError(f"fault {spec!r}: rank and round must be integers, delay a number") from None
+            raise ValueError(f"fault {spec!r}: rank and round must be integers, delay and factor numbers") from None
+        if not (fault.factor >= 1.0 and fault.factor < 1e6):
+            raise ValueError(f"fault {spec!r}: factor must be in [1, 1e6), got {fault.factor}")
+        return fault
+
+    def spec(self) -> str:
+        """The ``--fault`` text that parses back to this fault."""
+        out = f"{self.kind}:rank={self.rank},round={self.round}"
+        out += f",delay={self.delay!r}" if self.delay else ""
+        return out + (f",factor={self.factor!r}" if self.factor != 1.0 else "")
 
 
 class FaultyTransport(RayTransport):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -25,15 +24,10 @@ from distrain.config import Config
 from distrain.runtime.common import newest_common_step, wanted_resume_step
 from distrain.runtime.pool import LoopState, WorkerPool
 from distrain.runtime.records import RoundLogger, RunSummary, crossed, round_record
-from distrain.worker.build import nominal_steps
+from distrain.runtime.steps import StepPlanner, n_rounds, nominal_steps, update_estimates
 from distrain.worker.worker import RoundReport
 
 log = logging.getLogger(__name__)
-
-
-def n_rounds(cfg: Config) -> int:
-    """Rounds of a run: ``train.steps`` inner steps of a full-speed replica, H per round."""
-    return math.ceil(cfg.train.steps / nominal_steps(cfg))
 
 
 class RoundLoop:
@@ -45,6 +39,7 @@ class RoundLoop:
         self.state = LoopState()
         self.total = n_rounds(cfg)
         self.h = nominal_steps(cfg)
+        self.planner = StepPlanner(cfg, self.layout)
         self.resumed_from: int | None = None
 
     # ----- start -------------------------------------------------------------------------------
@@ -80,9 +75,17 @@ class RoundLoop:
     # ----- rounds ------------------------------------------------------------------------------
     def _account(self, reports: list[RoundReport], wall_s: float) -> None:
         s = self.state
+        n = self.layout.n_replicas
         s.round += 1
         s.step = min(s.round * self.h, self.cfg.train.steps)
         s.tokens += sum(r.tokens for r in reports)
+        s.step_s = update_estimates(s.step_s, reports, n)
+        done = s.replica_steps or [0] * n
+        for r in reports:
+            if r.rank == self.layout.reporter(r.replica):
+                done[r.replica] += r.steps
+        s.replica_steps = done
+        s.clipped += sum(st.clipped for r in reports for st in r.outer)
         busy = [r.extra.get("train_s", 0.0) for r in reports if r.rank == self.layout.reporter(r.replica)]
         s.busy_s += float(sum(busy) / max(1, len(busy)))
         s.elapsed_s += wall_s
@@ -107,9 +110,10 @@ class RoundLoop:
             pool.publish_global(s.round)
             for round_idx in range(s.round, self.total):  # bounded by construction
                 assert s.round == round_idx, f"loop state at round {s.round}, expected {round_idx}"
-                events = pool.catch_up(s.round)
+                events = pool.catch_up(s.round, s.replica_steps or [0] * self.layout.n_replicas)
+                plan = self.planner.plan(s.round, float(s.step), s.step_s)
                 t0 = time.perf_counter()
-                reports = pool.run_round(s.round, cfg.train.steps - s.step)
+                reports = pool.run_round(s.round, plan)
                 if s.round + 1 == self.total:
                     pool.finish(s.round)
                 pool.publish_global(s.round + 1)
@@ -118,7 +122,7 @@ class RoundLoop:
                 events += pool.events(round_idx)
                 clock_s, util = pool.clock(s)
                 rec = round_record(s.round, s.step, reports, self.layout, s.tokens, s.bytes_sent, clock_s, util,
-                                   time.perf_counter() - t0)
+                                   time.perf_counter() - t0, plan)
                 rec.update(pool.record_extra())
                 s.bytes_sent = rec["bytes_sent"]
                 if logger is not None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from distrain.layout import Layout
+from distrain.runtime.steps import RoundPlan
 from distrain.worker.worker import RoundReport
 
 
@@ -20,12 +21,15 @@ class LoopState:
     """What a resumed run continues from (saved beside every rank's checkpoint)."""
 
     round: int = 0
-    step: int = 0  # inner steps of a replica at full speed
+    step: int = 0  # global progress: inner steps of a replica at full speed
     tokens: int = 0
     bytes_sent: int = 0
     busy_s: float = 0.0  # real seconds of inner steps (mean over replicas)
     elapsed_s: float = 0.0  # real seconds of the round loop, earlier attempts included
     first_val: float = float("nan")
+    step_s: list[float] = field(default_factory=list)  # per replica: its step time, averaged over recent rounds
+    replica_steps: list[int] = field(default_factory=list)  # per replica: inner steps it has run
+    clipped: int = 0  # contributions the robust bound scaled down, over the run
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -61,8 +65,9 @@ class WorkerPool(ABC):
         """A fresh run: every segment's owners agree on the initial weights."""
 
     @abstractmethod
-    def run_round(self, round_idx: int, max_steps: int) -> list[RoundReport]:
-        """Run ``round_idx`` on the live workers; the reports of those that completed it."""
+    def run_round(self, round_idx: int, plan: RoundPlan) -> list[RoundReport]:
+        """Run ``round_idx`` on the live workers, each replica its part of ``plan``; the reports of
+        those that completed it."""
 
     @abstractmethod
     def finish(self, round_idx: int) -> None:
@@ -76,8 +81,9 @@ class WorkerPool(ABC):
     def save(self, step: int, loop: dict[str, Any]) -> None:
         """Every live rank checkpoints its worker, with the loop state beside it."""
 
-    def catch_up(self, round_idx: int) -> list[dict[str, Any]]:
-        """Workers that fell behind rejoin at ``round_idx`` (events to log)."""
+    def catch_up(self, round_idx: int, replica_steps: list[int]) -> list[dict[str, Any]]:
+        """Workers that fell behind rejoin at ``round_idx``, their replicas having run
+        ``replica_steps`` inner steps so far (events to log)."""
         return []
 
     def publish_global(self, round_idx: int) -> None:

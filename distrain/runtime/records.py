@@ -12,6 +12,7 @@ import numpy as np
 from distrain.config import Config
 from distrain.layout import Layout
 from distrain.metrics import MetricsLogger, Progress, human_bytes
+from distrain.runtime.steps import RoundPlan
 from distrain.worker.worker import RoundReport
 
 
@@ -31,6 +32,10 @@ class RunSummary:
     segment_bytes: list[float] = field(default_factory=list)  # pseudo-gradient bytes per segment per round
     boundary_bytes_per_token: float = 0.0  # pipeline boundaries, per token and direction (0: no pipeline)
     pipeline_wait_share: float = 0.0  # of the pipeline workers' simulated time: bubble + boundary transfers
+    step_share: float = 1.0  # of the workers' round time, the share inside inner steps (compute, pipeline waits)
+    replica_step_share: list[float] = field(default_factory=list)  # the same, per replica
+    replica_steps: list[int] = field(default_factory=list)  # inner steps each replica ran
+    clipped: int = 0  # contributions the robust bound scaled down
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -43,14 +48,48 @@ def crossed(step: int, steps: int, every: int) -> bool:
     return bool(every) and step // every > (step - steps) // every
 
 
+def time_split(reports: list[RoundReport], n_replicas: int) -> dict[str, list[float]]:
+    """Where each replica's round went, in seconds on its workers' clocks (mean over its workers):
+    ``compute``; ``pipeline`` (inside its steps but not computing: a pipeline's bubble, boundary
+    transfers and clip-norm exchange); ``exchange`` (the outer round's transfers: what the replica
+    that reached it last spent there); ``idle`` (waiting at the exchange for the others)."""
+    sums = {k: [0.0] * n_replicas for k in ("compute", "steps", "sync", "n")}
+    for r in reports:
+        sums["compute"][r.replica] += r.compute_s
+        sums["steps"][r.replica] += r.steps_s
+        sums["sync"][r.replica] += r.sync_s
+        sums["n"][r.replica] += 1
+    present = [i for i in range(n_replicas) if sums["n"][i]]
+    mean = {k: [sums[k][i] / sums["n"][i] if sums["n"][i] else 0.0 for i in range(n_replicas)]
+            for k in ("compute", "steps", "sync")}
+    exchange = min((mean["sync"][i] for i in present), default=0.0)
+    return {
+        "compute": mean["compute"],
+        "pipeline": [max(0.0, st - c) for st, c in zip(mean["steps"], mean["compute"])],
+        "exchange": [exchange if i in present else 0.0 for i in range(n_replicas)],
+        "idle": [max(0.0, mean["sync"][i] - exchange) if i in present else 0.0 for i in range(n_replicas)],
+    }
+
+
+def step_share(split: dict[str, list[float]]) -> float:
+    """Share of the workers' round time spent inside inner steps (compute and a pipeline's own waits)."""
+    busy = sum(split["compute"]) + sum(split["pipeline"])
+    total = busy + sum(split["exchange"]) + sum(split["idle"])
+    return busy / total if total > 0 else 1.0
+
+
 def round_record(round_idx: int, step: int, reports: list[RoundReport], layout: Layout, total_tokens: int,
-                 bytes_sent: int, clock_s: float, utilisation: float, wall_s: float) -> dict[str, Any]:
+                 bytes_sent: int, clock_s: float, utilisation: float, wall_s: float,
+                 plan: RoundPlan | None = None) -> dict[str, Any]:
     """The ``kind = "train"`` record of one round, from the reports of the workers that finished it.
 
     Loss: mean over replicas of the loss of the worker that stands for each (``layout.reporter``).
     Bytes: per replica, the sum of its workers' frames over every segment; the record carries the
     mean over replicas (``wire_bytes``) and per segment (``segment_bytes``). ``bytes_sent`` is the
-    running total before this round; the record carries the new total.
+    running total before this round; the record carries the new total. Per replica: the steps it
+    ran (``replica_steps``, what ``topology.step_plan`` replays), the tokens behind its
+    contribution, its mean step time and where its time went (``time``); ``plan`` is the round's
+    decision and ``clipped`` the contributions the robust bound scaled down.
     """
     reporters = {layout.reporter(r.replica): r for r in reports if r.rank == layout.reporter(r.replica)}
     losses = [r.train_loss for r in reporters.values() if math.isfinite(r.train_loss)]
@@ -62,6 +101,16 @@ def round_record(round_idx: int, step: int, reports: list[RoundReport], layout: 
         "tokens_per_s": round_tokens / max(1e-9, wall_s), "sim_time_s": clock_s, "utilisation": utilisation,
         "workers": len(reports), "replicas": len({r.replica for r in reports}),
     }
+    n = layout.n_replicas
+    reporters_of = {r.replica: r for r in reports if r.rank == layout.reporter(r.replica)}
+    rec["replica_steps"] = [reporters_of[i].steps if i in reporters_of else 0 for i in range(n)]
+    rec["replica_tokens"] = [reporters_of[i].work_tokens if i in reporters_of else 0 for i in range(n)]
+    rec["replica_step_s"] = [max((r.step_s for r in reports if r.replica == i), default=0.0) for i in range(n)]
+    split = time_split(reports, n)
+    rec["time"] = split
+    rec["step_share"] = step_share(split)
+    if plan is not None:
+        rec["plan"] = plan.to_dict()
     stats = [(r.replica, s) for r in reports for s in r.outer]
     if stats:
         per_replica: dict[int, list[float]] = {}
@@ -75,7 +124,8 @@ def round_record(round_idx: int, step: int, reports: list[RoundReport], layout: 
         dense = float(np.mean([v[1] for v in per_replica.values()]))
         bytes_sent += int(sent)
         rec.update(wire_bytes=sent, dense_bytes=dense, compression=dense / max(1.0, sent),
-                   rejected=sum(s.rejected for _, s in stats), contributors=min(s.contributors for _, s in stats),
+                   rejected=sum(s.rejected for _, s in stats), clipped=sum(s.clipped for _, s in stats),
+                   contributors=min(s.contributors for _, s in stats),
                    segment_bytes=[float(np.mean(per_segment[g])) for g in sorted(per_segment)])
     per_token = []
     for replica in sorted({r.replica for r in reports}):
@@ -99,9 +149,12 @@ def round_line(rec: dict[str, Any], clock: str = "sim") -> str:
         boundary = f" boundary {rec['boundary_bytes_per_token']:.1f}B/token"
         if "pipeline_wait_share" in rec:
             boundary += f" (pipeline waits {rec['pipeline_wait_share']:.0%})"
-    return (f"round {rec['round']:4d} step {rec['step']:5d} loss {rec['loss']:.4f} "
+    counts = rec.get("replica_steps") or []
+    steps = f" steps {'/'.join(map(str, counts))}" if len(set(counts)) > 1 else ""
+    return (f"round {rec['round']:4d} step {rec['step']:5d} loss {rec['loss']:.4f}{steps} "
             f"sent {human_bytes(rec.get('wire_bytes', 0))}/replica{per_seg} ({rec.get('compression', 1):.0f}x < fp32)"
-            f"{boundary} {clock} {rec['sim_time_s']:.1f}s util {rec['utilisation']:.2f}")
+            f"{boundary} {clock} {rec['sim_time_s']:.1f}s in steps {rec.get('step_share', 1.0):.0%} "
+            f"compute {rec['utilisation']:.0%}")
 
 
 class RoundLogger:
@@ -159,11 +212,23 @@ class RoundLogger:
         segs = [r["segment_bytes"] for r in self.records if "segment_bytes" in r]
         per_token = [r["boundary_bytes_per_token"] for r in self.records if "boundary_bytes_per_token" in r]
         last = self.records[-1] if self.records else {}
+        splits = [r["time"] for r in self.records if "time" in r]
+        total = {k: np.sum([sp[k] for sp in splits], axis=0) for k in ("compute", "pipeline", "exchange", "idle")} \
+            if splits else None
+        per_replica = []
+        if total is not None:
+            busy = total["compute"] + total["pipeline"]
+            per_replica = [float(b / t) if t > 0 else 1.0
+                           for b, t in zip(busy, busy + total["exchange"] + total["idle"])]
+        counts = [r["replica_steps"] for r in self.records if "replica_steps" in r]
         return RunSummary(run_dir, rounds, steps, tokens, self.first_val, self.val_loss,
                           float(np.mean(self.wire)) if self.wire else 0.0,
                           float(np.mean(self.dense)) if self.dense else 0.0, clock_s, utilisation, wall_s,
                           [float(x) for x in np.mean(segs, axis=0)] if segs else [],
-                          float(np.mean(per_token)) if per_token else 0.0, float(last.get("pipeline_wait_share", 0.0)))
+                          float(np.mean(per_token)) if per_token else 0.0, float(last.get("pipeline_wait_share", 0.0)),
+                          step_share({k: list(v) for k, v in total.items()}) if total is not None else 1.0,
+                          per_replica, [int(x) for x in np.sum(counts, axis=0)] if counts else [],
+                          int(sum(r.get("clipped", 0) for r in self.records)))
 
     def close(self) -> None:
         self.progress.close()

@@ -35,6 +35,7 @@ from distrain.runtime.faults import Fault, HostileCodec
 from distrain.runtime.loop import RoundLoop
 from distrain.runtime.pool import LoopState, WorkerPool
 from distrain.runtime.records import RunSummary
+from distrain.runtime.steps import RoundPlan
 from distrain.worker.build import build_worker
 from distrain.worker.worker import RoundReport, Worker
 
@@ -49,10 +50,10 @@ class SimulationPool(WorkerPool):
 
     def __init__(self, cfg: Config, faults: list[Fault] | None = None):
         self.cfg = cfg
-        self.faults = [f for f in (faults or []) if f.kind == "hostile"]
-        unsupported = [f.kind for f in (faults or []) if f.kind != "hostile"]
+        self.faults = [f for f in (faults or []) if f.kind in ("hostile", "slow")]
+        unsupported = [f.kind for f in (faults or []) if f.kind not in ("hostile", "slow")]
         if unsupported:
-            raise ValueError(f"the simulation injects hostile faults only, not {unsupported}")
+            raise ValueError(f"the simulation injects hostile and slow faults only, not {unsupported}")
         self.layout = Layout.from_config(cfg)
         bad = [f.rank for f in self.faults if not 0 <= f.rank < self.layout.world_size]
         if bad:
@@ -110,11 +111,13 @@ class SimulationPool(WorkerPool):
     def initial_sync(self) -> None:
         """Nothing to agree on: every thread built its stage from the same seeded initialisation."""
 
-    def run_round(self, round_idx: int, max_steps: int) -> list[RoundReport]:
+    def run_round(self, round_idx: int, plan: RoundPlan) -> list[RoundReport]:
         for f in self.faults:
-            if f.round == round_idx:  # from this round on, its frames are valid, finite and huge
+            if f.round == round_idx and f.kind == "hostile":  # from this round on: valid, finite, huge frames
                 self.workers[f.rank].inject(lambda codec, f=f: HostileCodec(codec, f.delay or 1e30))
-        return self._on_all(lambda w: w.run_round(round_idx, max_steps), self.workers)
+            if f.round == round_idx and f.kind == "slow":
+                self.workers[f.rank].slow_down(f.factor)
+        return self._on_all(lambda w: w.run_round(round_idx, plan.for_replica(w.replica)), self.workers)
 
     def finish(self, round_idx: int) -> None:
         self._on_all(lambda w: w.finish(), self.workers)

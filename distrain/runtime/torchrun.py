@@ -40,6 +40,7 @@ from distrain.runtime.faults import Fault
 from distrain.runtime.loop import RoundLoop
 from distrain.runtime.pool import WorkerPool
 from distrain.runtime.records import RunSummary
+from distrain.runtime.steps import RoundPlan
 from distrain.worker.build import build_worker
 from distrain.worker.frames import decode_params, encode_params
 from distrain.worker.stage import EMBEDDING
@@ -143,9 +144,12 @@ class TorchrunPool(WorkerPool):
             sys.stderr.flush()
             os._exit(17)
 
-    def run_round(self, round_idx: int, max_steps: int) -> list[RoundReport]:
+    def run_round(self, round_idx: int, plan: RoundPlan) -> list[RoundReport]:
         self._maybe_fail(round_idx)
-        report = self.worker.run_round(round_idx, max_steps)
+        f = self.fault
+        if f and f.kind == "slow" and f.rank == self.rank and f.round == round_idx:
+            self.worker.slow_down(f.factor)
+        report = self.worker.run_round(round_idx, plan.for_replica(self.worker.replica))
         self.transport.flush()
         return [RoundReport.from_dict(d) for d in self._gather(report.to_dict())]
 

@@ -7,13 +7,10 @@ same weights bit for bit.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 from distrain.comm.clock import ComputeClock
 from distrain.comm.device_groups import DeviceGroups
 from distrain.comm.transport import Transport
-from distrain.config import Config, TrainConfig
+from distrain.config import Config
 from distrain.data import DocumentSampler, PreparedData, TokenSampler, read_shard
 from distrain.data.documents import document_lengths
 from distrain.inner.build import WorkerEnv, build_schedule
@@ -32,30 +29,6 @@ from distrain.worker.compressed import (
 )
 from distrain.worker.stage import EMBEDDING, BuiltStage, build_stage
 from distrain.worker.worker import Worker
-
-
-def nominal_steps(cfg: Config) -> int:
-    """Inner steps per round: H for the round-based algorithms, the logging period otherwise."""
-    return max(1, cfg.outer.inner_steps if cfg.algorithm.rounds else cfg.logging.log_every)
-
-
-def steps_per_round(cfg: Config, speed: float, fastest: float) -> int:
-    """Inner steps a replica of ``speed`` runs per round under the configured straggler policy."""
-    h = nominal_steps(cfg)
-    if cfg.topology.straggler_policy == "fewer_steps" and cfg.algorithm.rounds:
-        return max(1, round(h * speed / fastest))
-    return h
-
-
-def replica_train_config(cfg: Config, spr: int) -> TrainConfig:
-    """A replica doing fewer steps per round runs its schedule over proportionally fewer steps,
-    so every replica is at the same point of warm-up and cosine decay in every round."""
-    nominal = nominal_steps(cfg)
-    if spr == nominal:
-        return cfg.train
-    scale = spr / nominal
-    return dataclasses.replace(cfg.train, steps=max(1, math.ceil(cfg.train.steps * scale)),
-                               warmup_steps=math.ceil(cfg.train.warmup_steps * scale))
 
 
 def build_sampler(env: WorkerEnv, data: PreparedData) -> TokenSampler | DocumentSampler:
@@ -112,12 +85,11 @@ def build_worker(cfg: Config, layout: Layout, rank: int, data: PreparedData, tra
     stage = build_stage(cfg, env.slot, rep, env.device)
     combine = span_split(cfg, layout, codec_from_config(cfg), env.device) if cfg.algorithm.rounds else None
     syncs = build_syncs(env, stage, combine)
-    spr = steps_per_round(cfg, rep.speed, max(r.speed for r in layout.replicas))
     sampler = build_sampler(env, data)
     grad_sync = syncs[0].grad_sync if cfg.algorithm.per_step and 0 in syncs else None
-    schedule = build_schedule(env, stage.model, stage.sub, sampler, replica_train_config(cfg, spr), grad_sync)
+    schedule = build_schedule(env, stage.model, stage.sub, sampler, cfg.train, grad_sync)
     shadow, relay = build_embedding_follow(env, combine)
-    worker = Worker(cfg, layout, rank, stage, schedule, syncs, sampler, spr, shadow, relay)
+    worker = Worker(cfg, layout, rank, stage, schedule, syncs, sampler, shadow, relay)
     if not stage.view.exact:  # a compressed stage starts from the initial weights mapped onto its constraint
         worker.load_global(stage.initial)
     return worker

@@ -16,13 +16,14 @@ from typing import Any, Callable
 
 import torch
 
-from distrain.comm.codecs import Codec
+from distrain.comm.codecs import Codec, Merge
 from distrain.comm.transport import Transport
 from distrain.comm.wire import FrameLimits, FrameMeta, decode_frame, encode_frame
 from distrain.config import Config
 from distrain.layout import Layout, WorkerSlot
-from distrain.outer.base import Weights
+from distrain.outer.base import Contribution, Contributions, Weights
 from distrain.outer.build import outer_step_from_config
+from distrain.outer.exchange import merge_of
 from distrain.parallel.pipeline.subspace import make_basis
 from distrain.topology import ReplicaSpec
 from distrain.worker.stage import EMBEDDING
@@ -69,14 +70,15 @@ class SpanSplit:
     def __init__(self, codec: Codec, u: torch.Tensor, compressed: set[int], sides: dict[str, str]):
         self.codec, self.u, self.compressed, self.sides = codec, u, set(compressed), sides
 
-    def __call__(self, name: str, kept: list[tuple[int, Any]], shape: tuple[int, ...],
-                 device: torch.device) -> torch.Tensor:
-        agg = self.codec.decode_aggregate([et for _, et in kept], shape, device=device)
+    def __call__(self, name: str, kept: list[tuple[int, Any]], shape: tuple[int, ...], device: torch.device,
+                 merge: Merge | None = None) -> torch.Tensor:
+        agg = self.codec.decode_aggregate([et for _, et in kept], shape, device=device, merge=merge)
         side = self.sides.get(name)
-        free = [et for m, et in kept if m not in self.compressed]
+        free = [i for i, (m, _) in enumerate(kept) if m not in self.compressed]
         if side is None or not free or len(free) == len(kept):
             return agg
-        out = self.codec.decode_aggregate(free, shape, device=device)
+        sub = None if merge is None else Merge(tuple(merge.scales[i] for i in free), tuple(merge.weights[i] for i in free))
+        out = self.codec.decode_aggregate([kept[i][1] for i in free], shape, device=device, merge=sub)
         u = self.u.to(device=device, dtype=agg.dtype)
         diff = agg - out
         return out + (u @ (u.T @ diff) if side == "left" else (diff @ u) @ u.T)
@@ -98,6 +100,7 @@ class EmbeddingShadow:
     def __init__(self, cfg: Config, initial: torch.Tensor, codec: Codec, combine: SpanSplit | None = None):
         self.combine = combine
         self.codec = codec
+        self.merge = cfg.outer.merge
         self.step = outer_step_from_config(cfg)
         self.weight = {EMBEDDING: initial.detach().float().clone()}
 
@@ -105,16 +108,19 @@ class EmbeddingShadow:
     def embedding(self) -> torch.Tensor:
         return self.weight[EMBEDDING]
 
-    def aggregate(self, kept: list[tuple[int, Any]], device: torch.device) -> Weights | None:
+    def aggregate(self, kept: Contributions, device: torch.device) -> Weights | None:
         """The embedding's aggregate from the relayed contributions, as the first stage computed it."""
         if not kept:
             return None
         shape = tuple(self.embedding.shape)
+        merge = merge_of(self.merge, kept)
         if self.combine is not None:
-            return {EMBEDDING: self.combine(EMBEDDING, kept, shape, device)}
-        return {EMBEDDING: self.codec.decode_aggregate([et for _, et in kept], shape, device=device)}
+            return {EMBEDDING: self.combine(EMBEDDING, [(c.member, c.tensors[EMBEDDING]) for c in kept], shape, device,
+                                            merge)}
+        return {EMBEDDING: self.codec.decode_aggregate([c.tensors[EMBEDDING] for c in kept], shape, device=device,
+                                                       merge=merge)}
 
-    def receive(self, kept: list[tuple[int, Any]], round_idx: int) -> None:
+    def receive(self, kept: Contributions, round_idx: int) -> None:
         """The relayed contributions of ``round_idx``: aggregated and stepped as the first stage did."""
         self.step.take(self.weight, self.aggregate(kept, self.embedding.device), round_idx)
 
@@ -135,17 +141,18 @@ class EmbeddingShadow:
 
 class EmbeddingRelay:
     """The round's aggregated embedding contributions from a compressed pipeline's first stage
-    to its later stages: the contributing members, then one validated wire frame per contribution."""
+    to its later stages: the contributing members, then one validated wire frame per contribution
+    (stating the contributor's work, which the merge weighs)."""
 
     def __init__(self, transport: Transport, codec: Codec, shape: tuple[int, ...], run_id: str, rank: int,
                  max_parts: int):
         self.transport, self.codec, self.shape = transport, codec, tuple(shape)
         self.run_id, self.rank, self.max_parts = run_id, rank, max_parts
 
-    def send(self, dsts: list[int], kept: list[tuple[int, Any]], round_idx: int) -> int:
-        frames = [encode_frame(FrameMeta.for_codec(self.run_id, round_idx, self.rank, self.codec), {EMBEDDING: et})
-                  for _, et in kept]
-        head = _COUNT.pack(len(kept)) + struct.pack(f"<{len(kept)}I", *(m for m, _ in kept))
+    def send(self, dsts: list[int], kept: Contributions, round_idx: int) -> int:
+        frames = [encode_frame(FrameMeta.for_codec(self.run_id, round_idx, self.rank, self.codec, c.steps, c.tokens),
+                               {EMBEDDING: c.tensors[EMBEDDING]}) for c in kept]
+        head = _COUNT.pack(len(kept)) + struct.pack(f"<{len(kept)}I", *(c.member for c in kept))
         sent = 0
         for dst in dsts:
             self.transport.send_bytes(dst, head)
@@ -154,8 +161,8 @@ class EmbeddingRelay:
             sent += len(head) + sum(len(f) for f in frames)
         return sent
 
-    def receive(self, src: int, round_idx: int) -> list[tuple[int, Any]]:
-        """The contributing (member, encoded embedding) pairs the first stage aggregated."""
+    def receive(self, src: int, round_idx: int) -> Contributions:
+        """The contributions (of the embedding only) the first stage aggregated."""
         head = self.transport.recv_bytes(src)
         (n,) = _COUNT.unpack_from(head) if len(head) >= _COUNT.size else (-1,)
         if not 0 <= n <= self.max_parts or len(head) != _COUNT.size + 4 * n:
@@ -165,7 +172,7 @@ class EmbeddingRelay:
         shapes = {EMBEDDING: self.shape}
         kept = []
         for m in members:
-            _, tensors = decode_frame(self.transport.recv_bytes(src), shapes, self.run_id, round_idx,
-                                      FrameLimits(), codec=self.codec, worker=src)
-            kept.append((int(m), tensors[EMBEDDING]))
+            meta, tensors = decode_frame(self.transport.recv_bytes(src), shapes, self.run_id, round_idx,
+                                         FrameLimits(), codec=self.codec, worker=src)
+            kept.append(Contribution(int(m), tensors, meta.steps, meta.tokens))
         return kept

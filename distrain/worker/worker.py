@@ -17,14 +17,17 @@ import numpy as np
 import torch
 
 from distrain.comm.codecs import Codec
+from distrain.comm.errors import RoundLateError
 from distrain.config import Config
 from distrain.data import DocumentSampler, TokenSampler
 from distrain.inner.schedule import Batch, InnerSchedule
 from distrain.layout import Layout, segment_of
 from distrain.model import build_model
 from distrain.outer.base import OuterOptimizer, RoundStats, Weights
+from distrain.inner.schedule import Window
 from distrain.worker.compressed import EmbeddingRelay, EmbeddingShadow
-from distrain.worker.stage import EMBEDDING, BuiltStage
+from distrain.worker.plan import ReplicaRound
+from distrain.worker.stage import BuiltStage
 
 
 @dataclass
@@ -37,9 +40,17 @@ class RoundReport:
     tokens: int  # tokens of its data stream trained this round (0 for a stage that reads no new data)
     train_loss: float  # nan for a worker that computes no loss (a pipeline stage before the last)
     lr: float
-    compute_s: float
+    compute_s: float  # compute charged for its steps (a slowed worker's extra time included)
     outer: list[RoundStats] = field(default_factory=list)  # one per segment it synced
     extra: dict[str, Any] = field(default_factory=dict)
+    steps_s: float = 0.0  # on its clock, its steps (compute plus a pipeline's bubble and boundary waits)
+    sync_s: float = 0.0  # on its clock, its outer rounds (exchange, and waiting for the other replicas)
+    work_tokens: int = 0  # tokens its replica trained on this round (what a token-weighted merge weighs)
+
+    @property
+    def step_s(self) -> float:
+        """Its mean step time this round, on its clock (what the next round's window is cut from)."""
+        return self.steps_s / self.steps if self.steps else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +67,7 @@ class Worker:
     """A parameter set (whole model or stage), its inner schedule, data stream and segment syncs."""
 
     def __init__(self, cfg: Config, layout: Layout, rank: int, stage: BuiltStage, schedule: InnerSchedule,
-                 syncs: dict[int, OuterOptimizer], sampler: TokenSampler | DocumentSampler, steps_per_round: int,
+                 syncs: dict[int, OuterOptimizer], sampler: TokenSampler | DocumentSampler,
                  shadow: EmbeddingShadow | None = None, relay: EmbeddingRelay | None = None):
         """``relay``/``shadow``: a compressed pipeline in a round-based run — its first stage relays
         the embedding's aggregate, its later stages follow the global embedding in ``shadow``."""
@@ -66,21 +77,28 @@ class Worker:
         self.rep = layout.replicas[self.replica]
         self.model, self.view, self.sub = stage.model, stage.view, stage.sub
         self.schedule, self.syncs, self.sampler = schedule, syncs, sampler
-        self.steps_per_round = steps_per_round
         self.shadow, self.relay = shadow, relay
         self.tokens = 0
         # a pipeline's later stages and an SP replica's other devices read the same batches
         self.reads_data = self.slot.stage == 0 and (self.rep.parallel != "sp" or self.slot.device == 0)
         self.has_loss = rank == layout.reporter(self.replica) or self.rep.kind == "full"
         self.rounds = [g for g, s in syncs.items() if s.moves_in_rounds]
+        # the tokens a step trains on stand for the whole replica (its devices read their own shards)
+        self.token_factor = self.rep.devices if self.rep.parallel in ("ddp", "deepspeed") else 1
+        self.late = False  # it missed an exchange's grace; it takes part again once it has the global weights
 
-    def run_round(self, round_idx: int, max_steps: int | None = None) -> RoundReport:
-        """Run the inner steps, then the outer round of every owned segment, for ``round_idx``."""
-        steps = self.steps_per_round if max_steps is None else min(self.steps_per_round, max_steps)
-        losses, compute_s, lr, tokens, train_s = [], 0.0, 0.0, 0, 0.0
+    def run_round(self, round_idx: int, todo: ReplicaRound) -> RoundReport:
+        """Run this replica's inner steps of ``round_idx`` (stopping early, at a step boundary that
+        the whole replica agrees on, when its window closes), then the outer round of every owned
+        segment, stating the work done."""
+        clock = self.schedule.clock
+        start = clock.now()
+        window = Window(start, todo.window_s, todo.step_s) if todo.window_s > 0 else None
+        losses, compute_s, lr, tokens, train_s, done = [], 0.0, 0.0, 0, 0.0, 0
         extra: dict[str, float] = {}
-        for _ in range(steps):
-            res = self.schedule.train_step()
+        for i in range(todo.steps):
+            res = self.schedule.train_step(todo.progress_at(i), window)
+            done += 1
             train_s += res.seconds
             compute_s += res.compute_s
             losses.append(res.loss)
@@ -88,29 +106,44 @@ class Worker:
             lr = res.lr
             for k, v in res.extra.items():
                 extra[k] = extra.get(k, 0.0) + v
+            if res.stop:
+                break
+        steps_s = clock.now() - start
+        work_tokens = tokens * self.token_factor
         tokens = tokens if self.reads_data else 0
         self.tokens += tokens
-        stats = self._sync(round_idx, extra)
+        stats = self._sync(round_idx, extra, done, work_tokens)
         loss = float(np.mean(losses)) if losses and self.has_loss else float("nan")
-        return RoundReport(self.rank, self.replica, round_idx, steps, self.schedule.step, tokens, loss, lr,
-                           compute_s, stats, extra={"train_s": train_s, **extra})
+        return RoundReport(self.rank, self.replica, round_idx, done, self.schedule.step, tokens, loss, lr,
+                           compute_s, stats, extra={"train_s": train_s, **extra}, steps_s=steps_s,
+                           sync_s=clock.now() - start - steps_s, work_tokens=work_tokens)
 
-    def _sync(self, round_idx: int, extra: dict[str, float]) -> list[RoundStats]:
-        """Every owned segment's outer round; then the replica starts from what came back."""
+    def _sync(self, round_idx: int, extra: dict[str, float], steps: int = 0, tokens: int = 0) -> list[RoundStats]:
+        """Every owned segment's outer round; then the replica starts from what came back.
+
+        A worker that reached an exchange after its grace (``RoundLateError``) sits the round out:
+        its error buffers keep what it would have sent, its AdamW moments and data position stay,
+        and the driver brings it back with the global weights (``rejoin``)."""
         local = self.view.read() if self.rounds else {}
         stats, targets = [], {}
         for sync in self.syncs.values():
-            st, target = sync.sync_round(round_idx, {n: local[n] for n in sync.names} if local else {})
+            try:
+                st, target = sync.sync_round(round_idx, {n: local[n] for n in sync.names} if local else {}, steps,
+                                             tokens)
+            except RoundLateError:
+                self.late = True
+                continue
             if st is not None:
                 stats.append(st)
             targets.update(target or {})
+        if self.late:
+            extra["late"] = 1.0
         if self.relay is not None and self.slot.stage == 0 and self.rep.stages > 1:
-            kept = [(m, t[EMBEDDING]) for m, t in self.syncs[0].contributions()]  # to the later stages
-            extra["relay_bytes"] = float(self.relay.send(self.later_stages(), kept, round_idx))
+            extra["relay_bytes"] = float(self.relay.send(self.later_stages(), self.syncs[0].contributions(), round_idx))
         if self.shadow is not None and self.relay is not None:
             first = self.layout.stage_ranks(self.replica, 0)[0]
             self.shadow.receive(self.relay.receive(first, round_idx), round_idx)
-        if targets:
+        if targets and not self.late:
             self._start_from(targets)
         self.schedule.refresh()  # a multi-device replica's devices take the leader's new weights
         return stats
@@ -142,6 +175,11 @@ class Worker:
         for sync in self.syncs.values():
             sync.wrap_encoder(wrap)
 
+    def slow_down(self, factor: float) -> None:
+        """Fault injection: every inner step takes ``factor`` times longer from now on (real time
+        under torchrun and Ray, simulated time in the simulation)."""
+        self.schedule.slowdown = float(factor)
+
     # ----- global weights: the unit of catch-up and of the initial broadcast -------------------
     def global_state(self) -> Weights:
         """The replica-independent weights of the parameters this worker holds (fp32, CPU)."""
@@ -172,17 +210,24 @@ class Worker:
         self._start_from(targets or params)
         self.schedule.refresh()
 
-    def catch_up(self, params: Weights, rounds_done: int, embedding: torch.Tensor | None = None) -> None:
-        """Join at round ``rounds_done`` from the current global weights.
+    def rejoin(self, params: Weights, embedding: torch.Tensor | None = None) -> None:
+        """Back from a round it was late for: the global weights, nothing else (its error buffers,
+        AdamW moments, step count and data position are its own and stay)."""
+        self.load_global(params, embedding)
+        self.late = False
+
+    def catch_up(self, params: Weights, steps_done: int, embedding: torch.Tensor | None = None) -> None:
+        """Join from the current global weights, as a worker of a replica that has run ``steps_done``
+        inner steps so far.
 
         A restarted worker has lost its error-feedback buffer and AdamW moments (they restart at
-        zero); its step count, learning-rate schedule and data position are moved to where a
-        worker that never failed would be, so it trains on fresh data at the right rate.
+        zero); its step count and data position are moved to where a worker that never failed
+        would be (the learning rate follows the run's progress anyway), so it trains on fresh data.
         """
         self.load_global(params, embedding)
-        target = min(rounds_done * self.steps_per_round, self.schedule.cfg.steps)
-        self.schedule.seek(target)
-        self._seek_data(target * self.cfg.train.grad_accum if isinstance(self.sampler, TokenSampler) else target)
+        self.schedule.seek(steps_done)
+        self._seek_data(steps_done * self.cfg.train.grad_accum if isinstance(self.sampler, TokenSampler)
+                        else steps_done)
 
     def _seek_data(self, batches: int) -> None:
         """Put the data stream where a worker that never failed is after ``batches`` batches."""

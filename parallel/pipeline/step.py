@@ -53,7 +53,9 @@ from distrain.comm.errors import CommError
 from distrain.parallel.chunkwise import IGNORE_INDEX, ChunkwiseSpec, chunkwise_backward, plan_chunks, select_chunks
 from distrain.parallel.pipeline.schedule import bubble_fraction, stage_ops
 
-_STAT = struct.Struct("<Hdd")  # stage index, squared grad norm, loss sum (NaN except on the last stage)
+# stage index, squared grad norm, loss sum (NaN except on the last stage), the stage's vote to stop
+# after this step (a time window closing: every stage of the replica must stop at the same step)
+_STAT = struct.Struct("<HddB")
 
 
 class PointToPoint(Protocol):
@@ -104,6 +106,7 @@ class PipelineStepResult:
     bytes_sent: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
     bytes_recv: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
     positions: int = 0  # input positions of the step (batch·seq summed over micro-batches)
+    stop: bool = False  # some stage voted to stop after this step (the replica stops together)
 
     def boundary_bytes_per_token(self, direction: str = "forward") -> float:
         """Bytes this stage sent per position of the step in one direction, framing included."""
@@ -269,12 +272,12 @@ class _StageRun:
         return res.input_grad @ self.sub.u.to(res.input_grad.dtype) if self.sub is not None else res.input_grad
 
     # -- replica-wide norm, loss and clipping ---------------------------------------------
-    def finish(self, grad_clip: float) -> tuple[float, float, float]:
-        """(loss, grad norm, clip coefficient), identical on every stage of the replica."""
+    def finish(self, grad_clip: float, stop_vote: bool = False) -> tuple[float, float, float, bool]:
+        """(loss, grad norm, clip coefficient, stop), identical on every stage of the replica."""
         params = [p for p in {id(p): p for p in self.stage.parameters()}.values() if p.requires_grad]
         grads = [p.grad for p in params if p.grad is not None]
         sq = float(sum(g.detach().double().pow(2).sum() for g in grads)) if grads else 0.0
-        mine = _STAT.pack(self.place.stage, sq, self.loss_sum if self.stage.is_last else math.nan)
+        mine = _STAT.pack(self.place.stage, sq, self.loss_sum if self.stage.is_last else math.nan, int(stop_vote))
         n = self.place.n_stages
         got = [mine] if n == 1 else self.t.all_gather_bytes(self.place.group, mine)
         stats = _parse_stats(got, n)
@@ -286,23 +289,23 @@ class _StageRun:
             coef = min(1.0, grad_clip / (norm + 1e-6))
             if coef < 1.0 and grads:
                 torch._foreach_mul_(grads, coef)
-        return loss, norm, coef
+        return loss, norm, coef, any(stats[i][2] for i in range(n))
 
 
-def _parse_stats(payloads: list[bytes | None], n_stages: int) -> dict[int, tuple[float, float]]:
-    """Validate the gathered (stage, squared norm, loss sum) records: exactly one per stage."""
+def _parse_stats(payloads: list[bytes | None], n_stages: int) -> dict[int, tuple[float, float, bool]]:
+    """Validate the gathered (stage, squared norm, loss sum, stop vote) records: exactly one per stage."""
     if len(payloads) != n_stages:
         raise CommError(f"clip-norm group has {len(payloads)} members, the pipeline {n_stages} stages")
-    stats: dict[int, tuple[float, float]] = {}
+    stats: dict[int, tuple[float, float, bool]] = {}
     for p in payloads:
         if p is None:
             raise CommError("a stage of this pipeline replica is missing from the clip-norm all-gather")
         if len(p) != _STAT.size:
             raise CommError(f"clip-norm record of {len(p)} bytes, expected {_STAT.size}")
-        i, sq, loss = _STAT.unpack(p)
-        if i >= n_stages or i in stats or not (math.isfinite(sq) and sq >= 0):
-            raise CommError(f"bad clip-norm record: stage {i}, squared norm {sq}")
-        stats[i] = (sq, loss)
+        i, sq, loss, vote = _STAT.unpack(p)
+        if i >= n_stages or i in stats or not (math.isfinite(sq) and sq >= 0) or vote > 1:
+            raise CommError(f"bad clip-norm record: stage {i}, squared norm {sq}, stop vote {vote}")
+        stats[i] = (sq, loss, bool(vote))
     return stats
 
 
@@ -321,14 +324,17 @@ def pipeline_step(
     chunk_generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     on_compute: Callable[[str, int, float], None] | None = None,
+    stop_vote: Callable[[], bool] | None = None,
 ) -> PipelineStepResult:
     """Run this stage's part of one step; accumulates (and clips) gradients into ``.grad``.
 
     ``micro_batches``: the step's (ids, targets) pairs, identical on every stage of the replica.
     ``subspace``: this stage's ``Subspace`` (all stages compressed, or none). ``on_compute(kind,
     micro, seconds)`` is called after each forward ("F") / backward ("B") computation, before its
-    send: a simulated clock charges compute there. Raises ``FloatingPointError`` on every stage
-    if the loss is not finite (before anyone steps).
+    send: a simulated clock charges compute there. ``stop_vote()``, asked once the stage's part of
+    the step is done, is this stage's vote to stop after it; ``result.stop`` is every stage's OR (it
+    travels with the clip norm, so it costs no extra message). Raises ``FloatingPointError`` on
+    every stage if the loss is not finite (before anyone steps).
     """
     t_start = time.perf_counter()
     _check_inputs(stage, place, micro_batches)
@@ -339,14 +345,15 @@ def pipeline_step(
     for op in stage_ops(schedule, place.n_stages, place.stage, n_micro):
         (run.forward if op.kind == "F" else run.backward)(op.micro)
     t_sync = time.perf_counter()
-    loss, norm, coef = run.finish(grad_clip)
+    loss, norm, coef, stop = run.finish(grad_clip, stop_vote() if stop_vote is not None else False)
     if not math.isfinite(loss):
         raise FloatingPointError(f"non-finite training loss {loss} at step {step}")
     end = time.perf_counter()
     return PipelineStepResult(
         loss=loss, tokens=run.n_tokens, grad_norm=norm, clip_coef=coef, n_micro=n_micro, peak_live=run.peak,
         sync_s=end - t_sync, total_s=end - t_start, bubble_fraction=bubble_fraction(place.n_stages, n_micro),
-        bytes_sent=run.sent, bytes_recv=run.recv, positions=sum(ids.numel() for ids, _ in run.mbs), **run.timers,
+        bytes_sent=run.sent, bytes_recv=run.recv, positions=sum(ids.numel() for ids, _ in run.mbs), stop=stop,
+        **run.timers,
     )
 
 
@@ -379,8 +386,8 @@ def pipeline_eval_loss(stage: Any, batches: Sequence[tuple[Tensor, Tensor]], tra
             else:
                 transport.send_bytes(place.ranks[s + 1], bd.encode_boundary(h, direction=bd.FORWARD, step=step,
                                                                              micro=m, dtype=wire_dtype))
-    mine = _STAT.pack(s, float(tokens), loss_sum if stage.is_last else math.nan)
+    mine = _STAT.pack(s, float(tokens), loss_sum if stage.is_last else math.nan, 0)
     got = [mine] if n == 1 else transport.all_gather_bytes(place.group, mine)
     stats = _parse_stats(got, n)
-    count, total = stats[n - 1]
+    count, total, _ = stats[n - 1]
     return total / max(1.0, count)

@@ -1,12 +1,14 @@
 """The Coordinator of a Ray job: membership, rounds, quorum, the global weights for catch-up.
 
 Workers never talk to each other directly: each collective of a round (``distrain.comm.ray_transport``) is
-matched here. A collective completes when every *live* member has contributed; when its deadline
-(``topology.round_timeout_s`` after the first contribution) passes, it completes with whoever
-arrived if that is at least the quorum (``ceil(topology.quorum · members)``) and the missing
-members are dropped — they stop being live, and a late contribution is answered "dropped" so the
-worker knows to catch up. Below the quorum the collective fails for everyone. The driver marks a
-worker whose actor died absent at once, so a crash costs no deadline.
+matched here. A collective completes when every *live* member has contributed; when its grace
+(``topology.grace_s`` after the first contribution) passes, it completes with whoever arrived and
+the missing members are **late**: alive, but out of this round — they stop being live until the
+driver brings them back, and their contribution, when it comes, is answered "late" so the worker
+sits the round out and keeps its state. Only dead members count against the quorum
+(``ceil(topology.quorum · members)``): the driver marks a worker whose actor died absent at once
+(a crash costs no deadline), and below the quorum a collective fails for everyone. A slow worker
+never ends a job.
 
 The Coordinator also keeps the latest global weights — one object-store reference per segment to
 a dense wire frame, published after every round by a live owner of that segment — which a
@@ -52,15 +54,24 @@ class Coordinator:
     """Matches collectives, tracks who is live, holds the global weights reference and counters."""
 
     def __init__(self, world_size: int, groups: Mapping[str, Sequence[int]] | None = None, quorum: float = 1.0,
-                 timeout_s: float = 600.0, clock: Callable[[], float] = time.monotonic):
+                 grace_s: float = 600.0, clock: Callable[[], float] = time.monotonic, timeout_s: float | None = None,
+                 graced: Sequence[str] | None = None):
+        """``graced``: the groups whose collectives end at the grace with late members (the rounds'
+        exchanges; default: all); the others (a pipeline's per-step records, broadcasts) wait
+        ``timeout_s`` (default: the grace) and then drop whoever did not come as failed."""
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         if not 0 < quorum <= 1:
             raise ValueError(f"quorum must be in (0, 1], got {quorum}")
         self.world_size = world_size
         self.groups = {WORLD: list(range(world_size)), **{k: sorted(v) for k, v in (groups or {}).items()}}
-        self.quorum, self.timeout_s, self.clock = quorum, float(timeout_s), clock
+        if not grace_s > 0:
+            raise ValueError(f"grace_s must be positive, got {grace_s}")
+        self.quorum, self.grace_s, self.clock = quorum, float(grace_s), clock
+        self.timeout_s = float(timeout_s) if timeout_s is not None else self.grace_s
+        self.graced = set(self.groups) if graced is None else set(graced)
         self.live: set[int] = set(range(world_size))
+        self.late: dict[int, int] = {}  # alive members out of the rounds since: rank → the round they missed
         self.global_round = -1  # the round the global weights are the start of
         self.global_items: dict[str, Any] = {}  # segment (as a string) → [ref] to its dense frame
         self.loop: dict[str, Any] = {}
@@ -81,8 +92,8 @@ class Coordinator:
         g = self._open.get(key)
         if g is None:
             g = self._open[key] = _Gather(op, src, members, self.live & set(members), self.clock())
-        if g.status != "open":
-            return  # too late: poll answers "dropped"
+        if g.status != "open" or rank in self.late or (rank not in self.live and rank not in g.required):
+            return  # too late, or out of the rounds: poll answers "late" or "dropped"
         if (g.op, g.src) != (op, src):
             g.status, g.reason = "error", f"rank {rank} called {op}(src={src}), others {g.op}(src={g.src})"
             return
@@ -90,11 +101,14 @@ class Coordinator:
         self._check(key, g)
 
     def poll(self, group: str, round_idx: int, seq: int, rank: int) -> tuple[str, Any]:
-        """``("wait", None)``, ``("done", items per member)``, ``("dropped" | "quorum" | "error", reason)``."""
+        """``("wait", None)``, ``("done", items per member)``, ``("late" | "dropped" | "quorum" | "error",
+        reason)``."""
         g = self._open.get((group, int(round_idx), int(seq)))
         if g is None:
             return "error", f"no collective {group!r} round {round_idx} #{seq} (never opened, or expired)"
         self._check((group, int(round_idx), int(seq)), g)
+        if rank in self.late and rank not in g.items:
+            return "late", f"this worker missed the grace of round {self.late[rank]}; it rejoins from the global weights"
         if g.status == "done":
             if rank not in g.items:
                 return "dropped", "the collective completed without this worker"
@@ -109,20 +123,20 @@ class Coordinator:
         arrived = set(g.items)
         need = self.need(key[0])
         if not g.required <= arrived:
-            if self.clock() < g.opened + self.timeout_s:
+            graced = key[0] in self.graced
+            if self.clock() < g.opened + (self.grace_s if graced else self.timeout_s):
                 return
-            missing = sorted(g.required - arrived)
-            if len(arrived) < need:
-                g.status = "quorum"
-                g.reason = (f"{len(arrived)} of {len(g.members)} members arrived within {self.timeout_s:g} s, "
-                            f"quorum is {need}; missing {missing}")
-                return
-            for r in missing:
-                self._drop(r, key[1], "missed the deadline")  # re-checks this gather too
+            for r in sorted(g.required - arrived):
+                if graced:
+                    self._make_late(r, key[1])  # re-checks this gather too
+                else:
+                    self.mark_absent(r, key[1], f"missed the {self.timeout_s:g} s deadline")
             if g.status != "open":
                 return
-        if len(arrived) < need:
-            g.status, g.reason = "quorum", f"only {len(arrived)} live contributions, quorum is {need}"
+        alive = arrived | (set(self.late) & set(g.members))
+        if len(alive) < need:
+            g.status, g.reason = "quorum", (f"only {len(arrived)} contributions and {len(alive) - len(arrived)} late "
+                                            f"members alive, quorum is {need}")
             return
         if g.op == "broadcast" and g.src not in arrived:
             g.status, g.reason = "error", f"broadcast source {g.src} is absent"
@@ -131,24 +145,43 @@ class Coordinator:
         g.status = "done"
 
     # ----- membership --------------------------------------------------------------------------
-    def _drop(self, rank: int, round_idx: int, why: str) -> None:
-        if rank in self.live:
-            self.live.discard(rank)
-            self.events.append({"event": "dropped", "rank": rank, "round": round_idx, "why": why})
+    def _release(self, rank: int) -> None:
+        """Stop waiting for ``rank`` in the open collectives."""
         for key, g in list(self._open.items()):
             if rank in g.required and g.status == "open":
                 g.required.discard(rank)
                 self._check(key, g)
 
+    def mark_late(self, rank: int, round_idx: int) -> None:
+        """The driver holds ``rank`` out of the rounds from ``round_idx`` (its replica was late)."""
+        self._make_late(rank, round_idx)
+
+    def _make_late(self, rank: int, round_idx: int) -> None:
+        if rank in self.live:
+            self.live.discard(rank)
+            self.late[rank] = round_idx
+            self.events.append({"event": "late", "rank": rank, "round": round_idx,
+                                "why": f"missed the {self.grace_s:g} s grace"})
+        self._release(rank)
+
     def mark_absent(self, rank: int, round_idx: int, why: str = "worker failed") -> None:
         """A worker died or failed in ``round_idx``: stop waiting for it in open and future collectives."""
-        self._drop(rank, round_idx, why)
+        if rank in self.live or rank in self.late:
+            self.live.discard(rank)
+            self.late.pop(rank, None)
+            self.events.append({"event": "dropped", "rank": rank, "round": round_idx, "why": why})
+        self._release(rank)
 
     def mark_present(self, rank: int, round_idx: int) -> None:
         """A worker caught up: it takes part from the next collective opened (of ``round_idx``)."""
         if rank not in self.live:
+            was_late = self.late.pop(rank, None) is not None
             self.live.add(rank)
-            self.events.append({"event": "rejoined", "rank": rank, "round": round_idx})
+            self.events.append({"event": "rejoined", "rank": rank, "round": round_idx, "kept_state": was_late})
+
+    def late_ranks(self) -> list[int]:
+        """Alive members out of the rounds (they missed a grace; the driver brings them back)."""
+        return sorted(self.late)
 
     def live_ranks(self) -> list[int]:
         return sorted(self.live)
@@ -177,7 +210,8 @@ class Coordinator:
 
     def status(self) -> dict[str, Any]:
         open_now = {f"{k[0]}/{k[1]}/{k[2]}": sorted(g.items) for k, g in self._open.items() if g.status == "open"}
-        return {"round": self.loop.get("round", 0), "live": self.live_ranks(), "world_size": self.world_size,
+        return {"round": self.loop.get("round", 0), "live": self.live_ranks(), "late": self.late_ranks(),
+                "world_size": self.world_size,
                 "global_round": self.global_round, "loop": dict(self.loop), "open": open_now,
                 "last_record": self.records[-1] if self.records else None}
 

@@ -36,6 +36,7 @@ from distrain.runtime.common import (
 from distrain.runtime.faults import Fault, FaultyTransport
 from distrain.worker.build import build_worker
 from distrain.worker.frames import decode_params, encode_params
+from distrain.worker.plan import ReplicaRound
 from distrain.worker.stage import EMBEDDING, segment_shapes
 from distrain.worker.worker import Worker
 
@@ -68,9 +69,11 @@ class WorkerHost:
         self.data = prepare_data(cfg)  # cached by the driver (or prepared here, on another node)
         kwargs: dict[str, Any] = dict(groups=self.layout.byte_groups(), timeout_s=cfg.topology.round_timeout_s)
         parsed = [Fault.parse(f) for f in faults if f]
-        for f in parsed:
+        self.slow = next((f for f in parsed if f.kind == "slow"), None)
+        wire_faults = [f for f in parsed if f.kind in ("stale", "kill")]
+        for f in wire_faults:
             kwargs["stale_round" if f.kind == "stale" else "hold_round"] = f.round
-        cls = FaultyTransport if parsed else RayTransport
+        cls = FaultyTransport if wire_faults else RayTransport
         self.transport: RayTransport = cls(coordinator, rank, self.layout.world_size, **kwargs)
         self.worker: Worker | None = None
         self.val_batches = validation_batches(cfg, self.data)
@@ -124,13 +127,16 @@ class WorkerHost:
             raise NeedsCatchUpError(f"worker {self.rank} is not set up (it restarted)")
         return self.worker
 
-    def run_round(self, round_idx: int, max_steps: int) -> dict[str, Any]:
+    def run_round(self, round_idx: int, todo: dict[str, Any]) -> dict[str, Any]:
+        """This worker's part of ``round_idx`` (``todo``: its replica's ``ReplicaRound``)."""
         worker = self._worker()
         if not self.in_sync:
             raise NeedsCatchUpError(f"worker {self.rank} failed in an earlier round, asked for round {round_idx}")
         self.in_sync = False  # a round that fails half-way leaves the worker needing a catch-up
         self.transport.begin_round(round_idx)
-        report = worker.run_round(round_idx, max_steps)
+        if self.slow is not None and self.slow.round == round_idx:
+            worker.slow_down(self.slow.factor)
+        report = worker.run_round(round_idx, ReplicaRound.from_dict(todo))
         self.in_sync = True
         return report.to_dict()
 
@@ -143,8 +149,10 @@ class WorkerHost:
         frame = encode_params(self._worker().syncs[segment].global_state(), self.run, round_idx, self.rank)
         return frame, len(frame)
 
-    def catch_up(self, round_idx: int, items: dict[str, list[Any]]) -> int:
-        """Load the global weights of the segments this worker holds (start of ``round_idx``) and join."""
+    def _global_weights(self, round_idx: int, items: dict[str, list[Any]]) -> tuple[dict[str, torch.Tensor],
+                                                                                   torch.Tensor | None]:
+        """The global weights of the segments this worker holds (start of ``round_idx``), and the
+        global embedding for a later stage of a compressed pipeline, from the Coordinator's frames."""
         import ray
 
         worker = self._worker()
@@ -161,9 +169,20 @@ class WorkerHost:
         embedding = None
         if worker.shadow is not None:  # a later compressed stage also follows the global embedding
             embedding = decode_params(frame(0), segment_shapes(self.cfg, self.layout, 0), self.run, round_idx)[EMBEDDING]
-        worker.catch_up(params, round_idx, embedding)
+        return params, embedding
+
+    def catch_up(self, round_idx: int, items: dict[str, list[Any]], steps_done: int) -> int:
+        """A rebuilt worker joins at ``round_idx`` from the global weights, where its replica would be
+        after ``steps_done`` inner steps."""
+        params, embedding = self._global_weights(round_idx, items)
+        self._worker().catch_up(params, steps_done, embedding)
         self.in_sync = True
         return os.getpid()
+
+    def rejoin(self, round_idx: int, items: dict[str, list[Any]]) -> None:
+        """Back from a round it was late for: the global weights of ``round_idx``; its state stays."""
+        params, embedding = self._global_weights(round_idx, items)
+        self._worker().rejoin(params, embedding)
 
     def evaluate(self) -> float:
         return self._worker().evaluate(self.val_batches)

@@ -34,12 +34,14 @@ from distrain.runtime.ray.coordinator import CoordinatorActor
 from distrain.runtime.loop import RoundLoop
 from distrain.runtime.pool import WorkerPool
 from distrain.runtime.records import RunSummary
+from distrain.runtime.steps import RoundPlan
 from distrain.runtime.ray.host import WorkerHost
 from distrain.worker.worker import RoundReport
 
 log = logging.getLogger(__name__)
 
 ACTOR_THREADS = 4  # a worker takes peers' deliveries while its round runs
+LATE_POLL_S = 0.5  # how often the driver asks the Coordinator who is late while a round runs
 
 
 def _is_worker_failure(exc: BaseException) -> bool:
@@ -71,7 +73,9 @@ class RayPool(WorkerPool):
         here = ray.get_runtime_context().get_node_id()
         self.coordinator = ray.remote(CoordinatorActor).options(
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
-        ).remote(lay.world_size, lay.byte_groups(), cfg.topology.quorum, cfg.topology.round_timeout_s)
+        ).remote(lay.world_size, lay.byte_groups(), cfg.topology.quorum, cfg.topology.grace_s,
+                 timeout_s=cfg.topology.round_timeout_s,
+                 graced=[lay.segment_group(g) for g in range(len(lay.segments))])
         self.pgs, placement = self._placement_groups()
         text = to_toml(cfg.to_dict())
         host = ray.remote(WorkerHost)
@@ -82,6 +86,9 @@ class RayPool(WorkerPool):
         ]
         self.active: set[int] = set()
         self.behind: set[int] = set(range(lay.world_size))
+        # replicas held out because a worker of theirs was late: rank → its unfinished round (or None)
+        self.late: dict[int, Any] = {}
+        self.late_since: dict[int, float] = {}  # replica → when it was held out
         self._events: list[dict[str, Any]] = []
         self._setup(sorted(self.behind))  # every worker built; the clock starts after this
         self.active, self.behind = set(range(lay.world_size)), set()
@@ -117,8 +124,7 @@ class RayPool(WorkerPool):
 
     def _worker_faults(self, rank: int) -> tuple[str, ...]:
         """The worker-side part of the faults aimed at ``rank`` (see ``FaultyTransport``)."""
-        return tuple(f"{f.kind}:rank={f.rank},round={f.round}" for f in self.faults
-                     if f.rank == rank and f.kind in ("stale", "kill"))
+        return tuple(f.spec() for f in self.faults if f.rank == rank and f.kind in ("stale", "kill", "slow"))
 
     def _peers(self, rank: int) -> dict[int, Any]:
         """A pipeline stage talks point to point with the other stages of its replica."""
@@ -222,21 +228,81 @@ class RayPool(WorkerPool):
                 raise RuntimeError(f"round {round_idx}: no live worker holds segment {g}'s global weights")
         ray.get(self.coordinator.set_global.remote(round_idx, items))
 
-    def catch_up(self, round_idx: int) -> list[dict[str, Any]]:
-        """Replicas that fell behind are set up again, load the global weights of ``round_idx``, rejoin."""
+    def _hold(self, replica: int, round_idx: int, pending: dict[Any, int]) -> None:
+        """A worker of ``replica`` was late for ``round_idx``: the whole replica sits out (a pipeline's
+        stages move together) until every one of its workers is done, then rejoins with its state.
+        ``pending``: the round's unfinished calls; the replica's leave it (the driver never waits)."""
+        import ray
+
+        ranks = self.layout.ranks(replica)
+        unfinished = {r: ref for ref, r in pending.items() if r in ranks}
+        for ref in unfinished.values():
+            pending.pop(ref)
+        for r in ranks:
+            if r in self.active:
+                self.active.discard(r)
+                self.late[r] = unfinished.get(r)
+                ray.get(self.coordinator.mark_late.remote(r, round_idx))
+        self.late_since.setdefault(replica, time.monotonic())
+        log.warning("round %d: replica %d was late for the exchange; it sits the round out and rejoins with its "
+                    "state", round_idx, replica)
+
+    def _rejoin_late(self, round_idx: int, items: dict[str, Any]) -> list[dict[str, Any]]:
+        """Held-out replicas whose workers are all done take the global weights of ``round_idx`` and
+        rejoin, keeping their optimiser state and error buffers; one held out past
+        ``topology.round_timeout_s`` is taken for failed."""
         import ray
 
         events: list[dict[str, Any]] = []
-        if not self.behind:
+        for replica in sorted({self.layout.replica_of(r) for r in self.late}):
+            ranks = self.layout.ranks(replica)
+            refs = [self.late[r] for r in ranks if self.late.get(r) is not None]
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if refs else ([], [])
+            if len(done) < len(refs):
+                if time.monotonic() - self.late_since[replica] > self.cfg.topology.round_timeout_s:
+                    for r in ranks:
+                        self.late.pop(r, None)
+                    self.late_since.pop(replica, None)
+                    self._lose(ranks[0], round_idx, "late for longer than topology.round_timeout_s")
+                    ray.kill(self.actors[ranks[0]], no_restart=False)
+                continue
+            try:
+                ray.get(refs)
+                ray.get([self.actors[r].rejoin.remote(round_idx, items) for r in ranks])
+            except Exception as e:  # noqa: BLE001 - sorted into survivable and fatal
+                if not _is_worker_failure(e):
+                    raise
+                for r in ranks:
+                    self.late.pop(r, None)
+                self.late_since.pop(replica, None)
+                self._lose(ranks[0], round_idx, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                continue
+            for r in ranks:
+                self.late.pop(r)
+                self.active.add(r)
+                ray.get(self.coordinator.mark_present.remote(r, round_idx))
+            self.late_since.pop(replica, None)
+            events.append({"event": "rejoined_with_state", "replica": replica, "round": round_idx})
+        return events
+
+    def catch_up(self, round_idx: int, replica_steps: list[int]) -> list[dict[str, Any]]:
+        """Replicas that were late rejoin with the global weights of ``round_idx`` (keeping their state);
+        replicas that failed are set up again, load those weights and move to where a replica that
+        never failed would be (``replica_steps``: the inner steps each has run)."""
+        import ray
+
+        events: list[dict[str, Any]] = []
+        if not self.behind and not self.late:
             return events
         g_round, items = ray.get(self.coordinator.get_global.remote())
         if g_round != round_idx:
             raise RuntimeError(f"Coordinator holds the weights of round {g_round}, round {round_idx} is next")
+        events += self._rejoin_late(round_idx, items)
         for replica in sorted({self.layout.replica_of(r) for r in self.behind}):
             ranks = self.layout.ranks(replica)
             try:
                 pids = self._setup(ranks)
-                ray.get([self.actors[r].catch_up.remote(round_idx, items) for r in ranks])
+                ray.get([self.actors[r].catch_up.remote(round_idx, items, replica_steps[replica]) for r in ranks])
             except Exception as e:  # noqa: BLE001 - a replica that cannot come back yet stays out
                 if not (_is_worker_failure(e) or isinstance(e, ray.exceptions.GetTimeoutError)):
                     raise
@@ -249,10 +315,15 @@ class RayPool(WorkerPool):
                 events.append({"event": "caught_up", "rank": r, "round": round_idx, "pid": pids[r]})
         return events
 
-    def run_round(self, round_idx: int, max_steps: int) -> list[RoundReport]:
+    def run_round(self, round_idx: int, plan: RoundPlan) -> list[RoundReport]:
+        """Run the round on the active workers; return once every worker that is not late has
+        reported. A replica the Coordinator found late (it missed an exchange's grace) is held out
+        at once, and its unfinished calls are left running: the driver never waits for it."""
         import ray
 
-        pending = {self.actors[r].run_round.remote(round_idx, max_steps): r for r in sorted(self.active)}
+        lay = self.layout
+        pending = {self.actors[r].run_round.remote(round_idx, plan.for_replica(lay.replica_of(r)).to_dict()): r
+                   for r in sorted(self.active)}
         for f in self.faults:
             if f.kind == "kill" and f.round == round_idx and f.rank in self.active:
                 time.sleep(f.delay)
@@ -261,17 +332,28 @@ class RayPool(WorkerPool):
         deadline = time.monotonic() + 2 * self.cfg.topology.round_timeout_s + 60.0
         reports: list[RoundReport] = []
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(LATE_POLL_S, max(0.0, deadline - time.monotonic())))
             if not ready:
-                raise RuntimeError(f"round {round_idx}: workers {sorted(pending.values())} neither finished nor failed")
+                for r in ray.get(self.coordinator.late_ranks.remote()):
+                    if r in self.active:
+                        self._hold(lay.replica_of(r), round_idx, pending)
+                if pending and time.monotonic() > deadline:
+                    raise RuntimeError(f"round {round_idx}: workers {sorted(pending.values())} neither finished "
+                                       "nor failed")
+                continue
             r = pending.pop(ready[0])
             try:
-                reports.append(RoundReport.from_dict(ray.get(ready[0])))
+                report = RoundReport.from_dict(ray.get(ready[0]))
             except Exception as e:  # noqa: BLE001 - sorted into survivable and fatal just below
                 if not _is_worker_failure(e):
                     raise
                 self._lose(r, round_idx, f"{type(e).__name__}: {str(e).splitlines()[0]}")
-        reports = [rep for rep in reports if rep.rank in self.active]  # a replica that failed left the round
+                continue
+            if report.extra.get("late") and r in self.active:
+                self._hold(report.replica, round_idx, pending)
+            if not report.extra.get("late"):
+                reports.append(report)
+        reports = [rep for rep in reports if rep.rank not in self.behind]  # a replica that failed left the round
         if not reports:
             raise RuntimeError(f"round {round_idx}: no worker finished it")
         return sorted(reports, key=lambda rep: rep.rank)

@@ -1,0 +1,225 @@
+"""Time to loss: do weak workers make training faster? Simulated seconds to reach the loss of the fast replicas alone.
+
+    python bench/time_to_loss.py                # every topology x policy x merge, 3 seeds (about an hour on 2 cores)
+    python bench/time_to_loss.py --quick        # 120 steps, 1 seed: a smoke run
+    python bench/time_to_loss.py --table        # the BENCHMARKS tables (and the plot) from the results file
+
+Simulation of the embedded default's model and corpus (``configs/default.toml``: d = 128, 4 layers,
+SparseLoCo every 15 inner steps, 0.25 simulated seconds per inner step at speed 1), the same
+``train.steps`` for every run, validation every 3 rounds (45 steps). Topologies:
+
+- ``full2``: 2 full replicas alone (the reference);
+- ``full3``: 3 full-speed replicas (the ideal a weak replica is measured against);
+- ``full2+pipe``: the embedded default — 2 full replicas + a 2-stage compressed pipeline replica of
+  half-speed workers on 50 Mbit/s links;
+- ``full2+half``: 2 full + one uncompressed full replica at speed 0.5.
+
+The last two run under ``straggler_policy`` = wait, fewer_steps, and window with each merge
+(``outer.merge`` = mean, steps, tokens). Per run and seed: final validation loss, utilisation (the
+share of worker time inside inner steps, and the compute-only share), simulated wall-clock, the
+loss at the reference's final wall-clock, and the time-to-loss ratio: simulated seconds to reach
+``full2``'s final validation loss of the same seed (linear between evaluations), over ``full2``'s
+own; ``null`` when never reached (a miss). Writes bench/results/time_to_loss.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from common import command, machine
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "bench" / "results" / "time_to_loss.json"
+PLOT = REPO / "docs" / "time_to_loss.png"
+HALF = "{speed=0.5}"
+TOPOLOGIES = {
+    "full2": "[{count=2}]",
+    "full3": "[{count=3}]",
+    "full2+pipe": None,  # the embedded default's tables
+    "full2+half": f"[{{count=2}}, {HALF}]",
+}
+POLICIES = [("wait", "mean"), ("fewer_steps", "mean"), ("window", "mean"), ("window", "steps"), ("window", "tokens")]
+
+
+def runs() -> list[tuple[str, str, str, str]]:
+    """(name, topology, policy, merge) of every run."""
+    out = [("full2", "full2", "window", "mean"), ("full3", "full3", "window", "mean")]
+    for topo in ("full2+pipe", "full2+half"):
+        for policy, merge in POLICIES:
+            suffix = policy if policy != "window" else f"window-{merge}"
+            out.append((f"{topo}/{suffix}", topo, policy, merge))
+    return out
+
+
+def simulate(name: str, topo: str, policy: str, merge: str, seed: int, steps: int, out_dir: str) -> dict:
+    """One simulated run (in its own process, one torch thread); its figures and validation curve."""
+    from distrain.config import load_config
+    from distrain.metrics import read_metrics
+    from distrain.runtime.simulation import Simulation
+
+    overrides = [
+        f"--run.name={name.replace('/', '_')}_s{seed}", f"--run.out_dir={out_dir}", f"--run.seed={seed}",
+        f"--train.steps={steps}", "--train.eval_every=45", "--checkpoint.every=0", "--logging.progress=false",
+        "--logging.tensorboard=false", "--logging.plots=false", "--runtime.torch_threads=1",
+        f"--topology.straggler_policy={policy}", f"--outer.merge={merge}",
+    ]
+    if TOPOLOGIES[topo] is not None:
+        overrides.append(f"--topology.replica={TOPOLOGIES[topo]}")
+    cfg = load_config("default", overrides)
+    t0 = time.perf_counter()
+    s = Simulation(cfg).run()
+    records = read_metrics(s.run_dir)
+    curve = [[r["sim_time_s"], r["val_loss"]] for r in records if r.get("kind") == "val"]
+    counts = [r["replica_steps"] for r in records if r.get("kind") == "train"]
+    return {"name": name, "seed": seed, "final_val_loss": s.final_val_loss, "sim_time_s": s.sim_time_s,
+            "step_share": s.step_share, "compute_utilisation": s.utilisation,
+            "replica_step_share": s.replica_step_share, "replica_steps": s.replica_steps,
+            "steps_per_round_last": counts[-1] if counts else [], "clipped": s.clipped, "curve": curve,
+            "real_s": time.perf_counter() - t0}
+
+
+def time_to(curve: list[list[float]], target: float) -> float | None:
+    """Simulated seconds at which the validation curve first reaches ``target`` (linear between
+    evaluations); None if it never does."""
+    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            if l0 <= target:
+                return t0
+            return t0 + (t1 - t0) * (l0 - target) / (l0 - l1)
+    return curve[0][0] if curve and curve[0][1] <= target else None
+
+
+def loss_at(curve: list[list[float]], when: float) -> float:
+    """Validation loss at simulated time ``when`` (linear between evaluations; the last one after)."""
+    for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
+        if t0 <= when <= t1:
+            return l0 + (l1 - l0) * (when - t0) / (t1 - t0) if t1 > t0 else l1
+    return curve[-1][1]
+
+
+def mean_std(xs: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [x for x in xs if x is not None and math.isfinite(x)]
+    if not vals or len(vals) < len(xs):
+        return None, None
+    return statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def summarise(rows: list[dict], seeds: list[int]) -> dict:
+    by = {(r["name"], r["seed"]): r for r in rows}
+    out: dict[str, dict] = {}
+    for name, topo, policy, merge in runs():
+        got = [by[(name, s)] for s in seeds if (name, s) in by]
+        if not got:
+            continue
+        ratios, at_ref = [], []
+        for r in got:
+            ref = by[("full2", r["seed"])]
+            t = time_to(r["curve"], ref["final_val_loss"])
+            t_ref = time_to(ref["curve"], ref["final_val_loss"])
+            ratios.append(None if t is None or not t_ref else t / t_ref)
+            at_ref.append(loss_at(r["curve"], ref["sim_time_s"]))
+        out[name] = {
+            "topology": topo, "policy": policy, "aggregation": merge, "seeds": [r["seed"] for r in got],
+            "final_val_loss": [r["final_val_loss"] for r in got], "utilisation": [r["step_share"] for r in got],
+            "compute_utilisation": [r["compute_utilisation"] for r in got], "sim_time_s": [r["sim_time_s"] for r in got],
+            "loss_at_reference_time": at_ref, "time_to_loss_ratio": ratios,
+            "replica_utilisation": [r["replica_step_share"] for r in got],
+            "steps_per_round": [r["steps_per_round_last"] for r in got], "clipped": [r["clipped"] for r in got],
+            "curves": [r["curve"] for r in got],
+        }
+    return out
+
+
+def fmt(xs: list, digits: int = 3, pct: bool = False) -> str:
+    m, s = mean_std(xs)
+    if m is None:
+        misses = sum(1 for x in xs if x is None)
+        return f"miss ({misses}/{len(xs)} seeds)" if misses else "n/a"
+    if pct:
+        return f"{100 * m:.1f} % ± {100 * s:.1f}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def table(res: dict) -> str:
+    runs_ = res["runs"]
+    lines = ["| run | policy | merge | final val loss | time-to-loss ratio (per seed) | loss at full2's end | "
+             "utilisation (in steps) | compute share | simulated s | steps/round |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in runs_.items():
+        per_seed = ", ".join("miss" if x is None else f"{x:.3f}" for x in r["time_to_loss_ratio"])
+        ratio = fmt(r["time_to_loss_ratio"])
+        lines.append(f"| {name} | {r['policy']} | {r['aggregation']} | {fmt(r['final_val_loss'])} | {ratio} ({per_seed}) "
+                     f"| {fmt(r['loss_at_reference_time'])} | {fmt(r['utilisation'], pct=True)} | "
+                     f"{fmt(r['compute_utilisation'], pct=True)} | {fmt(r['sim_time_s'], 1)} | "
+                     f"{'/'.join(map(str, r['steps_per_round'][0]))} |")
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    shown = ["full2", "full3", "full2+pipe/wait", "full2+pipe/fewer_steps", "full2+pipe/window-steps",
+             "full2+half/wait", "full2+half/window-steps"]
+    for ax, prefix in zip(axes, ("full2+pipe", "full2+half")):
+        for name in shown:
+            if name in res["runs"] and (name.startswith(prefix) or "/" not in name):
+                curve = res["runs"][name]["curves"][0]
+                ax.plot([c[0] for c in curve], [c[1] for c in curve], label=name,
+                        linestyle="--" if "/" not in name else "-")
+        ax.set_xlabel("simulated seconds")
+        ax.set_ylabel("validation loss")
+        ax.set_title(f"{prefix} against full2 / full3 (seed {res['runs']['full2']['seeds'][0]})")
+        ax.set_ylim(top=6.0)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--quick", action="store_true", help="120 steps, 1 seed")
+    p.add_argument("--jobs", type=int, default=2, help="simulations at once (one torch thread each)")
+    p.add_argument("--only", default="", help="comma-separated run names (default: all)")
+    p.add_argument("--out-dir", default="/tmp/distrain_time_to_loss")
+    p.add_argument("--table", action="store_true", help="print the tables from the results file and redraw the plot")
+    args = p.parse_args()
+    if args.table:
+        res = json.loads(RESULTS.read_text())
+        print(table(res))
+        plot(res, PLOT)
+        return 0
+    steps, seeds = (120, [0]) if args.quick else (args.steps, list(range(args.seeds)))
+    todo = [r for r in runs() if not args.only or r[0] in args.only.split(",") or r[0] == "full2"]
+    jobs = [(name, topo, policy, merge, seed, steps, args.out_dir) for name, topo, policy, merge in todo for seed in seeds]
+    rows = []
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for row in pool.map(simulate, *zip(*jobs)):
+            print(f"{row['name']} seed {row['seed']}: loss {row['final_val_loss']:.4f} sim {row['sim_time_s']:.1f}s "
+                  f"in steps {row['step_share']:.1%} ({row['real_s']:.0f}s real)", flush=True)
+            rows.append(row)
+    res = {"runs": summarise(rows, seeds), "steps": steps, "machine": machine(), "command": command("bench/time_to_loss.py")}
+    if not args.quick:
+        RESULTS.write_text(json.dumps(res, indent=1))
+        plot(res, PLOT)
+    print(table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
