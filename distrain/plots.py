@@ -90,4 +90,38 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
+    split = time_split_totals(train)
+    if split:
+        written.append(plot_time_split(plt, split, out / "time_per_replica.png", run_dir.name))
     return written
+
+
+TIME_PARTS = (("compute", "compute"), ("pipeline", "pipeline bubble + boundaries"),
+              ("exchange", "exchange"), ("idle", "idle (waiting for the others)"))
+
+
+def time_split_totals(train: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Seconds per replica and part over the run, from the round records' ``time``."""
+    splits = [r["time"] for r in train if isinstance(r.get("time"), dict)]
+    if not splits:
+        return {}
+    n = len(splits[0]["compute"])
+    return {k: [sum(sp[k][i] for sp in splits if len(sp[k]) == n) for i in range(n)] for k, _ in TIME_PARTS}
+
+
+def plot_time_split(plt: Any, split: dict[str, list[float]], path: Path, title: str) -> Path:
+    """Where each replica's time went: a stacked bar per replica (compute / pipeline / exchange / idle)."""
+    n = len(split["compute"])
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * n + 2), 4))
+    bottom = [0.0] * n
+    for key, label in TIME_PARTS:
+        ax.bar(range(n), split[key], bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, split[key])]
+    ax.set_xticks(range(n), [f"replica {i}" for i in range(n)])
+    ax.set_ylabel("seconds (simulated, or real under torchrun/Ray)")
+    ax.set_title(f"{title}: where each replica's time went")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -28,7 +28,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="python -m distrain.launch.torchrun", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="torchrun_cpu", help="TOML file or preset name in configs/")
-    p.add_argument("--fault", default="", help="fault injection, e.g. exit:rank=1,round=2 (tests and demos)")
+    p.add_argument("--fault", default="", help="fault injection, e.g. exit:rank=1,round=2 or slow:rank=1,factor=3 "
+                   "(tests and demos)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_known_args(argv)
 

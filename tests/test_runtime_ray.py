@@ -112,7 +112,8 @@ def tiny_config(path: Path, corpus: Path, cache: Path, out: Path, name: str, *ex
         "--train.warmup_steps=2", "--train.eval_batches=2", "--train.steps=12", "--outer.inner_steps=3",
         "--train.eval_every=6", "--checkpoint.every=6", f"--run.out_dir={out}", f"--run.name={name}",
         "--logging.tensorboard=false", "--logging.plots=false", "--topology.round_timeout_s=60.0",
-        "--topology.replica=[{cpus=2.0}, {count=2, cpus=1.0}]", "--train.lr=2e-3", *extra])
+        "--topology.replica=[{cpus=2.0}, {count=2, cpus=1.0}]", "--train.lr=2e-3",
+        "--topology.step_times=configured", *extra])  # step counts fixed in advance: equal to the simulation's
     save_config(cfg, path)
     return path
 

@@ -31,6 +31,7 @@ def tiny_overrides(corpus: Path, cache: Path, out: Path) -> list[str]:
         "--logging.tensorboard=false", "--logging.plots=false", "--train.steps=12", "--outer.inner_steps=3",
         "--train.eval_every=6", "--outer.algorithm=sparseloco", "--topology.replicas=3",
         "--runtime.torch_threads=1", "--runtime.backend=gloo", "--topology.round_timeout_s=60.0",
+        "--topology.step_times=configured",  # step counts fixed in advance: every mode runs the same ones
     ]
 
 

@@ -98,8 +98,15 @@ def _print_summary(summary) -> None:
             ("bytes sent / replica / round", human_bytes(summary.wire_bytes_per_replica_per_round)),
             ("dense fp32 would be", f"{human_bytes(summary.dense_fp32_bytes_per_replica_per_round)} ({ratio:.0f}x more)"),
             ("simulated wall-clock", f"{summary.sim_time_s:.1f} s"),
+            ("time inside inner steps", f"{summary.step_share:.1%}" + (
+                " (per replica: " + " | ".join(f"{u:.1%}" for u in summary.replica_step_share) + ")"
+                if len(summary.replica_step_share) > 1 else "")),
             ("compute utilisation", f"{summary.utilisation:.1%}"),
         ]
+        if len(set(summary.replica_steps)) > 1:
+            rows.append(("inner steps per replica", " | ".join(map(str, summary.replica_steps))))
+        if summary.clipped:
+            rows.append(("contributions clipped", str(summary.clipped)))
         if len(summary.segment_bytes) > 1:
             rows.append(("pseudo-gradient bytes / segment", " | ".join(human_bytes(b) for b in summary.segment_bytes)))
     if summary.boundary_bytes_per_token:
@@ -160,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-v", "--verbose", action="store_true")
         if fn is cmd_train:
             p.add_argument("--fault", action="append", default=[],
-                           help="fault injection (repeatable): hostile:rank=R,round=N[,delay=FACTOR] (tests, demos)")
+                           help="fault injection (repeatable): hostile:rank=R,round=N[,delay=FACTOR] or "
+                                "slow:rank=R,factor=F[,round=N] (tests, demos)")
     for name, tool in tool_commands().items():
         p = sub.add_parser(name, help=tool.help, description=tool.help)
         tool.add_arguments(p)
