@@ -33,6 +33,7 @@ def test_fit_recovers_compute_and_per_degree_bandwidth():
         fit_costs([(ls, 2 if k else 4, t) for k, (ls, _, t) in enumerate(samples[:3])], 16384.0, {2: 1.0, 4: 1.0}, 0.0)
 
 
+@pytest.mark.slow  # two gloo processes profile for ~6 s on 2 cores
 def test_profile_sp_writes_costs_that_plan_sp_reads(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "distrain.cli", "profile-sp", "--devices", "2", "--max-len", "32", "--repeats", "1",
