@@ -8,6 +8,9 @@ and get ``None`` in all-gather results. A rank that comes back (``mark_present``
 next collective that no live member has opened yet. Waits are bounded by ``timeout_s``: with
 ``on_timeout="raise"`` every waiter gets a ``CollectiveTimeoutError`` naming the missing ranks;
 with ``"drop"`` the missing ranks are marked absent and the collective completes without them.
+The waits read ``wall_clock`` (``time.monotonic`` unless given): a test passes a fake one and moves
+it past the timeout once the ranks it means to arrive are ``waiting``, so which ranks a timeout
+names never depends on how fast threads start on a loaded machine.
 Each completed collective is charged to the ``NetworkModel`` (bytes and simulated time).
 
 Point-to-point messages wait in a queue per directed pair, stamped with their arrival on the
@@ -71,6 +74,7 @@ class SimulatedHub:
         timeout_s: float = 60.0,
         on_timeout: str = "raise",
         overlap: bool = False,
+        wall_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be ≥ 1, got {world_size}")
@@ -92,6 +96,7 @@ class SimulatedHub:
         self.timeout_s = float(timeout_s)
         self.overlap = overlap  # all-gathers run in the background of the next round's compute
         self.on_timeout = on_timeout
+        self._wall = wall_clock  # seconds; bounds every wait (fake in tests, see the module docstring)
         self._absent: set[int] = set()
         self._cond = threading.Condition()
         self._mail: dict[tuple[int, int], deque[tuple[float, bytes]]] = {}
@@ -111,6 +116,13 @@ class SimulatedHub:
     def absent(self) -> set[int]:
         with self._cond:
             return set(self._absent)
+
+    def waiting(self, group: str) -> set[int]:
+        """Ranks blocked right now in an open collective on ``group``: what a test waits for
+        instead of sleeping and hoping the threads got there."""
+        g = self._group(group)
+        with self._cond:
+            return {r for col in g.open.values() for r in col.waiting}
 
     @property
     def clock(self) -> VirtualClock:
@@ -151,7 +163,7 @@ class SimulatedHub:
 
     def recv(self, dst: int, src: int) -> bytes:
         self._check_rank(src)
-        deadline = time.monotonic() + self.timeout_s
+        deadline = self._wall() + self.timeout_s
         with self._cond:
             while True:
                 if dst in self._absent:
@@ -163,7 +175,7 @@ class SimulatedHub:
                     return payload
                 if src in self._absent:
                     raise RankAbsentError(f"rank {dst} waits for a message from rank {src}, which is absent")
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self._wall()
                 if remaining <= 0:
                     raise CollectiveTimeoutError(f"rank {dst}: no message from rank {src} within {self.timeout_s:g} s")
                 self._cond.wait(remaining)
@@ -199,9 +211,9 @@ class SimulatedHub:
                 col.payloads[rank] = payload
                 self._maybe_complete(g, col)
             col.waiting.add(rank)
-            deadline = time.monotonic() + self.timeout_s
+            deadline = self._wall() + self.timeout_s
             while not col.done and col.error is None:
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self._wall()
                 if remaining <= 0:
                     self._on_timeout(group, g, seq, col)
                     break

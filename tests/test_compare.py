@@ -131,13 +131,18 @@ def test_run_without_loss_records_is_refused(tmp_path):
 
 
 # ----- progress bar vs per-round lines -----------------------------------------------------------
+# tqdm reads a fake clock that gains 1 s per round, past the bar's mininterval (0.5 s): every update
+# redraws the bar before the round's line, however fast or loaded the machine (no sleeps).
 PROGRESS_SCRIPT = textwrap.dedent("""\
-    import time
+    import tqdm.std
     from distrain.metrics import Progress
+    now = [0.0]
+    tqdm.std.time = lambda: now[0]
+    tqdm.std.tqdm.monitor_interval = 0  # no monitor thread: it would read the real clock
     p = Progress(4, True, desc="sparseloco")
     print("active", p.active, flush=True)
     for i in range(4):
-        time.sleep(0.55)  # past tqdm's mininterval, so the bar redraws between lines
+        now[0] += 1.0
         p.update(1, loss=1.0 / (i + 1))
         p.write(f"round {i + 1} done")
     p.close()
@@ -197,6 +202,7 @@ def run_script(stdout_tty: bool, stderr_tty: bool) -> tuple[str, str]:
 def test_progress_bar_and_round_lines_never_share_a_terminal_line():
     out, _ = run_script(stdout_tty=True, stderr_tty=True)
     assert "active True" in out and "%|" in out  # the bar really was drawn
+    assert all(f"{i}/4 [00:0{i}<" in out for i in range(1, 5))  # and redrawn by each round's update
     shown = screen(out)
     rounds = [ln for ln in shown if "round" in ln]
     assert rounds == [f"round {i} done" for i in range(1, 5)]  # each alone on its line, in order

@@ -28,7 +28,9 @@ from subprocs import run_in_session
 from distrain.checkpoint import load_latest
 from distrain.config import load_config, save_config
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray not installed")
+# A real cluster and a job per test: minutes on 2 cores, so out of the fast default (`-m "not slow"`).
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="Ray not installed")]
 
 REPO = Path(__file__).resolve().parent.parent
 JOB_TIMEOUT_S = 300

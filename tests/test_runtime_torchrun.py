@@ -17,6 +17,9 @@ from subprocs import run_in_session
 from distrain.checkpoint import load_latest
 from distrain.config import load_config, save_config
 
+# Every test launches torchrun worlds: minutes on 2 cores, so out of the fast default (`-m "not slow"`).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300
 
@@ -184,7 +187,6 @@ def test_heterogeneous_topology_torchrun_equals_simulation(setup, ddp_run):
         [m["loss"] for m in metrics(ddp_run) if m["kind"] == "train"]
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed not installed")
 def test_deepspeed_zero2_replica_inside_a_two_replica_sparseloco_run(setup, ddp_run):
     """Replica 0 trains with DeepSpeed ZeRO-2 over its 2 processes (gloo, DS_ACCELERATOR=cpu).

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 
 import pytest
 
@@ -20,10 +22,44 @@ from distrain.comm.simulated import SimulatedHub, SimulatedTransport, run_ranks
 from distrain.comm.transport import Transport
 
 GROUPS = {"stage0": [0, 2], "stage1": [3, 1]}
+PATIENT_S = 60.0  # for waits that only need to end eventually: no loaded machine takes this long
+
+
+class FakeWall:
+    """A wall clock for the hub that moves only when the test moves it: a timeout fires when the
+    test says, after the ranks it wants have arrived, however slowly their threads started."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def in_thread(fn: Callable[..., object], *args: object) -> Future:
+    """``fn(*args)`` in a daemon thread (a stuck call cannot hang the session); its outcome as a Future."""
+    fut: Future = Future()
+
+    def body() -> None:
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test through the Future
+            fut.set_exception(exc)
+
+    threading.Thread(target=body, daemon=True).start()
+    return fut
+
+
+def wait_until(cond: Callable[[], bool], what: str) -> None:
+    """Poll ``cond`` until it holds; fail naming ``what`` after PATIENT_S."""
+    deadline = time.monotonic() + PATIENT_S
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}: not within {PATIENT_S:g} s"
+        time.sleep(0.01)
 
 
 def test_all_gather_returns_payloads_in_member_order_across_rounds():
-    hub = SimulatedHub(4, GROUPS, timeout_s=10)
+    hub = SimulatedHub(4, GROUPS, timeout_s=PATIENT_S)
 
     def body(t: SimulatedTransport) -> list:
         rng = random.Random(t.rank)
@@ -35,7 +71,7 @@ def test_all_gather_returns_payloads_in_member_order_across_rounds():
             out.append(t.all_gather_bytes("world", bytes([t.rank, rnd])))
         return out
 
-    results = run_ranks(hub, body, timeout_s=30)
+    results = run_ranks(hub, body, timeout_s=PATIENT_S)
     assert hub.members("stage1") == [1, 3]
     for rank, res in enumerate(results):
         members = [0, 2] if rank in (0, 2) else [1, 3]
@@ -45,7 +81,7 @@ def test_all_gather_returns_payloads_in_member_order_across_rounds():
 
 
 def test_broadcast_and_barrier():
-    hub = SimulatedHub(3, timeout_s=10)
+    hub = SimulatedHub(3, timeout_s=PATIENT_S)
 
     def body(t: SimulatedTransport) -> bytes:
         t.barrier("world")
@@ -56,19 +92,21 @@ def test_broadcast_and_barrier():
 
 
 def test_timeout_names_the_missing_rank():
-    hub = SimulatedHub(3, timeout_s=0.3)
-
-    def body(t: SimulatedTransport):
-        if t.rank == 2:
-            return None  # never shows up
-        return t.all_gather_bytes("world", b"x")
-
-    with pytest.raises(CollectiveTimeoutError, match=r"ranks \[2\] did not arrive"):
-        run_ranks(hub, body, timeout_s=10)
+    """Ranks 0 and 1 wait, rank 2 never shows up: once the clock passes the timeout, every waiter
+    gets an error that names rank 2 and not the ranks that came."""
+    wall = FakeWall()
+    hub = SimulatedHub(3, timeout_s=0.2, wall_clock=wall)  # frozen, waiters re-read the clock every 0.2 s
+    calls = [in_thread(hub.transport(r).all_gather_bytes, "world", b"x") for r in (0, 1)]
+    wait_until(lambda: hub.waiting("world") == {0, 1}, "ranks 0 and 1 waiting")
+    assert not any(c.done() for c in calls)  # nobody gives up before the timeout
+    wall.now += 1.0
+    for call in calls:
+        with pytest.raises(CollectiveTimeoutError, match=r"ranks \[2\] did not arrive"):
+            call.result(timeout=PATIENT_S)
 
 
 def test_absent_rank_gets_none_and_can_rejoin():
-    hub = SimulatedHub(3, timeout_s=10)
+    hub = SimulatedHub(3, timeout_s=PATIENT_S)
     hub.mark_absent(1)
     t0, t1, t2 = hub.transports()
     out: dict[int, list] = {}
@@ -78,41 +116,38 @@ def test_absent_rank_gets_none_and_can_rejoin():
 
     threads = [threading.Thread(target=gather, args=(t, bytes([t.rank]))) for t in (t0, t2)]
     [th.start() for th in threads]
-    [th.join(10) for th in threads]
+    [th.join(PATIENT_S) for th in threads]
     assert out[0] == out[2] == [b"\x00", None, b"\x02"]
     with pytest.raises(RankAbsentError):
         t1.all_gather_bytes("world", b"late")
     hub.mark_present(1)
-    assert run_ranks(hub, lambda t: t.all_gather_bytes("world", bytes([t.rank])), timeout_s=10) == [
+    assert run_ranks(hub, lambda t: t.all_gather_bytes("world", bytes([t.rank])), timeout_s=PATIENT_S) == [
         [b"\x00", b"\x01", b"\x02"]
     ] * 3
 
 
 def test_marking_absent_releases_a_waiting_collective():
-    hub = SimulatedHub(2, timeout_s=10)
-    result: list = []
-    th = threading.Thread(target=lambda: result.append(hub.transport(0).all_gather_bytes("world", b"a")))
-    th.start()
-    time.sleep(0.05)
+    hub = SimulatedHub(2, timeout_s=PATIENT_S)
+    call = in_thread(hub.transport(0).all_gather_bytes, "world", b"a")
+    wait_until(lambda: hub.waiting("world") == {0}, "rank 0 waiting")  # already inside, not arriving late
     hub.mark_absent(1)
-    th.join(5)
-    assert result == [[b"a", None]]
+    assert call.result(timeout=PATIENT_S) == [b"a", None]
 
 
 def test_drop_policy_completes_without_the_straggler():
-    hub = SimulatedHub(3, timeout_s=0.2, on_timeout="drop")
-
-    def body(t: SimulatedTransport):
-        if t.rank == 1:
-            return None
-        return t.all_gather_bytes("world", bytes([t.rank]))
-
-    assert run_ranks(hub, body, timeout_s=10) == [[b"\x00", None, b"\x02"], None, [b"\x00", None, b"\x02"]]
+    """Ranks 0 and 2 wait for rank 1 until the timeout, then complete without it; rank 1 is absent."""
+    wall = FakeWall()
+    hub = SimulatedHub(3, timeout_s=0.2, on_timeout="drop", wall_clock=wall)
+    calls = [in_thread(hub.transport(r).all_gather_bytes, "world", bytes([r])) for r in (0, 2)]
+    wait_until(lambda: hub.waiting("world") == {0, 2}, "ranks 0 and 2 waiting")
+    assert not any(c.done() for c in calls) and hub.absent() == set()  # the straggler is waited for
+    wall.now += 1.0
+    assert [c.result(timeout=PATIENT_S) for c in calls] == [[b"\x00", None, b"\x02"]] * 2
     assert hub.absent() == {1}
 
 
 def test_misuse_errors():
-    hub = SimulatedHub(4, GROUPS, timeout_s=1)
+    hub = SimulatedHub(4, GROUPS, timeout_s=PATIENT_S)  # the mismatch is found on arrival, not by a timeout
     t0 = hub.transport(0)
     with pytest.raises(UnknownGroupError, match="stage9"):
         t0.all_gather_bytes("stage9", b"")
@@ -131,7 +166,7 @@ def test_misuse_errors():
         return None
 
     with pytest.raises(CollectiveMismatchError):
-        run_ranks(hub, body, timeout_s=10)
+        run_ranks(hub, body, timeout_s=PATIENT_S)
 
 
 # ----- network model ---------------------------------------------------------------------------
@@ -140,7 +175,7 @@ def test_misuse_errors():
 def test_all_gather_time_is_latency_plus_bytes_over_bandwidth():
     links = {0: Link(10, 100, 5), 1: Link(100, 50, 10), 2: Link(100, 100, 20)}
     net = NetworkModel(3, links=links)
-    hub = SimulatedHub(3, network=net, timeout_s=10)
+    hub = SimulatedHub(3, network=net, timeout_s=PATIENT_S)
     compute = [1.0, 2.5, 0.5]
     sizes = [1000, 20000, 5000]
 
@@ -175,7 +210,7 @@ def test_all_gather_time_is_latency_plus_bytes_over_bandwidth():
 
 def test_absent_rank_is_not_charged():
     net = NetworkModel.uniform(3, up_mbps=8, down_mbps=8, latency_ms=0)  # 1 MB/s each way
-    hub = SimulatedHub(3, network=net, timeout_s=10)
+    hub = SimulatedHub(3, network=net, timeout_s=PATIENT_S)
     hub.mark_absent(2)
 
     def body(t: SimulatedTransport):
@@ -216,7 +251,7 @@ def test_overlapped_all_gather_runs_behind_compute():
 def test_messages_arrive_in_order_on_the_virtual_clock():
     """arrival = max(previous arrival, send time) + bytes/min(up_src, down_dst) + lat_src + lat_dst."""
     links = {0: Link(8, 100, 10), 1: Link(100, 4, 5)}  # 0 uploads 1 MB/s, 1 downloads 0.5 MB/s
-    hub = SimulatedHub(2, network=NetworkModel(2, links=links), timeout_s=10)
+    hub = SimulatedHub(2, network=NetworkModel(2, links=links), timeout_s=PATIENT_S)
 
     def body(t: SimulatedTransport):
         if t.rank == 0:
@@ -240,7 +275,7 @@ def test_messages_arrive_in_order_on_the_virtual_clock():
 
 
 def test_both_neighbours_send_before_they_receive_without_deadlock():
-    hub = SimulatedHub(2, timeout_s=10)
+    hub = SimulatedHub(2, timeout_s=PATIENT_S)
 
     def body(t: SimulatedTransport):
         other = 1 - t.rank
@@ -253,15 +288,14 @@ def test_both_neighbours_send_before_they_receive_without_deadlock():
 
 
 def test_receive_from_an_absent_rank_fails_at_once_and_a_rejoined_rank_starts_empty():
-    hub = SimulatedHub(2, timeout_s=30)
+    wall = FakeWall()  # never moves: a receive that waited for the timeout would never return
+    hub = SimulatedHub(2, timeout_s=0.2, wall_clock=wall)
     t0, t1 = hub.transports()
     t1.send_bytes(0, b"old")
     hub.mark_absent(1)
     assert t0.recv_bytes(1) == b"old"  # what arrived before the failure is still there
-    start = time.monotonic()
     with pytest.raises(RankAbsentError, match="absent"):
-        t0.recv_bytes(1)
-    assert time.monotonic() - start < 5
+        in_thread(t0.recv_bytes, 1).result(timeout=PATIENT_S)
     t0.send_bytes(1, b"stale")
     hub.mark_present(1)
     t0.send_bytes(1, b"fresh")

@@ -216,6 +216,9 @@ def job(tmp_path_factory):
     return run_job(_job, 4, tmp_path_factory.mktemp("sp_job"), timeout_s=300)
 
 
+# The tests of the 4-process job are slow (starting the job takes ~7 s on 2 cores); the
+# single-process pieces below keep Ulysses in the fast default (`-m "not slow"`).
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ATTN_CASES))
 def test_ulysses_attention_equals_single_device_forward_and_backward(name, job):
     world = ATTN_CASES[name][0]
@@ -224,6 +227,7 @@ def test_ulysses_attention_equals_single_device_forward_and_backward(name, job):
         assert max(err.values()) <= TOL, (r, err)
 
 
+@pytest.mark.slow
 def test_training_step_under_adaptive_plans_equals_one_device(job):
     results = [j["steps"] for j in job]
     _, _, cu, _ = _batch()
@@ -242,6 +246,7 @@ def test_training_step_under_adaptive_plans_equals_one_device(job):
     assert results[0]["groups_created"] == 1
 
 
+@pytest.mark.slow
 def test_broadcast_plan_gives_every_rank_the_leaders_plan(job):
     assert all(j["broadcast"] == {"groups": [[0, 1], [2]], "assignment": [1, 0, 0], "predicted_step_s": 1.25,
                                   "status": "time_limit", "solve_s": 0.3} for j in job)

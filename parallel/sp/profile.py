@@ -16,7 +16,9 @@ processes call each function together) and fits ``distrain.parallel.sp_cost.SPCo
   ``beta1 + (alpha1·Σs² + alpha2·Σs)/d + gamma_d·Σs/d``, relative residuals; ``gamma_d`` (seconds
   per token of all-to-all at degree d) becomes the bandwidth ``bytes_per_token_alltoall / gamma_d``
   (the microbenchmark's value where gamma_d fits to zero). Fitting the all-to-all from whole passes
-  captures what a microbenchmark misses (many small messages, their latency, overlap).
+  captures what a microbenchmark misses (many small messages, their latency, overlap). Where noise
+  hides the per-token compute (both alphas fit to 0), it is re-fitted from the one-device passes,
+  floored at a negligible positive cost (``fit_costs``).
 """
 
 from __future__ import annotations
@@ -136,11 +138,34 @@ def activation_bytes_per_token(model: Any, lengths: Sequence[int] = (64, 256), v
     return float((sizes[-1] - sizes[0]) / (lengths[-1] - lengths[0]))
 
 
-def fit_costs(samples: Sequence[tuple[Sequence[int], int, float]], bytes_per_token: float,
-              measured_gbps: dict[int, float], memory_per_token: float) -> SPCosts:
-    """SPCosts from (lengths of each group's pass, degree, seconds) samples (see the module docstring)."""
+# A per-token cost this small is negligible in every profiled pass (see ``fit_costs``).
+ALPHA2_FLOOR_FRACTION = 1e-3
+
+
+def _nnls_relative(A: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Non-negative least squares of ``A·x ≈ y`` in residuals weighted by ``w``, columns rescaled
+    (the coefficients span orders of magnitude)."""
     from scipy.optimize import nnls
 
+    scale = np.abs(A).max(axis=0)
+    scale[scale == 0] = 1.0
+    coef, _ = nnls((A * w[:, None]) / scale, y * w)
+    return coef / scale
+
+
+def fit_costs(samples: Sequence[tuple[Sequence[int], int, float]], bytes_per_token: float,
+              measured_gbps: dict[int, float], memory_per_token: float) -> SPCosts:
+    """SPCosts from (lengths of each group's pass, degree, seconds) samples (see the module docstring).
+
+    Why a fallback: on a loaded machine, or with profiled lengths so short that a pass is mostly
+    fixed cost, the noise can exceed what tokens add; the joint fit then gives the tokens' time to
+    beta1 and the all-to-all terms and both alphas fit to 0, a model ``SPCosts`` refuses
+    (sequences would cost nothing) and the profile would abort. Tokens always cost compute, so
+    alpha2 is then fitted from the one-device passes alone (no all-to-all term can take their
+    time), at least ``ALPHA2_FLOOR_FRACTION`` of the fastest pass spread over the most tokens a
+    device ran (negligible in every profiled pass, but positive), and beta1 and the all-to-all
+    terms are re-fitted with it held.
+    """
     degs = sorted({d for _, d, _ in samples if d > 1})
     cols = 3 + len(degs)
     if len(samples) < cols:
@@ -153,10 +178,13 @@ def fit_costs(samples: Sequence[tuple[Sequence[int], int, float]], bytes_per_tok
         if d > 1:
             A[i, 3 + degs.index(d)] = s.sum() / d
     w = 1.0 / y
-    scale = np.abs(A).max(axis=0)
-    scale[scale == 0] = 1.0
-    coef, _ = nnls((A * w[:, None]) / scale, y * w)
-    coef = coef / scale
+    coef = _nnls_relative(A, y, w)
+    if coef[0] <= 0 and coef[1] <= 0:
+        one = np.array([d == 1 for _, d, _ in samples])
+        alpha2 = _nnls_relative(A[one][:, 1:3], y[one], w[one])[0] if one.sum() >= 2 else 0.0
+        alpha2 = max(float(alpha2), ALPHA2_FLOOR_FRACTION * y.min() / A[:, 1].max())
+        rest = _nnls_relative(A[:, 2:], y - alpha2 * A[:, 1], w)  # beta1 and the all-to-alls, alpha2 held
+        coef = np.concatenate([[0.0, alpha2], rest])
     gbps = {}
     for j, d in enumerate(degs):
         gamma = coef[3 + j]
