@@ -60,12 +60,31 @@ def runs() -> list[tuple[str, str, str, str]]:
     return out
 
 
-def simulate(name: str, topo: str, policy: str, merge: str, seed: int, steps: int, out_dir: str) -> dict:
-    """One simulated run (in its own process, one torch thread); its figures and validation curve."""
-    from distrain.config import load_config
+def row_of(name: str, seed: int, run_dir: Path, real_s: float | None = None) -> dict:
+    """A finished run's figures and validation curve, from its run directory."""
     from distrain.metrics import read_metrics
+
+    s = json.loads((run_dir / "summary.json").read_text())
+    records = read_metrics(run_dir)
+    curve = [[r["sim_time_s"], r["val_loss"]] for r in records if r.get("kind") == "val"]
+    counts = [r["replica_steps"] for r in records if r.get("kind") == "train"]
+    return {"name": name, "seed": seed, "final_val_loss": s["final_val_loss"], "sim_time_s": s["sim_time_s"],
+            "step_share": s["step_share"], "compute_utilisation": s["utilisation"],
+            "replica_step_share": s["replica_step_share"], "replica_steps": s["replica_steps"],
+            "steps_per_round_last": counts[-1] if counts else [], "clipped": s["clipped"], "curve": curve,
+            "real_s": s["wall_s"] if real_s is None else real_s}
+
+
+def simulate(name: str, topo: str, policy: str, merge: str, seed: int, steps: int, out_dir: str,
+             resume: bool = False) -> dict:
+    """One simulated run (in its own process, one torch thread); its figures and validation curve.
+    ``resume``: a run whose directory already holds its summary is read back, not run again."""
+    from distrain.config import load_config
     from distrain.runtime.simulation import Simulation
 
+    run_dir = Path(out_dir) / f"{name.replace('/', '_')}_s{seed}"
+    if resume and (run_dir / "summary.json").is_file():
+        return row_of(name, seed, run_dir)
     overrides = [
         f"--run.name={name.replace('/', '_')}_s{seed}", f"--run.out_dir={out_dir}", f"--run.seed={seed}",
         f"--train.steps={steps}", "--train.eval_every=45", "--checkpoint.every=0", "--logging.progress=false",
@@ -77,14 +96,7 @@ def simulate(name: str, topo: str, policy: str, merge: str, seed: int, steps: in
     cfg = load_config("default", overrides)
     t0 = time.perf_counter()
     s = Simulation(cfg).run()
-    records = read_metrics(s.run_dir)
-    curve = [[r["sim_time_s"], r["val_loss"]] for r in records if r.get("kind") == "val"]
-    counts = [r["replica_steps"] for r in records if r.get("kind") == "train"]
-    return {"name": name, "seed": seed, "final_val_loss": s.final_val_loss, "sim_time_s": s.sim_time_s,
-            "step_share": s.step_share, "compute_utilisation": s.utilisation,
-            "replica_step_share": s.replica_step_share, "replica_steps": s.replica_steps,
-            "steps_per_round_last": counts[-1] if counts else [], "clipped": s.clipped, "curve": curve,
-            "real_s": time.perf_counter() - t0}
+    return row_of(name, seed, s.run_dir, time.perf_counter() - t0)
 
 
 def time_to(curve: list[list[float]], target: float) -> float | None:
@@ -197,6 +209,7 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="simulations at once (one torch thread each)")
     p.add_argument("--only", default="", help="comma-separated run names (default: all)")
     p.add_argument("--out-dir", default="/tmp/distrain_time_to_loss")
+    p.add_argument("--resume", action="store_true", help="read back runs whose directories hold a summary")
     p.add_argument("--table", action="store_true", help="print the tables from the results file and redraw the plot")
     args = p.parse_args()
     if args.table:
@@ -206,7 +219,8 @@ def main() -> int:
         return 0
     steps, seeds = (120, [0]) if args.quick else (args.steps, list(range(args.seeds)))
     todo = [r for r in runs() if not args.only or r[0] in args.only.split(",") or r[0] == "full2"]
-    jobs = [(name, topo, policy, merge, seed, steps, args.out_dir) for name, topo, policy, merge in todo for seed in seeds]
+    jobs = [(name, topo, policy, merge, seed, steps, args.out_dir, args.resume)
+            for name, topo, policy, merge in todo for seed in seeds]
     rows = []
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for row in pool.map(simulate, *zip(*jobs)):

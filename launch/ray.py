@@ -28,8 +28,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    "local (start a private one), or host:port")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a private local cluster (--address local)")
     p.add_argument("--fault", action="append", default=[], help="fault injection (repeatable): "
-                   "kill:rank=R,round=N[,delay=S], stale:rank=R,round=N or slow:rank=R,factor=F[,round=N] "
-                   "(tests and demos)")
+                   "kill:rank=R,round=N[,delay=S], stale:rank=R,round=N, slow:rank=R,factor=F[,round=N] or "
+                   "late:rank=R,round=N,delay=S (tests and demos)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_known_args(argv)
 

@@ -209,6 +209,50 @@ def test_worker_killed_mid_round_is_dropped_restarted_and_caught_up(cluster, bas
         assert all(torch.isfinite(v).all() and torch.equal(v, ref[k]) for k, v in g.items())
 
 
+def test_a_late_replica_sits_the_round_out_and_rejoins_with_its_state(cluster, baseline, tiny_corpus, data_cache):
+    """Worker 2 waits 2 s before its round-1 exchange (alive, past the 0.5 s grace): round 1 completes
+    with workers 0 and 1 although the quorum is every replica, the driver does not wait for worker 2
+    (later rounds go on without it), and once it is done it rejoins from the global weights with its
+    own AdamW moments and error buffers — never rebuilt, never counted as failed."""
+    root, _ = baseline
+    cfg = tiny_config(root / "late.toml", tiny_corpus, data_cache, root / "runs", "late", "--topology.quorum=1.0",
+                      "--topology.grace_s=0.5", "--train.steps=180", "--train.eval_every=180", "--checkpoint.every=0")
+    res = run([sys.executable, "-m", "distrain.launch.ray", "--address", cluster["gcs"], "--config", str(cfg),
+               "--fault=late:rank=2,round=1,delay=2"], cluster["env"])
+    assert res.returncode == 0, res.stdout[-4000:]
+    rows = metrics(root / "runs" / "late")
+    events = [(m["event"], m["rank"]) for m in rows if m["kind"] == "event"]
+    assert ("late", 2) in events and ("rejoined", 2) in events
+    assert not any(e in (("dropped", 2), ("caught_up", 2), ("killed", 2)) for e in events)
+    rejoined = next(m for m in rows if m["kind"] == "event" and m["event"] == "rejoined" and m["rank"] == 2)
+    assert rejoined["kept_state"] is True
+    train = {m["round"]: m for m in rows if m["kind"] == "train"}
+    assert train[2]["replicas"] == 2 and train[2]["contributors"] == 2  # round 1 went on without it
+    assert train[max(train)]["replicas"] == 3  # it takes part again
+    # its AdamW state counts every step it ran: the late round's too (it was not rebuilt)
+    state = rank_state(root / "runs" / "late", 2)["worker"]["trainer"]
+    adam = {int(v["step"]) for v in state["optimizer"]["state"].values()}
+    assert adam == {state["step"]}  # a rebuilt worker's moments would count only the steps since
+
+
+def test_a_throttled_replica_runs_fewer_steps_in_its_window(cluster, baseline, tiny_corpus, data_cache):
+    """Worker 2 slowed 8x from round 1 under measured windows: from then on it stops at a step
+    boundary as its window closes — it contributes what it has instead of stalling the others — and
+    the job ends with every replica in every round."""
+    root, _ = baseline
+    cfg = tiny_config(root / "throttle.toml", tiny_corpus, data_cache, root / "runs", "throttle",
+                      "--topology.step_times=measured", "--train.steps=24", "--outer.inner_steps=4",
+                      "--train.eval_every=24", "--checkpoint.every=0")
+    res = run([sys.executable, "-m", "distrain.launch.ray", "--address", cluster["gcs"], "--config", str(cfg),
+               "--fault=slow:rank=2,factor=8,round=1"], cluster["env"])
+    assert res.returncode == 0, res.stdout[-4000:]
+    train = [m for m in metrics(root / "runs" / "throttle") if m["kind"] == "train"]
+    assert all(m["replicas"] == 3 for m in train)
+    fast = sum(m["replica_steps"][0] for m in train[1:])
+    slow = sum(m["replica_steps"][2] for m in train[1:])
+    assert slow <= 0.6 * fast, [m["replica_steps"] for m in train]
+
+
 def test_restarted_job_resumes_from_the_coordinator_checkpoint(cluster, baseline):
     """A copy of the baseline run that lost its last checkpoint (step 12) resumes at step 6 from
     the Coordinator's and the workers' checkpoints and ends on the baseline's weights exactly."""
@@ -334,3 +378,81 @@ def test_adaptive_sp_replica_ray_job_equals_the_simulation(cluster, baseline, ti
         assert all(torch.equal(v, model[k]) for k, v in sim.workers[r].model.state_dict().items())
     assert [m["loss"] for m in metrics(run_dir) if m["kind"] == "train"] == \
         [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"]
+
+
+# ----- two nodes on 127.0.0.1: one is killed mid-run, a new one joins ------------------------------
+def start_node(gcs: str, env: dict) -> str:
+    """A worker node of one CPU joining the cluster at ``gcs``; its mark (a port in its raylet's
+    command line) finds its processes to kill."""
+    port = free_port()
+    res = run(["ray", "start", f"--address={gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+               f"--node-manager-port={port}", f"--object-manager-port={free_port()}", "--disable-usage-stats",
+               *own_agent_ports()], env, timeout=180)
+    assert res.returncode == 0, res.stdout[-3000:]
+    return f"node_manager_port={port}"
+
+
+@pytest.fixture
+def two_nodes():
+    temp = tempfile.mkdtemp(prefix="dtr2n", dir="/tmp")
+    gcs = free_port()
+    # node deaths noticed within ~2 s instead of Ray's default tens of seconds
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_DEDUP_LOGS": "0", "PYTHONWARNINGS": "ignore::DeprecationWarning",
+           "RAY_health_check_initial_delay_ms": "0", "RAY_health_check_period_ms": "500",
+           "RAY_health_check_timeout_ms": "500", "RAY_health_check_failure_threshold": "3"}
+    env.pop("RAY_ADDRESS", None)
+    marks = [temp, f":{gcs} "]
+    try:
+        res = run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=1",
+                   "--object-store-memory=200000000", f"--temp-dir={temp}", "--disable-usage-stats",
+                   "--include-dashboard=false", *own_agent_ports()], env, timeout=180)
+        assert res.returncode == 0, res.stdout[-3000:]
+        yield {"gcs": f"127.0.0.1:{gcs}", "env": env, "node_b": start_node(f"127.0.0.1:{gcs}", env)}
+    finally:
+        stop_cluster(marks)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_killed_node_takes_its_replica_out_and_a_new_node_brings_it_back(two_nodes, tiny_corpus, data_cache,
+                                                                           tmp_path):
+    """Two replicas spread over two nodes (STRICT_SPREAD), quorum 1/2. Node B is killed mid-run: the
+    replica on the head node completes the round and goes on alone; a new node joins, Ray places the
+    lost worker there and it catches up from the Coordinator's global weights; both end on the same
+    weights, nothing of the global state lost."""
+    cfg = tiny_config(tmp_path / "nodes.toml", tiny_corpus, data_cache, tmp_path / "runs", "nodes",
+                      "--topology.replica=[{count=2, cpus=1.0}]", "--topology.quorum=0.5",
+                      "--runtime.placement_strategy=STRICT_SPREAD", "--topology.grace_s=2.0",
+                      "--train.steps=90", "--train.eval_every=90", "--checkpoint.every=0")
+    env = two_nodes["env"]
+    cmd = [sys.executable, "-m", "distrain.launch.ray", "--address", two_nodes["gcs"], "--config", str(cfg),
+           "--fault=slow:rank=0,factor=10", "--fault=slow:rank=1,factor=10"]  # rounds long enough to aim at
+    log = tmp_path / "job.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    metrics_file = tmp_path / "runs" / "nodes" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and job.poll() is None:  # the job is in round 3
+            if metrics_file.exists() and sum(1 for line in metrics_file.read_text().splitlines()
+                                             if '"train"' in line) >= 2:
+                break
+            time.sleep(0.2)
+        assert job.poll() is None, log.read_text()[-3000:]
+        stop_cluster([two_nodes["node_b"]])  # node B and everything on it, killed
+        start_node(two_nodes["gcs"], env)
+        job.wait(timeout=max(1.0, deadline + 120 - time.monotonic()))
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    assert job.returncode == 0, log.read_text()[-4000:]
+    rows = metrics(tmp_path / "runs" / "nodes")
+    events = [(m["event"], m["rank"]) for m in rows if m["kind"] == "event"]
+    assert ("dropped", 1) in events and ("caught_up", 1) in events, events
+    train = [m for m in rows if m["kind"] == "train"]
+    alone = [m["round"] for m in train if m["replicas"] == 1]
+    assert alone and min(alone) >= 3 and train[-1]["replicas"] == 2  # it went on alone, then both again
+    assert all(m["loss"] == m["loss"] for m in train)  # finite (not NaN) throughout
+    a, b = (global_weights(rank_state(tmp_path / "runs" / "nodes", r)) for r in (0, 1))
+    assert all(torch.isfinite(v).all() and torch.equal(v, b[k]) for k, v in a.items())

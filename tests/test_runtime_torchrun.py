@@ -111,6 +111,37 @@ def test_torchrun_equals_simulation_bit_for_bit(setup, baseline):
     assert got["rounds"] == 4 and got["steps"] == 12 and got["tokens"] == summary.tokens
 
 
+def test_a_throttled_rank_stops_at_its_window_keeps_its_state_and_the_run_replays(setup):
+    """Rank 2 slowed 8x from round 1 under measured windows (real time): its replica stops at a step
+    boundary as its window closes — the others never wait for a full round of slow steps — its AdamW
+    state counts every step it ran, and the simulation replays the logged step counts bit for bit."""
+    from distrain.runtime.simulation import Simulation
+
+    over, root = setup
+    over = [o for o in over if o != "--topology.step_times=configured"]
+    cfg = write_config(root / "throttle.toml", over + ["--run.name=throttle", "--train.steps=24",
+                                                       "--outer.inner_steps=4", "--train.eval_every=24"])
+    res = torchrun(cfg, 3, "--fault=slow:rank=2,factor=8,round=1")
+    assert res.returncode == 0, res.stdout[-4000:]
+    run_dir = root / "runs" / "throttle"
+    train = [m for m in metrics(run_dir) if m["kind"] == "train"]
+    fast = sum(m["replica_steps"][0] for m in train[1:])
+    slow = sum(m["replica_steps"][2] for m in train[1:])
+    assert slow <= 0.6 * fast, [m["replica_steps"] for m in train]
+    state = rank_state(run_dir, 2)["worker"]["trainer"]
+    assert {int(v["step"]) for v in state["optimizer"]["state"].values()} == {state["step"]}
+    assert state["step"] == sum(m["replica_steps"][2] for m in train)
+    threads = torch.get_num_threads()
+    try:
+        sim = Simulation(load_config(cfg, ["--run.name=replay", f"--topology.step_plan={run_dir / 'metrics.jsonl'}"]))
+        sim.run()
+    finally:
+        torch.set_num_threads(threads)
+    assert [m["replica_steps"] for m in metrics(sim.run_dir) if m["kind"] == "train"] == \
+        [m["replica_steps"] for m in train]
+    assert_same(sim.workers[0].global_state(), global_weights(rank_state(run_dir, 0)))
+
+
 def test_killed_rank_restarts_elastically_from_the_last_checkpoint(setup, baseline):
     """Rank 1 dies at the start of round 3 (9 steps done, last checkpoint at step 6): torchrun
     restarts all ranks, they agree on step 6, replay round 2 and end on the baseline's weights."""

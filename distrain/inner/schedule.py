@@ -53,8 +53,10 @@ class Window:
     length_s: float
     step_s: float  # the replica's expected step time
 
-    def overrun(self, now: float) -> bool:
-        return now - self.start + (1.0 - OVERRUN) * self.step_s > self.length_s
+    def overrun(self, now: float, last_step_s: float = 0.0) -> bool:
+        """Would the next step end too late? It is expected to take the longer of the replica's
+        usual step and the step just done (a worker that slowed down mid-round)."""
+        return now - self.start + (1.0 - OVERRUN) * max(self.step_s, last_step_s) > self.length_s
 
 
 @dataclass
@@ -93,6 +95,7 @@ class InnerSchedule:
         self.step_time_s, self.speed = step_time_s, speed
         self.slowdown = 1.0  # fault injection: every step takes this many times longer
         self.window: Window | None = None  # the window of the step in progress
+        self._step_start = 0.0  # the clock when the step in progress began
 
     # ----- the step ----------------------------------------------------------------------------
     def _step(self) -> StepOutcome:
@@ -113,7 +116,10 @@ class InnerSchedule:
 
     def _vote(self) -> bool:
         """This worker's vote to stop after the step in progress (its window is about to close)."""
-        return self.window is not None and self.window.overrun(self.clock.now())
+        if self.window is None:
+            return False
+        now = self.clock.now()
+        return self.window.overrun(now, now - self._step_start)
 
     def _agree(self, vote: bool) -> bool:
         """The replica's decision from every worker's vote; one device decides alone."""
@@ -130,6 +136,7 @@ class InnerSchedule:
         """One inner step at global ``progress`` (default: this worker's own step count); with a
         ``window``, ``report.stop`` says whether the replica stops after it."""
         t0, c0 = time.perf_counter(), self.clock.now()
+        self._step_start = c0
         lr = self.set_progress(self.step if progress is None else progress)
         self.window = window
         out = self._step()

@@ -33,7 +33,9 @@ class Fault:
     - ``hostile`` (simulation): from round N on, worker R's pseudo-gradient frames are valid and
       finite but ``delay`` (default 1e30) times too large — what robust aggregation must survive;
     - ``slow`` (every mode): from round N on (default 0), every inner step of worker R takes
-      ``factor`` times longer — real time under torchrun and Ray, simulated time in simulation.
+      ``factor`` times longer — real time under torchrun and Ray, simulated time in simulation;
+    - ``late`` (Ray): in round N worker R waits ``delay`` seconds before its exchange — alive, but
+      past the grace, so it must sit the round out and rejoin with its state.
     """
 
     kind: str
@@ -42,7 +44,7 @@ class Fault:
     delay: float = 0.0
     factor: float = 1.0
 
-    KINDS = ("exit", "kill", "stale", "hostile", "slow")
+    KINDS = ("exit", "kill", "stale", "hostile", "slow", "late")
 
     @classmethod
     def parse(cls, spec: str) -> "Fault":
@@ -59,6 +61,8 @@ class Fault:
             fields.setdefault("round", "0")
             if "factor" not in fields:
                 raise ValueError(f"fault {spec!r}: a slow worker needs factor=F (its steps take F times longer)")
+        if kind == "late" and float(fields.get("delay", "0") or 0) <= 0:
+            raise ValueError(f"fault {spec!r}: a late worker needs delay=S (seconds it waits before its exchange)")
         if "rank" not in fields or "round" not in fields:
             raise ValueError(f"fault {spec!r}: rank and round are required")
         try:
@@ -82,8 +86,9 @@ class FaultyTransport(RayTransport):
 
     ``stale_round``: in that round this worker re-sends its previous round's frame.
     ``hold_round``: in that round this worker stops after its inner steps, before sending its
-    frame, for up to ``hold_s`` — the window in which the driver kills its actor, so the kill
-    lands mid-round every time (not before the round started, nor after it finished).
+    frame, for ``hold_s`` (once) — the window in which the driver kills its actor (``kill``: the kill
+    lands mid-round every time, not before the round started nor after it finished), or the delay
+    that makes it late (``late``).
     """
 
     def __init__(self, *args: Any, stale_round: int = -1, hold_round: int = -1, hold_s: float = 60.0, **kwargs: Any):
@@ -94,7 +99,9 @@ class FaultyTransport(RayTransport):
     def all_gather_bytes(self, group: str, payload: bytes) -> list[bytes | None]:
         current = self.mailbox.round
         if current == self._hold_round:
-            log.warning("fault injection: worker %d holds in round %d until it is killed", self.rank, current)
+            self._hold_round = -1
+            log.warning("fault injection: worker %d holds %g s before its exchange in round %d", self.rank,
+                        self._hold_s, current)
             time.sleep(self._hold_s)
         send = self._last if current == self._stale_round and self._last is not None else payload
         self._last = payload

@@ -61,11 +61,13 @@ class RoundPlan:
     window_s: float = 0.0  # the compute window (0: no window)
     enforce: bool = False  # replicas stop at a step boundary when the window closes (measured windows)
     source: str = "nominal"  # nominal | configured | measured | replay
+    limits: list[int] = field(default_factory=list)  # replay: the steps each replica actually ran
 
     def for_replica(self, replica: int) -> ReplicaRound:
         step_s = self.step_s[replica] if self.step_s else 0.0
         return ReplicaRound(self.steps[replica], self.progress, self.span,
-                            self.window_s if self.enforce else 0.0, step_s)
+                            self.window_s if self.enforce else 0.0, step_s,
+                            self.limits[replica] if self.limits else -1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,16 +88,19 @@ def measured_step_s(reports: list[RoundReport], n_replicas: int) -> list[float]:
     return out
 
 
-def read_step_plan(path: str | Path) -> dict[int, list[int]]:
-    """The step counts per replica that a run logged, by round (``replica_steps`` of its train records)."""
-    plans: dict[int, list[int]] = {}
+def read_step_plan(path: str | Path) -> dict[int, tuple[list[int], list[int]]]:
+    """What a run logged per round: (the steps planned per replica, the steps each ran) — a
+    replica's steps sit where its plan spread them, and a window may have stopped it earlier."""
+    plans: dict[int, tuple[list[int], list[int]]] = {}
     for line in Path(path).read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(rec, dict) and rec.get("kind") == "train" and "replica_steps" in rec:
-            plans[int(rec["round"]) - 1] = [int(x) for x in rec["replica_steps"]]
+            ran = [int(x) for x in rec["replica_steps"]]
+            planned = rec.get("plan", {}).get("steps", ran) if isinstance(rec.get("plan"), dict) else ran
+            plans[int(rec["round"]) - 1] = ([int(x) for x in planned], ran)
     return plans
 
 
@@ -122,10 +127,11 @@ class StepPlanner:
             return RoundPlan(round_idx, progress, span, [max(1, round(span * fastest / t)) for t in configured],
                              configured, source="configured")
         if self.replay is not None:
-            if round_idx not in self.replay or len(self.replay[round_idx]) != n:
+            planned, ran = self.replay.get(round_idx, ([], []))
+            if len(planned) != n or len(ran) != n or any(r > p for r, p in zip(ran, planned)):
                 raise ValueError(f"topology.step_plan: no step counts for round {round_idx} of {n} replicas "
                                  f"in {self.cfg.topology.step_plan}")
-            return RoundPlan(round_idx, progress, span, list(self.replay[round_idx]), source="replay")
+            return RoundPlan(round_idx, progress, span, planned, source="replay", limits=ran)
         measured = self.cfg.topology.step_times == "measured"
         step_s = [e if measured and e > 0 else c for e, c in zip(estimates or [0.0] * n, configured)]
         window = self.cfg.topology.window_s * span / self.h if self.cfg.topology.window_s else span * min(step_s)

@@ -96,7 +96,7 @@ class Worker:
         window = Window(start, todo.window_s, todo.step_s) if todo.window_s > 0 else None
         losses, compute_s, lr, tokens, train_s, done = [], 0.0, 0.0, 0, 0.0, 0
         extra: dict[str, float] = {}
-        for i in range(todo.steps):
+        for i in range(todo.runs):
             res = self.schedule.train_step(todo.progress_at(i), window)
             done += 1
             train_s += res.seconds

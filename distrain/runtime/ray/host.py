@@ -70,9 +70,11 @@ class WorkerHost:
         kwargs: dict[str, Any] = dict(groups=self.layout.byte_groups(), timeout_s=cfg.topology.round_timeout_s)
         parsed = [Fault.parse(f) for f in faults if f]
         self.slow = next((f for f in parsed if f.kind == "slow"), None)
-        wire_faults = [f for f in parsed if f.kind in ("stale", "kill")]
+        wire_faults = [f for f in parsed if f.kind in ("stale", "kill", "late")]
         for f in wire_faults:
             kwargs["stale_round" if f.kind == "stale" else "hold_round"] = f.round
+            if f.kind == "late":
+                kwargs["hold_s"] = f.delay
         cls = FaultyTransport if wire_faults else RayTransport
         self.transport: RayTransport = cls(coordinator, rank, self.layout.world_size, **kwargs)
         self.worker: Worker | None = None

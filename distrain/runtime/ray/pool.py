@@ -89,6 +89,7 @@ class RayPool(WorkerPool):
         # replicas held out because a worker of theirs was late: rank → its unfinished round (or None)
         self.late: dict[int, Any] = {}
         self.late_since: dict[int, float] = {}  # replica → when it was held out
+        self.waited: set[int] = set()  # failed replicas whose restart the driver has waited for once
         self._events: list[dict[str, Any]] = []
         self._setup(sorted(self.behind))  # every worker built; the clock starts after this
         self.active, self.behind = set(range(lay.world_size)), set()
@@ -124,7 +125,7 @@ class RayPool(WorkerPool):
 
     def _worker_faults(self, rank: int) -> tuple[str, ...]:
         """The worker-side part of the faults aimed at ``rank`` (see ``FaultyTransport``)."""
-        return tuple(f.spec() for f in self.faults if f.rank == rank and f.kind in ("stale", "kill", "slow"))
+        return tuple(f.spec() for f in self.faults if f.rank == rank and f.kind in ("stale", "kill", "slow", "late"))
 
     def _peers(self, rank: int) -> dict[int, Any]:
         """A pipeline stage talks point to point with the other stages of its replica."""
@@ -133,19 +134,29 @@ class RayPool(WorkerPool):
             return {}
         return {r: self.actors[r] for r in self.layout.ranks(replica) if r != rank}
 
-    def _setup(self, ranks: list[int]) -> dict[int, int]:
-        """Build the workers of ``ranks`` (whole replicas), waiting for restarting actors; rank → pid."""
+    def _ready(self, ranks: list[int], wait_s: float) -> bool:
+        """Are the actors of ``ranks`` up (a restarting actor answers "unavailable", or not at all while
+        it waits for a node, until its constructor has run)? Waits up to ``wait_s``."""
         import ray
 
-        deadline = time.monotonic() + min(180.0, 2 * self.cfg.topology.round_timeout_s)
-        while True:  # a restarting actor answers "unavailable" until its constructor has run
+        deadline = time.monotonic() + wait_s
+        while True:
             try:
-                ray.get([self.actors[r].info.remote() for r in ranks], timeout=max(1.0, deadline - time.monotonic()))
-                break
+                ray.get([self.actors[r].info.remote() for r in ranks], timeout=max(0.5, deadline - time.monotonic()))
+                return True
             except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError):
                 if time.monotonic() >= deadline:
-                    raise
+                    return False
                 time.sleep(0.2)
+
+    def _setup(self, ranks: list[int], wait_s: float | None = None) -> dict[int, int]:
+        """Build the workers of ``ranks`` (whole replicas) once their actors are up; rank → pid.
+        ``wait_s``: how long to wait for restarting actors (default: start-up's long wait)."""
+        import ray
+
+        wait = min(180.0, 2 * self.cfg.topology.round_timeout_s) if wait_s is None else wait_s
+        if not self._ready(ranks, wait):
+            raise ray.exceptions.GetTimeoutError(f"workers {ranks} are not up after {wait:g} s")
         addresses: dict[int, str | None] = {r: None for r in ranks}
         for rep in self.layout.replicas:
             ranks_of = self.layout.ranks(rep.index)
@@ -281,8 +292,7 @@ class RayPool(WorkerPool):
                 self.late.pop(r)
                 self.active.add(r)
                 ray.get(self.coordinator.mark_present.remote(r, round_idx))
-            self.late_since.pop(replica, None)
-            events.append({"event": "rejoined_with_state", "replica": replica, "round": round_idx})
+            self.late_since.pop(replica, None)  # the Coordinator logs its workers' "rejoined" (kept_state)
         return events
 
     def catch_up(self, round_idx: int, replica_steps: list[int]) -> list[dict[str, Any]]:
@@ -300,14 +310,19 @@ class RayPool(WorkerPool):
         events += self._rejoin_late(round_idx, items)
         for replica in sorted({self.layout.replica_of(r) for r in self.behind}):
             ranks = self.layout.ranks(replica)
+            # its actors restarting in place come up within the grace; one whose node is gone must not
+            # stall the others each round: after that first wait it is only looked at, not waited for
+            wait = 0.0 if replica in self.waited else self.cfg.topology.grace_s
+            self.waited.add(replica)
             try:
-                pids = self._setup(ranks)
+                pids = self._setup(ranks, wait)
                 ray.get([self.actors[r].catch_up.remote(round_idx, items, replica_steps[replica]) for r in ranks])
             except Exception as e:  # noqa: BLE001 - a replica that cannot come back yet stays out
                 if not (_is_worker_failure(e) or isinstance(e, ray.exceptions.GetTimeoutError)):
                     raise
                 log.warning("replica %d cannot rejoin yet: %s", replica, str(e).splitlines()[0])
                 continue
+            self.waited.discard(replica)
             for r in ranks:
                 self.behind.discard(r)
                 self.active.add(r)
