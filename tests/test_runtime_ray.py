@@ -449,7 +449,8 @@ def test_a_killed_node_takes_its_replica_out_and_a_new_node_brings_it_back(two_n
     assert job.returncode == 0, log.read_text()[-4000:]
     rows = metrics(tmp_path / "runs" / "nodes")
     events = [(m["event"], m["rank"]) for m in rows if m["kind"] == "event"]
-    assert ("dropped", 1) in events and ("caught_up", 1) in events, events
+    lost = {r for e, r in events if e == "dropped"}  # whichever worker Ray had placed on node B
+    assert len(lost) == 1 and ("caught_up", lost.pop()) in events, events
     train = [m for m in rows if m["kind"] == "train"]
     alone = [m["round"] for m in train if m["replicas"] == 1]
     assert alone and min(alone) >= 3 and train[-1]["replicas"] == 2  # it went on alone, then both again
