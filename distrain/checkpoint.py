@@ -145,6 +145,22 @@ def _check_meta(path: Path, meta: Any) -> dict[str, Any]:
     return meta
 
 
+def check_checkpoint_dir(path: Path) -> int:
+    """The step of the checkpoint directory ``path`` after checking its shape (name, files, metadata)
+    without reading the state: what a run checks of ``checkpoint.resume`` before it creates anything."""
+    path = Path(path)
+    if not _STEP_RE.match(path.name):
+        raise CheckpointError(f"{path} is not a step-N checkpoint directory")
+    meta_path = path / META_FILE
+    if not meta_path.is_file() or not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"{path} holds no checkpoint (no {META_FILE} and {STATE_FILE})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable metadata ({e})") from None
+    return int(_check_meta(path, meta)["step"])
+
+
 def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Load one checkpoint directory, verifying metadata shape, format version, size and checksum first."""
     path = Path(path)

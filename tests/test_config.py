@@ -133,3 +133,34 @@ def test_run_id_changes_with_the_trajectory_not_with_names_or_logging():
         assert load_config(None, [same]).hash() == base.hash(), same
     for other in ("--model.dim=128", "--outer.algorithm=diloco", "--train.lr=0.01", "--train.steps=300"):
         assert load_config(None, [other]).hash() != base.hash(), other
+
+
+def test_the_last_bad_inputs_end_in_one_line_before_anything_is_created(tmp_path, capsys):
+    """Each exits 2 with one ``config error`` line naming the problem, and no run directory appears."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(bytes(range(256)) * 80)
+    junk = tmp_path / "ckpt" / "step-5"
+    junk.mkdir(parents=True)
+    (junk / "notes.txt").write_text("junk")
+    forged = tmp_path / "forged" / "step-7"
+    forged.mkdir(parents=True)
+    (forged / "meta.json").write_text('{"format_version": 1, "step": 3, "state_sha256": "x", "state_bytes": 1}')
+    (forged / "state.pt").write_bytes(b"x")
+    out = tmp_path / "runs"
+    cases = [
+        ("--topology.replica=[]", "empty list of replica tables"),
+        (f"--data.source={empty}", "no text files found"),
+        (f"--data.source={blob}", "not text"),
+        (f"--checkpoint.resume={junk}", "holds no checkpoint"),
+        (f"--checkpoint.resume={empty}", "is not a step-N checkpoint directory"),
+        (f"--checkpoint.resume={forged}", "says step 3 but the directory is step-7"),
+        ("--topology.replica=[{kind=}]", "invalid TOML value"),
+    ]
+    for bad, needle in cases:
+        capsys.readouterr()
+        assert main(["simulate", f"--run.out_dir={out}", bad]) == 2, bad
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("distrain: config error:") and needle in err[0], (bad, err)
+        assert not out.exists(), bad

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from distrain.config.replica import ReplicaConfig
 from distrain.config.sections import ALGORITHMS, Config
-from distrain.config.tomlconf import choice, need, source_of
+from distrain.config.tomlconf import ConfigError, choice, need, source_of
 
 
 # Validation: every value, before any work.
@@ -54,6 +54,12 @@ def _check_data(cfg: Config) -> None:
     if d.source != "stdlib":
         need(Path(d.source).exists(), f"data.source: {d.source} does not exist (give a file, a directory, "
                                        "a .jsonl file, or 'stdlib')")
+        from distrain.data.corpus import CorpusError, check_source
+
+        try:
+            check_source(d.source)
+        except CorpusError as e:
+            raise ConfigError(f"data.source: {e}") from None
     if d.tokenizer:
         need(Path(d.tokenizer).is_file(), f"data.tokenizer: {d.tokenizer} is not a file (a HF tokenizer.json)")
     else:
@@ -185,6 +191,12 @@ def _check_checkpoint(cfg: Config) -> None:
     if c.resume not in ("none", "auto"):
         need(Path(c.resume).is_dir(), f"checkpoint.resume: {c.resume} is not a checkpoint directory "
                                        "(give none, auto, or a step-N directory)")
+        from distrain.checkpoint import CheckpointError, check_checkpoint_dir
+
+        try:
+            check_checkpoint_dir(Path(c.resume))
+        except CheckpointError as e:
+            raise ConfigError(f"checkpoint.resume: {e} (give none, auto, or a step-N directory)") from None
 
 
 def _check_logging(cfg: Config) -> None:

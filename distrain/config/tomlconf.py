@@ -118,7 +118,9 @@ def parse_override(arg: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override {arg!r}: expected --section.key=value")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as e:
+        if raw.lstrip()[:1] in ("[", "{", '"', "'"):  # meant as a TOML list, table or string: say why not
+            raise ConfigError(f"override {arg!r}: invalid TOML value ({e})") from None
         value = raw  # bare words are strings: --run.name=foo
     return parts, value
 

@@ -245,6 +245,28 @@ def iter_jsonl(path: str | Path, text_key: str = "text", max_bytes: int = 0) -> 
     return _capped(records(), max_bytes)
 
 
+def check_source(source: str) -> None:
+    """Cheap checks a run makes before it creates anything: a directory holds a text file, a file is
+    text (no NUL bytes, valid UTF-8 in its first 64 KB). Raises ``CorpusError`` naming the problem."""
+    kind = source_kind(source)
+    if kind == "directory":
+        for dirpath, dirnames, filenames in os.walk(source):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
+            if any(not n.startswith(".") and Path(n).suffix.lower() in TEXT_EXTENSIONS for n in filenames):
+                return
+        raise CorpusError(f"{source}: no text files found (looked for {', '.join(sorted(TEXT_EXTENSIONS))})")
+    if kind in ("file", "jsonl"):
+        with open(source, "rb") as f:
+            head = f.read(1 << 16)
+        if not head.strip():
+            raise CorpusError(f"{source}: the file is empty")
+        text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(head, final=False)
+        # the reader replaces the odd undecodable byte (a Latin-1 accent); a binary file is mostly that
+        if b"\0" in head or text.count("\ufffd") > 0.1 * max(1, len(text)):
+            raise CorpusError(f"{source}: not text (NUL bytes or mostly invalid UTF-8 in its first "
+                              f"{len(head)} bytes); give a text file, a directory of text files or a .jsonl file")
+
+
 def source_kind(source: str) -> str:
     """``stdlib``, ``jsonl``, ``directory`` or ``file``; a missing path raises FileNotFoundError."""
     if source == STDLIB_SOURCE:
