@@ -36,6 +36,9 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+import math
+from dataclasses import field
+
 import numpy as np
 import torch
 
@@ -44,6 +47,7 @@ from distrain.comm.errors import (
     ChecksumError,
     CodecMismatchError,
     FutureFrameError,
+    MagnitudeError,
     NonFiniteError,
     SchemaError,
     ShapeMismatchError,
@@ -160,6 +164,17 @@ def decode_boundary(data: bytes | bytearray | memoryview, expect: BoundaryExpect
     return t
 
 
+def frame_header(data: bytes) -> tuple[int, str, int, int, tuple[int, int, int]] | None:
+    """(direction, dtype, step, micro-batch, shape) of a boundary frame, None when ``data`` is not one
+    (a cheap look at its prefix: fault injection and logs, not validation)."""
+    if len(data) < FRAME_BYTES or bytes(data[:4]) != MAGIC:
+        return None
+    _, _, direction, code, _, step, micro, b, s, w = _PREFIX.unpack_from(data, 0)
+    if code not in _BY_CODE or direction not in DIRECTIONS:
+        return None
+    return direction, _BY_CODE[code], step, micro, (b, s, w)
+
+
 def _check_against(expect: BoundaryExpect, direction: int, name: str, shape: tuple[int, int, int],
                    step: int, micro: int) -> None:
     _check_direction(expect.direction)
@@ -175,3 +190,37 @@ def _check_against(expect: BoundaryExpect, direction: int, name: str, shape: tup
         cls = StaleFrameError if got < want else FutureFrameError
         raise cls(f"{DIRECTIONS[direction]} boundary frame for step {step} micro-batch {micro}, "
                   f"this stage expects step {expect.step} micro-batch {expect.micro}")
+
+
+@dataclass
+class BoundaryBounds:
+    """Magnitude bounds of the boundary frames one stage receives, per link and direction.
+
+    A frame that decodes (valid, finite) can still carry 1e30s: forward it would swamp the next
+    stage's activations, backward it would blow the replica's clip norm up so that clipping wastes
+    every stage's step. Every frame must stay under ``abs_cap`` in absolute value and, once the link
+    has carried ``warmup`` frames that way, its RMS under ``ratio`` × that link's running RMS (an
+    average over the frames it accepted). Honest activations and their gradients drift slowly;
+    three orders of magnitude between neighbouring frames is not drift.
+    """
+
+    ratio: float = 1e3
+    abs_cap: float = 1e6
+    warmup: int = 4
+    keep: float = 0.9  # weight of the running scale against a new frame's
+    scales: dict[tuple[int, int], tuple[float, int]] = field(default_factory=dict)  # (src, direction) → (rms, frames)
+
+    def check(self, t: torch.Tensor, src: int, direction: int, step: int, micro: int) -> None:
+        """Raise ``MagnitudeError`` for a frame out of bounds; otherwise fold it into the link's scale."""
+        where = f"{DIRECTIONS[direction]} boundary frame from rank {src} (step {step}, micro-batch {micro})"
+        values = t.detach().float()
+        peak = float(values.abs().max()) if values.numel() else 0.0
+        if peak > self.abs_cap:
+            raise MagnitudeError(f"{where}: a value of magnitude {peak:.3g} exceeds the absolute cap {self.abs_cap:g}")
+        rms = float(values.pow(2).mean().sqrt()) if values.numel() else 0.0
+        scale, seen = self.scales.get((src, direction), (0.0, 0))
+        if seen >= self.warmup and scale > 0 and rms > self.ratio * scale:
+            raise MagnitudeError(f"{where}: its RMS {rms:.3g} is {rms / scale:.3g}x the link's running scale "
+                                 f"{scale:.3g} (bound {self.ratio:g}x)")
+        if math.isfinite(rms):
+            self.scales[(src, direction)] = (rms if seen == 0 else self.keep * scale + (1 - self.keep) * rms, seen + 1)

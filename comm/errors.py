@@ -112,3 +112,12 @@ class RoundLateError(CommError):
     """This worker reached a collective after its grace had passed: the round completed without it.
 
     It is alive and keeps its state; it sits this round out and rejoins from the global weights."""
+
+
+class MagnitudeError(FrameError):
+    """A boundary frame's values are out of bounds: above the absolute cap, or far above the running
+    scale of what that link carried in that direction (valid and finite, but not an activation)."""
+
+
+class BoundaryRejectedError(FrameError):
+    """A pipeline stage rejected a boundary frame; the message names the stage, the step and why."""

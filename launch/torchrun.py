@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from distrain.comm.errors import FrameError
 from distrain.config import ConfigError, load_config
 from distrain.layout import Layout
 from distrain.runtime.common import apply_torch_threads
@@ -64,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_torchrun(cfg, fault)
         if summary is not None:
             print(json.dumps(summary.to_dict()), flush=True)
+    except (FrameError, FloatingPointError) as e:
+        # torch collectives cannot leave this replica behind: this attempt ends now, in one line (the
+        # elastic agent stops the other ranks and, with --max-restarts, resumes from the checkpoints)
+        print(f"launch.torchrun: rank {os.environ.get('RANK', '?')}: {type(e).__name__}: {e}", file=sys.stderr,
+              flush=True)
+        return 3
     finally:
         dist.destroy_process_group()
     return 0

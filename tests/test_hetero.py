@@ -147,3 +147,33 @@ def test_chunkwise_training_inside_a_compressed_pipeline_stage(tiny_config):
                                "--topology.replica=[{}, {kind='pipeline', stages=2, compress={k=16}}]",
                                "--run.name=seco_pipe")).run()
     assert s.final_val_loss < s.first_val_loss - 0.3
+
+
+@pytest.mark.parametrize("value", [0.0, 1e30])
+def test_a_bad_boundary_frame_ends_its_replicas_round_at_once(tiny_config, value, capsys):
+    """From round 1 the pipeline's first stage sends boundary frames of NaN (or 1e30): the second
+    stage rejects the first one, the replica leaves the round at once (not after the 600 s
+    collective timeout) with one line naming the stage, step and reason, the full replica completes
+    every round, and the pipeline rejoins from the global weights."""
+    import time
+
+    from distrain.metrics import read_metrics
+    from distrain.runtime.faults import Fault
+
+    cfg = tiny_config(*COMMON, "--topology.replica=[{}, {kind='pipeline', stages=2, compress={k=8}}]",
+                      f"--run.name=badboundary{int(value > 0)}", "--topology.round_timeout_s=600.0")
+    sim = Simulation(cfg, faults=[Fault("boundary", 1, 1, delay=value)])
+    t0 = time.monotonic()
+    summary = sim.run()
+    assert time.monotonic() - t0 < 60  # seconds, not the collective timeout
+    rows = read_metrics(sim.run_dir)
+    left = [r for r in rows if r.get("event") == "left_round"]
+    assert [r["round"] for r in left] == [1, 2]  # every round from 1 on (the fault stays)
+    reason = "NonFiniteError" if value == 0.0 else "MagnitudeError"
+    for r in left:  # its steps of round 1 never happened: it fails at step 3 again in round 2
+        assert r["why"].startswith("BoundaryRejectedError: stage 1 rejected the forward boundary frame of step 3, "
+                                   f"micro-batch 0 from stage 0: {reason}"), r["why"]
+    said = [line for line in capsys.readouterr().out.splitlines() if "left the round" in line]
+    assert len(said) == 2 and said[0].startswith("round 1: replica 1 left the round: BoundaryRejectedError")
+    assert [r["replicas"] for r in rows if r.get("kind") == "train"] == [2, 1, 1]
+    assert summary.final_val_loss < summary.first_val_loss  # the full replica trained on

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from distrain.comm import boundary as bd
-from distrain.comm.errors import CommError, FutureFrameError
+from distrain.comm.errors import BoundaryRejectedError, CommError, FutureFrameError, MagnitudeError
 from distrain.comm.simulated import SimulatedHub, run_ranks
 from distrain.config import ChunkwiseConfig, ModelConfig
 from distrain.model import Transformer
@@ -415,8 +415,25 @@ def test_spaco_stages_equal_whole_model_spaco_with_the_same_chunks():
 
 def test_a_stage_on_another_step_is_rejected_not_trained_on():
     stages = split(full_model(), [0, 2, 4])
-    with pytest.raises(FutureFrameError, match="step 5 micro-batch 0.*expects step 4"):
+    with pytest.raises(BoundaryRejectedError, match="stage 1 rejected the forward boundary frame of step 4, "
+                                                    "micro-batch 0 from stage 0: FutureFrameError") as info:
         run_pipeline(stages, micro_batches(n=2), steps=[5, 4])
+    assert isinstance(info.value.__cause__, FutureFrameError)
+
+
+@pytest.mark.parametrize("direction", [bd.FORWARD, bd.BACKWARD])
+def test_boundary_frames_out_of_bounds_are_rejected(direction):
+    """Valid and finite is not enough: a 1e30 frame, or one far above what the link carried."""
+    bounds = bd.BoundaryBounds(ratio=1e3, abs_cap=1e6, warmup=2)
+    honest = torch.randn(2, 8, 16)
+    for step in range(3):
+        bounds.check(honest * (1 + 0.1 * step), src=3, direction=direction, step=step, micro=0)
+    with pytest.raises(MagnitudeError, match="exceeds the absolute cap"):
+        bounds.check(torch.full((2, 8, 16), 1e30), 3, direction, 3, 0)
+    with pytest.raises(MagnitudeError, match="running scale"):
+        bounds.check(honest * 5e4, 3, direction, 3, 0)  # under the cap, but 5e4 x the link's usual scale
+    bounds.check(honest * 5e4, 4, direction, 3, 0)  # another link has no history yet: only the cap applies
+    bounds.check(honest * 2, 3, direction, 3, 0)  # honest drift passes
 
 
 def test_norm_records_are_validated():

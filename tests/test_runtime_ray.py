@@ -308,6 +308,25 @@ def test_heterogeneous_ray_job_equals_the_simulation(cluster, baseline, tiny_cor
 MIXED = "--topology.replica=[{count=2}, {kind='pipeline', stages=2, compress={k=8}}]"
 
 
+def test_a_bad_boundary_frame_drops_its_pipeline_replica_at_once(cluster, baseline, tiny_corpus, data_cache):
+    """The pipeline's first stage (rank 2) sends NaN boundary frames from round 1: the second stage
+    rejects the first, the pipeline replica leaves that round at once with the reason named, the
+    full replicas complete it, and the job ends (Ray restarts the replica; its frames stay bad)."""
+    root, _ = baseline
+    cfg = tiny_config(root / "badboundary.toml", tiny_corpus, data_cache, root / "runs", "badboundary", MIXED,
+                      "--topology.round_timeout_s=600.0", "--topology.quorum=0.5")
+    res = run([sys.executable, "-m", "distrain.launch.ray", "--address", cluster["gcs"], "--config", str(cfg),
+               "--fault=boundary:rank=2,round=1"], cluster["env"])
+    assert res.returncode == 0, res.stdout[-4000:]
+    rows = metrics(root / "runs" / "badboundary")
+    dropped = [m for m in rows if m["kind"] == "event" and m["event"] == "dropped" and m["round"] == 1]
+    assert {m["rank"] for m in dropped} == {2, 3}
+    assert any("BoundaryRejectedError" in m["why"] for m in dropped)
+    assert "stage 1 rejected the forward boundary frame of step 3" in res.stdout
+    train = {m["round"]: m for m in rows if m["kind"] == "train"}
+    assert train[2]["replicas"] == 2 and train[2]["contributors"] == 2  # round 1: the full replicas alone
+
+
 def test_mixed_topology_ray_job_equals_the_simulation(cluster, baseline, tiny_corpus, data_cache):
     """Two full replicas and a 2-stage compressed pipeline replica (its stages are actors that
     pass boundaries actor to actor): the Ray job ends on the simulation's weights, bit for bit."""

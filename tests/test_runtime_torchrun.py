@@ -240,6 +240,26 @@ def test_deepspeed_zero2_replica_inside_a_two_replica_sparseloco_run(setup, ddp_
     assert last[0] == pytest.approx(last[1], abs=1e-2)
 
 
+def test_a_bad_boundary_frame_ends_the_attempt_at_once_in_one_line(setup):
+    """Rank 1 (the pipeline's first stage) sends NaN boundary frames from round 1: rank 2 rejects the
+    first one and the attempt ends within seconds — torch collectives cannot leave the replica
+    behind — with one line naming the stage, the step and the reason (not the 600 s timeout)."""
+    import time
+
+    over, root = setup
+    over = [o for o in over if not o.startswith(("--topology.replicas=", "--topology.round_timeout_s="))]
+    cfg = write_config(root / "badboundary.toml", over + [
+        "--topology.replica=[{}, {kind='pipeline', stages=2, compress={k=8}}]", "--run.name=badboundary",
+        "--topology.round_timeout_s=600.0"])
+    t0 = time.monotonic()
+    res = torchrun(cfg, 3, "--fault=boundary:rank=1,round=1")
+    assert time.monotonic() - t0 < 120, "the attempt should end in seconds, not at the collective timeout"
+    assert res.returncode != 0
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("launch.torchrun: rank 2: BoundaryRejectedError")]
+    assert len(lines) == 1 and "stage 1 rejected the forward boundary frame of step 3" in lines[0], res.stdout[-3000:]
+    assert "NonFiniteError" in lines[0]
+
+
 def test_mixed_full_and_compressed_pipeline_torchrun_equals_simulation(setup):
     """A full replica beside a 2-stage compressed pipeline replica (k = 8), 3 gloo processes:
     boundaries over torch.distributed point-to-point, two segment groups; the job ends on the

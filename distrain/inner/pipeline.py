@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from distrain.comm.boundary import BoundaryBounds
 from distrain.comm.transport import Transport
 from distrain.config import TrainConfig
 from distrain.inner.schedule import Batch, InnerSchedule, StepOutcome
@@ -36,6 +37,7 @@ class PipelineSchedule(InnerSchedule):
         self.transport, self.place, self.microbatches = transport, place, microbatches
         self.schedule_name, self.wire_dtype, self.sub = schedule, wire_dtype, sub
         self.share = share
+        self.bounds = BoundaryBounds()  # per link and direction, kept across steps
         self._charged = 0.0
         self._evals = 0
 
@@ -67,7 +69,8 @@ class PipelineSchedule(InnerSchedule):
                             schedule=self.schedule_name, subspace=self.sub, wire_dtype=self.wire_dtype,
                             grad_clip=self.cfg.grad_clip, chunkwise=cw if cw.mode != "off" else None,
                             chunk_generator=self.generator, autocast_dtype=self.amp_dtype,
-                            on_compute=self._charge_micro, stop_vote=self._vote if self.window is not None else None)
+                            on_compute=self._charge_micro, stop_vote=self._vote if self.window is not None else None,
+                            bounds=self.bounds)
         self.optimizer.step()
         if self.sub is not None:
             self.sub.after_step()

@@ -15,8 +15,12 @@ from typing import Any
 
 import numpy as np
 
+import torch
+
+from distrain.comm import boundary as bd
 from distrain.comm.codecs import EncodedTensor
 from distrain.comm.ray_transport import RayTransport
+from distrain.comm.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,9 @@ class Fault:
     - ``slow`` (every mode): from round N on (default 0), every inner step of worker R takes
       ``factor`` times longer — real time under torchrun and Ray, simulated time in simulation;
     - ``late`` (Ray): in round N worker R waits ``delay`` seconds before its exchange — alive, but
-      past the grace, so it must sit the round out and rejoin with its state.
+      past the grace, so it must sit the round out and rejoin with its state;
+    - ``boundary`` (every mode): from round N on, every pipeline boundary frame worker R sends holds
+      ``delay`` in every value (0: NaN) — valid frames a receiving stage must reject, at once.
     """
 
     kind: str
@@ -44,7 +50,7 @@ class Fault:
     delay: float = 0.0
     factor: float = 1.0
 
-    KINDS = ("exit", "kill", "stale", "hostile", "slow", "late")
+    KINDS = ("exit", "kill", "stale", "hostile", "slow", "late", "boundary")
 
     @classmethod
     def parse(cls, spec: str) -> "Fault":
@@ -125,3 +131,52 @@ class HostileCodec:
         bufs = {k: (np.clip(v.astype(np.float64) * self.factor, -3e38, 3e38).astype(v.dtype)
                     if v.dtype.kind == "f" else v) for k, v in et.buffers.items()}
         return EncodedTensor(shape=et.shape, meta=et.meta, buffers=bufs)
+
+
+class BoundaryFault(Transport):
+    """A worker's transport whose outgoing pipeline boundary frames, from round ``start`` on, hold
+    ``value`` in every value (NaN for 0): well-formed frames that the receiving stage must reject.
+    Everything else passes through unchanged."""
+
+    def __init__(self, inner: Transport, start: int, value: float = 0.0):
+        self.inner, self.start, self.value = inner, start, value if value else float("nan")
+        self.current = -1
+
+    @property
+    def rank(self) -> int:
+        return self.inner.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.inner.world_size
+
+    def begin_round(self, round_idx: int) -> None:
+        self.current = round_idx
+        self.inner.begin_round(round_idx)
+
+    def members(self, group: str) -> list[int]:
+        return self.inner.members(group)
+
+    def all_gather_bytes(self, group: str, payload: bytes) -> list[bytes | None]:
+        return self.inner.all_gather_bytes(group, payload)
+
+    def broadcast_bytes(self, group: str, payload: bytes | None, src: int) -> bytes:
+        return self.inner.broadcast_bytes(group, payload, src)
+
+    def barrier(self, group: str) -> None:
+        self.inner.barrier(group)
+
+    def recv_bytes(self, src: int) -> bytes:
+        return self.inner.recv_bytes(src)
+
+    def send_bytes(self, dst: int, payload: bytes) -> None:
+        head = bd.frame_header(payload) if self.current >= self.start else None
+        if head is not None:
+            direction, dtype, step, micro, shape = head
+            log.warning("fault injection: worker %d sends a boundary frame of %g (step %d)", self.rank, self.value, step)
+            payload = bd.encode_boundary(torch.full(shape, self.value), direction=direction, step=step, micro=micro,
+                                         dtype=dtype)
+        self.inner.send_bytes(dst, payload)
+
+    def __getattr__(self, name: str) -> Any:  # transport-specific extras (flush, mailbox, set_peers)
+        return getattr(self.inner, name)

@@ -128,6 +128,8 @@ class RoundLoop:
                 if logger is not None:
                     for e in events:
                         logger.log({"kind": "event", "step": s.step, **e})
+                        if e["event"] == "left_round":  # the user sees why at once, in one line
+                            logger.say(f"round {e['round']}: replica {e['replica']} left the round: {e['why']}")
                     logger.train(rec)
                 if s.round == self.total or crossed(s.step, steps, cfg.train.eval_every):
                     val = pool.evaluate(s.round)

@@ -9,6 +9,8 @@ here exactly as it does under torchrun.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,10 +18,12 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+from distrain.checkpoint import CheckpointError
 from distrain.comm.device_groups import InProcessGroupHub
+from distrain.comm.errors import CommError, FrameError
 from distrain.comm.network import NetworkModel
 from distrain.comm.simulated import SimulatedHub
-from distrain.checkpoint import CheckpointError
+from distrain.comm.transport import Transport
 from distrain.config import Config, ConfigError, save_config
 from distrain.layout import Layout
 from distrain.runtime.common import (
@@ -31,15 +35,21 @@ from distrain.runtime.common import (
     setup_run_dir,
     validation_batches,
 )
-from distrain.runtime.faults import Fault, HostileCodec
+from distrain.runtime.faults import BoundaryFault, Fault, HostileCodec
 from distrain.runtime.loop import RoundLoop
 from distrain.runtime.pool import LoopState, WorkerPool
 from distrain.runtime.records import RunSummary
 from distrain.runtime.steps import RoundPlan
 from distrain.worker.build import build_worker
+from distrain.worker.stage import EMBEDDING
 from distrain.worker.worker import RoundReport, Worker
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+SIM_FAULTS = ("hostile", "slow", "boundary")
+# what ends a replica's round, not the run: a rejected boundary frame (or the absent partner it leaves
+# behind), a non-finite loss
+REPLICA_FAILURES = (FrameError, CommError, FloatingPointError)
 
 
 class SimulationPool(WorkerPool):
@@ -50,10 +60,10 @@ class SimulationPool(WorkerPool):
 
     def __init__(self, cfg: Config, faults: list[Fault] | None = None):
         self.cfg = cfg
-        self.faults = [f for f in (faults or []) if f.kind in ("hostile", "slow")]
-        unsupported = [f.kind for f in (faults or []) if f.kind not in ("hostile", "slow")]
+        self.faults = [f for f in (faults or []) if f.kind in SIM_FAULTS]
+        unsupported = [f.kind for f in (faults or []) if f.kind not in SIM_FAULTS]
         if unsupported:
-            raise ValueError(f"the simulation injects hostile and slow faults only, not {unsupported}")
+            raise ValueError(f"the simulation injects {', '.join(SIM_FAULTS)} faults only, not {unsupported}")
         self.layout = Layout.from_config(cfg)
         bad = [f.rank for f in self.faults if not 0 <= f.rank < self.layout.world_size]
         if bad:
@@ -73,12 +83,20 @@ class SimulationPool(WorkerPool):
         specs = self.layout.device_group_specs()
         groups = InProcessGroupHub(cfg.topology.round_timeout_s) if specs else None
 
+        # fault injection on the wire: a worker's boundary frames go bad from some round on
+        self.transports: list[Transport] = [self.hub.transport(r) for r in range(world)]
+        for f in self.faults:
+            if f.kind == "boundary":
+                self.transports[f.rank] = BoundaryFault(self.transports[f.rank], f.round, f.delay)
+
         def build(rank: int) -> Worker:  # concurrently: device groups rendezvous between the threads
             dg = groups.groups_for(rank, specs) if groups is not None else None
-            return build_worker(cfg, self.layout, rank, self.data, self.hub.transport(rank), dg,
+            return build_worker(cfg, self.layout, rank, self.data, self.transports[rank], dg,
                                 self.hub.clock.for_rank(rank))
 
         self.workers: list[Worker] = self._on_all(build)
+        self.out: set[int] = set()  # replicas that left a round; they rejoin from the global weights
+        self._events: list[dict[str, Any]] = []
 
     def _on_all(self, fn: Callable[[Any], T], items: list[Any] | None = None) -> list[T]:
         """``fn`` on every worker (or item) in its own thread; the first failure is raised."""
@@ -112,12 +130,71 @@ class SimulationPool(WorkerPool):
         """Nothing to agree on: every thread built its stage from the same seeded initialisation."""
 
     def run_round(self, round_idx: int, plan: RoundPlan) -> list[RoundReport]:
+        """Every worker's part of the round, in threads. A replica whose step cannot go on (a stage
+        rejected a boundary frame, its loss went non-finite) leaves the round at once: its workers
+        are marked absent, so the others' exchanges complete without them instead of waiting out
+        ``topology.round_timeout_s``; it rejoins from the global weights before the next round."""
         for f in self.faults:
             if f.round == round_idx and f.kind == "hostile":  # from this round on: valid, finite, huge frames
                 self.workers[f.rank].inject(lambda codec, f=f: HostileCodec(codec, f.delay or 1e30))
             if f.round == round_idx and f.kind == "slow":
                 self.workers[f.rank].slow_down(f.factor)
-        return self._on_all(lambda w: w.run_round(round_idx, plan.for_replica(w.replica)), self.workers)
+        for t in self.transports:
+            t.begin_round(round_idx)
+        failed: dict[int, str] = {}
+        lock = threading.Lock()
+
+        def run(w: Worker) -> RoundReport | None:
+            try:
+                return w.run_round(round_idx, plan.for_replica(w.replica))
+            except REPLICA_FAILURES as e:
+                with lock:
+                    first = w.replica not in failed
+                    failed.setdefault(w.replica, f"{type(e).__name__}: {e}")
+                if first:
+                    for r in self.layout.ranks(w.replica):
+                        self.hub.mark_absent(r)
+                return None
+
+        reports = [r for r in self._on_all(run, self.workers) if r is not None]
+        for replica, why in sorted(failed.items()):
+            log.warning("round %d: replica %d left the round: %s", round_idx, replica, why)
+            self._events.append({"event": "left_round", "replica": replica, "round": round_idx, "why": why})
+            self.out.add(replica)
+        if not reports:
+            raise RuntimeError(f"round {round_idx}: every replica left it ({'; '.join(failed.values())})")
+        return reports
+
+    def catch_up(self, round_idx: int, replica_steps: list[int]) -> list[dict[str, Any]]:
+        """Replicas that left the last round take the global weights and rejoin (their own optimiser
+        state, error buffers and data position stay)."""
+        events = []
+        for replica in sorted(self.out):
+            ranks = self.layout.ranks(replica)
+            for r in ranks:
+                self.hub.mark_present(r)
+            live = [w for w in self.workers if w.replica not in self.out]
+            self._on_all(lambda w: w.rejoin(*self._global_for(w, live)), [self.workers[r] for r in ranks])
+            events.append({"event": "rejoined", "replica": replica, "round": round_idx, "kept_state": True})
+        self.out.clear()
+        return events
+
+    def _global_for(self, w: Worker, live: list[Worker]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The global weights of what ``w`` holds (and the global embedding, for a later stage of a
+        compressed pipeline), from the live workers that own those segments."""
+        params: dict[str, torch.Tensor] = {}
+        embedding = None
+        for g in self.layout.segments_in(w.slot.layers):
+            owner = next(o for o in live if g in o.syncs and o.syncs[g].moves_in_rounds)
+            params.update(owner.syncs[g].global_state())
+        if w.shadow is not None:
+            owner = next(o for o in live if 0 in o.syncs and o.syncs[0].moves_in_rounds)
+            embedding = owner.syncs[0].global_state()[EMBEDDING]
+        return {n: t for n, t in params.items() if n in w.param_shapes()}, embedding
+
+    def events(self, round_idx: int) -> list[dict[str, Any]]:
+        out, self._events = self._events, []
+        return out
 
     def finish(self, round_idx: int) -> None:
         self._on_all(lambda w: w.finish(), self.workers)

@@ -24,7 +24,7 @@ import torch
 
 from distrain.comm.device_groups import ProcessDeviceGroups
 from distrain.comm.torch_transport import TorchTransport
-from distrain.comm.transport import WORLD
+from distrain.comm.transport import WORLD, Transport
 from distrain.checkpoint import CheckpointError
 from distrain.config import Config, save_config
 from distrain.layout import Layout
@@ -36,7 +36,7 @@ from distrain.runtime.common import (
     save_rank_checkpoint,
     validation_batches,
 )
-from distrain.runtime.faults import Fault
+from distrain.runtime.faults import BoundaryFault, Fault
 from distrain.runtime.loop import RoundLoop
 from distrain.runtime.pool import WorkerPool
 from distrain.runtime.records import RunSummary
@@ -71,7 +71,10 @@ class TorchrunPool(WorkerPool):
         if self.rank != 0:
             data = prepare_data(cfg)
         groups = ProcessDeviceGroups(layout.device_group_specs(), self.rank, timeout_s=cfg.topology.round_timeout_s)
-        self.worker = build_worker(cfg, layout, self.rank, data, transport, groups)
+        self.link: Transport = transport
+        if fault is not None and fault.kind == "boundary" and fault.rank == self.rank:
+            self.link = BoundaryFault(transport, fault.round, fault.delay)
+        self.worker = build_worker(cfg, layout, self.rank, data, self.link, groups)
         self.eval_ranks = layout.eval_ranks()
         self.val_batches = validation_batches(cfg, data) if self.rank in self.eval_ranks else []
 
@@ -149,6 +152,7 @@ class TorchrunPool(WorkerPool):
         f = self.fault
         if f and f.kind == "slow" and f.rank == self.rank and f.round == round_idx:
             self.worker.slow_down(f.factor)
+        self.link.begin_round(round_idx)
         report = self.worker.run_round(round_idx, plan.for_replica(self.worker.replica))
         self.transport.flush()
         return [RoundReport.from_dict(d) for d in self._gather(report.to_dict())]

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distrain.comm import boundary as bd
-from distrain.comm.errors import CommError
+from distrain.comm.errors import BoundaryRejectedError, CommError, FrameError
 from distrain.parallel.chunkwise import IGNORE_INDEX, ChunkwiseSpec, chunkwise_backward, plan_chunks, select_chunks
 from distrain.parallel.pipeline.schedule import bubble_fraction, stage_ops
 
@@ -142,8 +142,10 @@ class _StageRun:
     def __init__(self, stage: Any, micro_batches: Sequence[tuple[Tensor, Tensor]], transport: PointToPoint,
                  place: StagePlace, step: int, subspace: StageCoords | None, wire_dtype: str,
                  chunkwise: ChunkwiseSpec | None, chunk_generator: torch.Generator | None,
-                 autocast_dtype: torch.dtype | None, on_compute: Callable[[str, int, float], None] | None) -> None:
+                 autocast_dtype: torch.dtype | None, on_compute: Callable[[str, int, float], None] | None,
+                 bounds: bd.BoundaryBounds | None = None) -> None:
         p = next(stage.parameters())
+        self.bounds = bounds
         self.stage, self.t, self.place, self.step = stage, transport, place, step
         self.device, self.dtype = p.device, p.dtype
         self.mbs = [(ids.to(self.device), tgt.to(self.device)) for ids, tgt in micro_batches]
@@ -186,7 +188,16 @@ class _StageRun:
         data = self.t.recv_bytes(self.place.ranks[src_stage])
         t1 = time.perf_counter()
         expect = bd.BoundaryExpect(direction, self.step, m, (*ids.shape, self.width), self.wire)
-        out = bd.decode_boundary(data, expect).to(device=self.device, dtype=self.dtype)
+        src = self.place.ranks[src_stage]
+        try:
+            got = bd.decode_boundary(data, expect)
+            if self.bounds is not None:
+                self.bounds.check(got, src, direction, self.step, m)
+        except FrameError as e:  # the replica's step cannot go on: say where, when and why, at once
+            raise BoundaryRejectedError(f"stage {self.place.stage} rejected the {bd.DIRECTIONS[direction]} boundary "
+                                        f"frame of step {self.step}, micro-batch {m} from stage {src_stage}: "
+                                        f"{type(e).__name__}: {e}") from e
+        out = got.to(device=self.device, dtype=self.dtype)
         self.timers["wait_s"] += t1 - t0
         self.timers["codec_s"] += time.perf_counter() - t1
         self.recv[bd.DIRECTIONS[direction]] += len(data)
@@ -325,6 +336,7 @@ def pipeline_step(
     autocast_dtype: torch.dtype | None = None,
     on_compute: Callable[[str, int, float], None] | None = None,
     stop_vote: Callable[[], bool] | None = None,
+    bounds: bd.BoundaryBounds | None = None,
 ) -> PipelineStepResult:
     """Run this stage's part of one step; accumulates (and clips) gradients into ``.grad``.
 
@@ -333,13 +345,15 @@ def pipeline_step(
     micro, seconds)`` is called after each forward ("F") / backward ("B") computation, before its
     send: a simulated clock charges compute there. ``stop_vote()``, asked once the stage's part of
     the step is done, is this stage's vote to stop after it; ``result.stop`` is every stage's OR (it
-    travels with the clip norm, so it costs no extra message). Raises ``FloatingPointError`` on
-    every stage if the loss is not finite (before anyone steps).
+    travels with the clip norm, so it costs no extra message). ``bounds``: magnitude bounds on the
+    received frames (kept across steps by the caller). A frame that fails validation or its bounds
+    raises ``BoundaryRejectedError`` naming this stage, the step and the reason. Raises
+    ``FloatingPointError`` on every stage if the loss is not finite (before anyone steps).
     """
     t_start = time.perf_counter()
     _check_inputs(stage, place, micro_batches)
     run = _StageRun(stage, micro_batches, transport, place, step, subspace, wire_dtype, chunkwise,
-                    chunk_generator, autocast_dtype, on_compute)
+                    chunk_generator, autocast_dtype, on_compute, bounds)
     n_micro = len(run.mbs)
     stage.train()
     for op in stage_ops(schedule, place.n_stages, place.stage, n_micro):

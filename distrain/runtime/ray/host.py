@@ -33,7 +33,8 @@ from distrain.runtime.common import (
     save_rank_checkpoint,
     validation_batches,
 )
-from distrain.runtime.faults import Fault, FaultyTransport
+from distrain.comm.transport import Transport
+from distrain.runtime.faults import BoundaryFault, Fault, FaultyTransport
 from distrain.worker.build import build_worker
 from distrain.worker.frames import decode_params, encode_params
 from distrain.worker.plan import ReplicaRound
@@ -77,6 +78,8 @@ class WorkerHost:
                 kwargs["hold_s"] = f.delay
         cls = FaultyTransport if wire_faults else RayTransport
         self.transport: RayTransport = cls(coordinator, rank, self.layout.world_size, **kwargs)
+        bad = next((f for f in parsed if f.kind == "boundary"), None)
+        self.link: Transport = BoundaryFault(self.transport, bad.round, bad.delay) if bad else self.transport
         self.worker: Worker | None = None
         self.val_batches = validation_batches(cfg, self.data)
         self.run = cfg.run_id()
@@ -111,7 +114,7 @@ class WorkerHost:
             specs = [s for s in self.layout.device_group_specs() if set(s) <= set(ranks)]
             groups = ProcessDeviceGroups(specs, self.rank, to_local={r: i for i, r in enumerate(ranks)},
                                          timeout_s=self.cfg.topology.round_timeout_s)
-        self.worker = build_worker(self.cfg, self.layout, self.rank, self.data, self.transport, groups)
+        self.worker = build_worker(self.cfg, self.layout, self.rank, self.data, self.link, groups)
         self.in_sync = True
         return os.getpid()
 
@@ -135,7 +138,7 @@ class WorkerHost:
         if not self.in_sync:
             raise NeedsCatchUpError(f"worker {self.rank} failed in an earlier round, asked for round {round_idx}")
         self.in_sync = False  # a round that fails half-way leaves the worker needing a catch-up
-        self.transport.begin_round(round_idx)
+        self.link.begin_round(round_idx)
         if self.slow is not None and self.slow.round == round_idx:
             worker.slow_down(self.slow.factor)
         report = worker.run_round(round_idx, ReplicaRound.from_dict(todo))

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distrain.comm.errors import CommError
+from distrain.comm.errors import CommError, FrameError
 from distrain.comm.ray_transport import QuorumError
 from distrain.config import Config, save_config, to_toml
 from distrain.layout import Layout
@@ -44,11 +44,21 @@ ACTOR_THREADS = 4  # a worker takes peers' deliveries while its round runs
 LATE_POLL_S = 0.5  # how often the driver asks the Coordinator who is late while a round runs
 
 
+def _reason(exc: BaseException) -> str:
+    """One line saying why a worker failed: the worker's own exception, not Ray's wrapper around it."""
+    cause = getattr(exc, "cause", None)
+    exc = cause if isinstance(cause, BaseException) else exc
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def _is_worker_failure(exc: BaseException) -> bool:
-    """Failures the job survives: the actor died, or the transport dropped/timed out the worker."""
+    """Failures the job survives (its replica leaves the round): the actor died, the transport dropped
+    or timed out the worker, a stage rejected a boundary frame, a loss went non-finite."""
     import ray
 
-    return isinstance(exc, (ray.exceptions.RayActorError, CommError)) and not isinstance(exc, QuorumError)
+    return isinstance(exc, (ray.exceptions.RayActorError, CommError, FrameError, FloatingPointError)) \
+        and not isinstance(exc, QuorumError)
 
 
 class RayPool(WorkerPool):
@@ -125,7 +135,8 @@ class RayPool(WorkerPool):
 
     def _worker_faults(self, rank: int) -> tuple[str, ...]:
         """The worker-side part of the faults aimed at ``rank`` (see ``FaultyTransport``)."""
-        return tuple(f.spec() for f in self.faults if f.rank == rank and f.kind in ("stale", "kill", "slow", "late"))
+        return tuple(f.spec() for f in self.faults
+                     if f.rank == rank and f.kind in ("stale", "kill", "slow", "late", "boundary"))
 
     def _peers(self, rank: int) -> dict[int, Any]:
         """A pipeline stage talks point to point with the other stages of its replica."""
@@ -194,7 +205,7 @@ class RayPool(WorkerPool):
             except Exception as e:  # noqa: BLE001 - sorted into survivable and fatal
                 if not _is_worker_failure(e):
                     raise
-                self._lose(r, round_idx, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                self._lose(r, round_idx, _reason(e))
         return out
 
     # ----- WorkerPool --------------------------------------------------------------------------
@@ -286,7 +297,7 @@ class RayPool(WorkerPool):
                 for r in ranks:
                     self.late.pop(r, None)
                 self.late_since.pop(replica, None)
-                self._lose(ranks[0], round_idx, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                self._lose(ranks[0], round_idx, _reason(e))
                 continue
             for r in ranks:
                 self.late.pop(r)
@@ -320,7 +331,7 @@ class RayPool(WorkerPool):
             except Exception as e:  # noqa: BLE001 - a replica that cannot come back yet stays out
                 if not (_is_worker_failure(e) or isinstance(e, ray.exceptions.GetTimeoutError)):
                     raise
-                log.warning("replica %d cannot rejoin yet: %s", replica, str(e).splitlines()[0])
+                log.warning("replica %d cannot rejoin yet: %s", replica, _reason(e))
                 continue
             self.waited.discard(replica)
             for r in ranks:
@@ -362,7 +373,7 @@ class RayPool(WorkerPool):
             except Exception as e:  # noqa: BLE001 - sorted into survivable and fatal just below
                 if not _is_worker_failure(e):
                     raise
-                self._lose(r, round_idx, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                self._lose(r, round_idx, _reason(e))
                 continue
             if report.extra.get("late") and r in self.active:
                 self._hold(report.replica, round_idx, pending)
@@ -393,7 +404,7 @@ class RayPool(WorkerPool):
             except Exception as e:  # noqa: BLE001 - sorted into survivable and fatal
                 if not _is_worker_failure(e):
                     raise
-                self._lose(ranks[0], round_idx, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                self._lose(ranks[0], round_idx, _reason(e))
         raise RuntimeError("no live replica to evaluate on")
 
     def save(self, step: int, loop: dict[str, Any]) -> None:
