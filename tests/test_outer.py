@@ -420,3 +420,30 @@ def test_a_whole_outer_round_on_cuda_equals_the_cpu_round(algo):
         assert [s.contributors for s in sg] == [R, R]
         for n in pc:
             torch.testing.assert_close(pg[n], pc[n], rtol=1e-5, atol=1e-6)
+
+
+def test_after_a_resume_every_outer_tensor_is_on_the_weights_device():
+    """A checkpoint loads to the CPU; the outer state must follow the weights (on a GPU, ``base −
+    local`` would otherwise mix devices). Checked through the device parameter: the weights here
+    live on the meta device, the checkpoint on the CPU."""
+    codec = make_codec("sparseloco", topk=4, chunk=8)
+    hub = SimulatedHub(1, {"g": [0]}, timeout_s=5)
+    weights = {"w": torch.zeros(8, 8, device="meta")}
+    outer = PseudoGradientOuter(weights, codec, OuterStep(0.7, 0.9, True, delay=1), hub.transport(0), "g", "run", 0)
+    cpu = {"w": torch.ones(8, 8)}
+    outer.load_state_dict({"global": cpu, "codec_state": cpu, "anchor": cpu, "start": cpu, "momentum": cpu,
+                           "pending": cpu})
+    tensors = [*outer.global_params.values(), *outer.codec_state.values(), *outer.anchor.values(),
+               *outer.start.values(), *outer.step.momentum_buf.values(), *outer.step.pending.values()]
+    assert len(tensors) == 6 and all(t.device.type == "meta" and t.dtype == torch.float32 for t in tensors)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_resumed_outer_optimiser_steps_on_cuda():
+    codec = make_codec("sparseloco", topk=4, chunk=8)
+    hub = SimulatedHub(1, {"g": [0]}, timeout_s=5)
+    outer = PseudoGradientOuter({"w": torch.zeros(8, 8, device="cuda")}, codec, OuterStep(1.0, 0.0, False),
+                                hub.transport(0), "g", "run", 0)
+    outer.load_state_dict({k: {"w": torch.ones(8, 8)} for k in ("global", "codec_state", "momentum")})
+    stats, target = outer.sync_round(0, {"w": torch.zeros(8, 8, device="cuda")})
+    assert target["w"].is_cuda and stats.contributors == 1

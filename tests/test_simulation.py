@@ -126,7 +126,7 @@ def test_plots_of_a_run(tiny_config):
     sim.run()
     written = {p.name for p in plot_run(sim.run_dir)}
     assert written == {"loss_vs_step.png", "loss_vs_tokens.png", "loss_vs_bytes.png", "loss_vs_sim_time.png",
-                       "utilisation.png"}
+                       "utilisation.png", "time_per_replica.png"}
     assert all((sim.run_dir / "plots" / n).stat().st_size > 1000 for n in written)
 
 

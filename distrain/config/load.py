@@ -73,9 +73,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     explicit: set[str] = set()
     for source, d in layers:
         apply_table(cfg, d, source, removed=REMOVED.get, explicit=explicit)
-    if "topology.replica" in explicit and not cfg.topology.replica:
+    if "topology.replica" in explicit and not cfg.topology.replica and not cfg.topology.replicas:
         raise ConfigError("topology.replica: an empty list of replica tables; give at least one "
-                          "[[topology.replica]] table, or leave it out (topology.replicas = N)")
+                          "[[topology.replica]] table, or topology.replicas = N")
     if cfg.outer.algorithm in ALGORITHMS:
         for key, value in ALGORITHMS[cfg.outer.algorithm].defaults.items():
             if f"outer.{key}" not in explicit:

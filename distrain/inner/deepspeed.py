@@ -91,19 +91,18 @@ class DeepSpeedSchedule(InnerSchedule):
 
     def _step(self) -> StepOutcome:
         self.engine.train()
-        total, tokens = 0.0, 0
+        losses, tokens = [], 0
         for _ in range(self.cfg.grad_accum):
             x, y = self.next_batch()
-            x, y = x.to(self.device), y.to(self.device)
-            loss = cross_entropy(self.engine(x), y)
+            loss = cross_entropy(self.engine(self.to_device(x)), self.to_device(y))
             self.engine.backward(loss)
             self.engine.step()
-            total += loss.item()
+            losses.append(loss.detach())
             tokens += y.numel()
-        loss_avg = total / self.cfg.grad_accum
+        loss_avg = torch.stack(losses).float().mean()
         self._check_finite(loss_avg)
         norm = self.engine.get_global_grad_norm()
-        return StepOutcome(loss_avg, tokens, float(norm) if norm is not None else 0.0)
+        return StepOutcome(loss_avg, tokens, norm if norm is not None else 0.0)
 
     def _agree(self, vote: bool) -> bool:
         return self.devices.any(vote)

@@ -13,6 +13,7 @@ else of it.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,11 +62,12 @@ class Window:
 
 @dataclass
 class StepOutcome:
-    """What ``_step`` computed."""
+    """What ``_step`` computed. Loss and norm may be 0-d tensors on the device: the worker reads them
+    once per round, so a step on a GPU waits for no host sync."""
 
-    loss: float  # mean token loss of the step
+    loss: float | torch.Tensor  # mean token loss of the step
     tokens: int  # target tokens it trained on
-    grad_norm: float  # before clipping
+    grad_norm: float | torch.Tensor  # before clipping
     extra: dict[str, float] = field(default_factory=dict)  # schedule-specific figures (boundary bytes, SP groups)
     stop: bool | None = None  # the replica's agreed vote to stop after this step, if the step agreed it itself
 
@@ -101,10 +103,22 @@ class InnerSchedule:
     def _step(self) -> StepOutcome:
         raise NotImplementedError
 
-    def _check_finite(self, loss: float) -> None:
-        """Before the optimiser steps: a non-finite loss must never reach the weights."""
-        if not torch.isfinite(torch.tensor(loss)):
-            raise FloatingPointError(f"non-finite training loss {loss} at step {self.step}")
+    def _check_finite(self, loss: float | torch.Tensor) -> None:
+        """Before the optimiser steps, a non-finite loss stops the step. On a CPU that check is free;
+        on a GPU it would be a host sync every step, so there the worker checks the round's loss
+        once, before anything is exchanged (the replica then leaves the round and rejoins from the
+        global weights: a non-finite local update never reaches them)."""
+        if isinstance(loss, torch.Tensor) and loss.device.type != "cpu":
+            return
+        value = float(loss)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"non-finite training loss {value} at step {self.step}")
+
+    def to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A batch to the device: from pinned memory, without blocking, when it is a GPU."""
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def _charge(self, seconds: float) -> float:
         """Charge the step's compute to the clock (and a slowed worker's extra time); returns it."""

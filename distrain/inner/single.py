@@ -29,34 +29,34 @@ class SingleSchedule(InnerSchedule):
         self.grad_sync = grad_sync
         self.params = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
 
-    def _backward(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> float:
+    def _backward(self, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+        """The micro-batch's mean token loss, detached, on the device (no host sync)."""
         cw = self.cfg.chunkwise
-        if cw.mode != "off":
+        if cw.mode != "off":  # SeCO/SpaCO read their chunk losses on the host (documented there)
             from distrain.parallel.chunkwise import chunkwise_backward
 
             res = chunkwise_backward(self.model, x, y, cw, loss_scale=scale, generator=self.generator,
                                      autocast_dtype=self.amp_dtype)
-            return float(res.loss)
+            return torch.tensor(float(res.loss), device=self.device)
         with self._autocast():
             loss = cross_entropy(self.model(x), y)
         (loss * scale).backward()
-        return loss.item()
+        return loss.detach()
 
     def _step(self) -> StepOutcome:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total, tokens = 0.0, 0
+        losses, tokens = [], 0
         accum = self.cfg.grad_accum
         for _ in range(accum):
             x, y = self.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            total += self._backward(x, y, 1.0 / accum)
+            losses.append(self._backward(self.to_device(x), self.to_device(y), 1.0 / accum))
             tokens += y.numel()
-        loss = total / accum
+        loss = torch.stack(losses).float().mean()
         self._check_finite(loss)
         if self.grad_sync is not None:
             self.grad_sync([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip) if self.cfg.grad_clip > 0 \
-            else torch.tensor(0.0)
+            else torch.zeros((), device=self.device)
         self.optimizer.step()
-        return StepOutcome(loss, tokens, float(norm))
+        return StepOutcome(loss, tokens, norm.detach())

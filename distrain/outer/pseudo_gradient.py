@@ -23,8 +23,11 @@ from distrain.outer.exchange import Combine, FrameExchange
 from distrain.outer.step import OuterStep
 
 
-def _clone(d: Weights | None) -> Weights | None:
-    return None if d is None else {n: t.detach().float().clone() for n, t in d.items()}
+def _clone(d: Weights | None, device: torch.device | None = None) -> Weights | None:
+    """fp32 copies (on ``device``: a checkpoint loads to the CPU, the outer state lives by the weights)."""
+    if d is None:
+        return None
+    return {n: t.detach().to(device=device, dtype=torch.float32, copy=True) for n, t in d.items()}
 
 
 class PseudoGradientOuter(OuterOptimizer):
@@ -60,7 +63,7 @@ class PseudoGradientOuter(OuterOptimizer):
         self.anchor: Weights | None = None  # delayed mode: θ_local at the last send
         self._target: Weights | None = None
         self._kept: Contributions = []
-        device = next(iter(initial.values())).device
+        self.device = device = next(iter(initial.values())).device
         self.exchange = FrameExchange(codec, self.shapes, transport, group, run_id, rank, device, policy, combine,
                                       merge)
         self.dense_bytes = sum(t.numel() * 4 for t in initial.values())
@@ -126,8 +129,9 @@ class PseudoGradientOuter(OuterOptimizer):
                 "start": self.start, **self.step.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.global_params = _clone(state["global"])
-        self.codec_state = _clone(state["codec_state"])
-        self.anchor = _clone(state.get("anchor"))
-        self.start = _clone(state.get("start"))
-        self.step.load_state_dict(state)
+        """Every tensor of the outer state goes to the weights' device (a checkpoint loads to the CPU)."""
+        self.global_params = _clone(state["global"], self.device)
+        self.codec_state = _clone(state["codec_state"], self.device)
+        self.anchor = _clone(state.get("anchor"), self.device)
+        self.start = _clone(state.get("start"), self.device)
+        self.step.load_state_dict(state, self.device)

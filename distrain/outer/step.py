@@ -38,8 +38,8 @@ def outer_sgd(weights: Weights, agg: Weights | None, momentum_buf: Weights, lr: 
     return True
 
 
-def _clone(d: Weights | None) -> Weights | None:
-    return None if d is None else {n: t.float().clone() for n, t in d.items()}
+def _clone(d: Weights | None, device: torch.device | None) -> Weights | None:
+    return None if d is None else {n: t.to(device=device, dtype=torch.float32, copy=True) for n, t in d.items()}
 
 
 class OuterStep:
@@ -79,6 +79,7 @@ class OuterStep:
     def state_dict(self) -> dict[str, Any]:
         return {"momentum": self.momentum_buf, "pending": self.pending}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.momentum_buf = _clone(state["momentum"]) or {}
-        self.pending = _clone(state.get("pending"))
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        """Momentum and the pending aggregate go to ``device``, that of the weights they move."""
+        self.momentum_buf = _clone(state["momentum"], device) or {}
+        self.pending = _clone(state.get("pending"), device)

@@ -135,8 +135,9 @@ class EmbeddingShadow:
         return {"weight": self.weight, **self.step.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.weight = {k: v.float().clone() for k, v in state["weight"].items()}
-        self.step.load_state_dict(state)
+        device = self.embedding.device  # a checkpoint loads to the CPU; the shadow lives by the weights
+        self.weight = {k: v.to(device=device, dtype=torch.float32, copy=True) for k, v in state["weight"].items()}
+        self.step.load_state_dict(state, device)
 
 
 class EmbeddingRelay:

@@ -10,10 +10,10 @@ the one way every mode builds one, which is what makes the modes produce bit-ide
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from distrain.comm.codecs import Codec
@@ -109,14 +109,24 @@ class Worker:
             if res.stop:
                 break
         steps_s = clock.now() - start
+        loss = self._round_loss(losses, round_idx) if losses and self.has_loss else float("nan")
         work_tokens = tokens * self.token_factor
         tokens = tokens if self.reads_data else 0
         self.tokens += tokens
         stats = self._sync(round_idx, extra, done, work_tokens)
-        loss = float(np.mean(losses)) if losses and self.has_loss else float("nan")
         return RoundReport(self.rank, self.replica, round_idx, done, self.schedule.step, tokens, loss, lr,
                            compute_s, stats, extra={"train_s": train_s, **extra}, steps_s=steps_s,
                            sync_s=clock.now() - start - steps_s, work_tokens=work_tokens)
+
+    @staticmethod
+    def _round_loss(losses: list[float | torch.Tensor], round_idx: int) -> float:
+        """The round's mean training loss, read from the device once (the steps never wait for the
+        host); a non-finite one stops the round before anything is exchanged."""
+        values = [x.float() if isinstance(x, torch.Tensor) else torch.tensor(float(x)) for x in losses]
+        loss = float(torch.stack(values).mean())
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss {loss} in round {round_idx}")
+        return loss
 
     def _sync(self, round_idx: int, extra: dict[str, float], steps: int = 0, tokens: int = 0) -> list[RoundStats]:
         """Every owned segment's outer round; then the replica starts from what came back.
