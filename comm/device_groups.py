@@ -75,22 +75,24 @@ class ProcessDeviceGroups(DeviceGroups):
     """Groups over processes of an initialised ``torch.distributed`` world (torchrun, Ray)."""
 
     def __init__(self, specs: Iterable[Sequence[int]], rank: int, to_local: Mapping[int, int] | None = None,
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, backend: str | None = None):
+        """``backend``: of every group here (``runtime.device_backend``; default: the world's)."""
         if not dist.is_initialized():
             raise CommError("torch.distributed is not initialised: device groups need a process group")
+        self._backend = backend or str(dist.get_backend())
         kwargs = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
         groups: dict[Ranks, dist.ProcessGroup] = {}
         local = dict(to_local) if to_local is not None else None
         for spec in canonical(specs):  # every process of the world creates every group, in order
             ranks = [local[r] for r in spec] if local is not None else list(spec)
-            pg = dist.new_group(ranks, **kwargs)
+            pg = dist.new_group(ranks, backend=self._backend, **kwargs)
             if rank in spec:
                 groups[spec] = pg
         super().__init__(rank, groups)
 
     @property
     def backend(self) -> str:
-        return str(dist.get_backend())
+        return self._backend
 
 
 class InProcessGroupHub:
@@ -115,6 +117,8 @@ class InProcessGroupHub:
         pg = dist.ProcessGroup(prefix, position, size)
         pg._set_default_backend(dist.ProcessGroup.BackendType.GLOO)
         pg._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, backend)
+        if torch.cuda.is_available():  # the threads' tensors may live on a GPU: gloo stages them through the host
+            pg._register_backend(torch.device("cuda"), dist.ProcessGroup.BackendType.GLOO, backend)
         return pg
 
 

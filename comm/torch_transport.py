@@ -40,13 +40,31 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_process_group(backend: str = "auto", timeout_s: float = 600.0) -> None:
-    """Initialise the default group from the torchrun environment (``env://``), once."""
-    if dist.is_initialized():
-        return
+def resolve_backend(backend: str) -> str:
+    """``auto`` → NCCL with CUDA, else gloo; NCCL without CUDA is an error naming the fix."""
     backend = default_backend() if backend == "auto" else backend
     if backend == "nccl" and not torch.cuda.is_available():
         raise CommError("backend 'nccl' needs CUDA; use 'gloo' on CPU")
+    return backend
+
+
+def world_backend(byte_backend: str, device_backend: str) -> str:
+    """The default group's backend when the frames and the replicas' tensors use different ones: CPU
+    tensors (frames) over the first, CUDA tensors over the second (e.g. ``cpu:gloo,cuda:nccl``)."""
+    if byte_backend == device_backend:
+        return byte_backend
+    if (byte_backend, device_backend) == ("gloo", "nccl"):
+        return "cpu:gloo,cuda:nccl"
+    raise CommError(f"frames over {byte_backend} beside replicas over {device_backend}: give frames gloo "
+                    "(CPU bytes) and replicas nccl, or one backend for both")
+
+
+def init_process_group(byte_backend: str = "gloo", device_backend: str = "auto", timeout_s: float = 600.0) -> None:
+    """Initialise the default group from the torchrun environment (``env://``), once, for both kinds
+    of group (``world_backend``)."""
+    if dist.is_initialized():
+        return
+    backend = world_backend(resolve_backend(byte_backend), resolve_backend(device_backend))
     timeout = timedelta(seconds=timeout_s)
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun's agent keeps one store across elastic restarts, and the default env:// setup
@@ -73,11 +91,13 @@ class TorchTransport(Transport):
     """One process's endpoint; the default process group must already be initialised."""
 
     def __init__(self, groups: Mapping[str, Sequence[int]] | None = None, device: torch.device | str | None = None,
-                 timeout_s: float | None = None, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+                 timeout_s: float | None = None, max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+                 backend: str | None = None) -> None:
+        """``backend``: of the named groups (the frames'); default: the world's."""
         if not (dist.is_available() and dist.is_initialized()):
             raise CommError("torch.distributed is not initialised (call distrain.comm.torch_transport.init_process_group)")
         self._rank, self._world = dist.get_rank(), dist.get_world_size()
-        self._backend = dist.get_backend()
+        self._backend = backend or dist.get_backend()
         if device is not None:
             self._device = torch.device(device)
         elif self._backend == "nccl":
@@ -95,8 +115,13 @@ class TorchTransport(Transport):
         self._groups: dict[str, tuple[list[int], dist.ProcessGroup | None]] = {}
         for name in sorted(spec):  # the same order on every rank: new_group is a world collective
             ranks = spec[name]
-            pg = None if name == WORLD else dist.new_group(ranks, **kwargs)
+            pg = None if name == WORLD else dist.new_group(ranks, backend=backend, **kwargs)
             self._groups[name] = (ranks, pg)
+
+    @property
+    def backend(self) -> str:
+        """The backend of the frames' groups."""
+        return self._backend
 
     def _check_same_spec(self, spec: dict[str, list[int]]) -> None:
         digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).digest()

@@ -53,14 +53,19 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     apply_torch_threads(cfg)
-    if torch.cuda.is_available() and cfg.runtime.backend != "gloo":
+    if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     import torch.distributed as dist
 
+    from distrain.comm.errors import CommError
     from distrain.comm.torch_transport import init_process_group
     from distrain.runtime.torchrun import run_torchrun
 
-    init_process_group(cfg.runtime.backend, cfg.topology.round_timeout_s)
+    try:
+        init_process_group(cfg.runtime.byte_backend, cfg.runtime.device_backend, cfg.topology.round_timeout_s)
+    except CommError as e:
+        print(f"distrain.launch.torchrun: config error: {e}", file=sys.stderr)
+        return 2
     try:
         summary = run_torchrun(cfg, fault)
         if summary is not None:
@@ -68,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FrameError, FloatingPointError) as e:
         # torch collectives cannot leave this replica behind: this attempt ends now, in one line (the
         # elastic agent stops the other ranks and, with --max-restarts, resumes from the checkpoints)
-        print(f"launch.torchrun: rank {os.environ.get('RANK', '?')}: {type(e).__name__}: {e}", file=sys.stderr,
-              flush=True)
+        print(f"distrain.launch.torchrun: rank {os.environ.get('RANK', '?')}: {type(e).__name__}: {e}",
+              file=sys.stderr, flush=True)
         return 3
     finally:
         dist.destroy_process_group()

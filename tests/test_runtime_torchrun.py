@@ -33,7 +33,8 @@ def tiny_overrides(corpus: Path, cache: Path, out: Path) -> list[str]:
         "--train.eval_batches=2", f"--run.out_dir={out}", "--logging.progress=false",
         "--logging.tensorboard=false", "--logging.plots=false", "--train.steps=12", "--outer.inner_steps=3",
         "--train.eval_every=6", "--outer.algorithm=sparseloco", "--topology.replicas=3",
-        "--runtime.torch_threads=1", "--runtime.backend=gloo", "--topology.round_timeout_s=60.0",
+        "--runtime.torch_threads=1", "--runtime.byte_backend=gloo", "--runtime.device_backend=gloo",
+        "--topology.round_timeout_s=60.0",
         "--topology.step_times=configured",  # step counts fixed in advance: every mode runs the same ones
     ]
 
@@ -153,7 +154,8 @@ def test_killed_rank_restarts_elastically_from_the_last_checkpoint(setup, baseli
     run = root / "runs" / "elastic"
     rows = metrics(run)
     resumed = [m for m in rows if m.get("event") == "resumed"]
-    assert resumed == [{"kind": "event", "event": "resumed", "step": 6, "round": 2, "attempt": 1}]
+    assert resumed == [{"kind": "event", "event": "resumed", "step": 6, "round": 2, "attempt": 1,
+                        "byte_backend": "gloo", "device_backend": "gloo"}]
     assert "resumed from step 6 (round 2 of 4)" in res.stdout  # said whatever the verbosity
     steps_before_crash = max(m["step"] for m in rows[: rows.index(resumed[0])] if m["kind"] == "train")
     assert steps_before_crash - resumed[0]["step"] <= 6  # lost no more than the checkpoint interval
@@ -194,6 +196,9 @@ def check_two_replicas(run: Path) -> None:
 
 def test_ddp_replica_of_two_processes_beside_a_single_process_replica(ddp_run):
     check_two_replicas(ddp_run)
+    # the frames' groups and the replica's device group each got the backend configured for them
+    got = json.loads((ddp_run / "summary.json").read_text())
+    assert (got["byte_backend"], got["device_backend"]) == ("gloo", "gloo")
 
 
 def test_heterogeneous_topology_torchrun_equals_simulation(setup, ddp_run):
@@ -255,7 +260,8 @@ def test_a_bad_boundary_frame_ends_the_attempt_at_once_in_one_line(setup):
     res = torchrun(cfg, 3, "--fault=boundary:rank=1,round=1")
     assert time.monotonic() - t0 < 120, "the attempt should end in seconds, not at the collective timeout"
     assert res.returncode != 0
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("launch.torchrun: rank 2: BoundaryRejectedError")]
+    lines = [ln for ln in res.stdout.splitlines()
+             if ln.startswith("distrain.launch.torchrun: rank 2: BoundaryRejectedError")]
     assert len(lines) == 1 and "stage 1 rejected the forward boundary frame of step 3" in lines[0], res.stdout[-3000:]
     assert "NonFiniteError" in lines[0]
 

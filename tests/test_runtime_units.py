@@ -288,3 +288,28 @@ def test_ray_mailbox_orders_by_sequence_and_drops_older_rounds():
     assert box.take(5, 0, 1.0) == b"early: next round"
     with pytest.raises(Exception, match="not bytes"):
         box.put(5, 3, 1, "a str")
+
+
+def test_each_kind_of_group_gets_its_own_backend(monkeypatch):
+    """Frames between replicas over one backend, a replica's tensors over another: the default world
+    carries both (``cpu:gloo,cuda:nccl``) and every device group is created with its own."""
+    import torch.distributed as dist
+
+    from distrain.comm import device_groups as dg
+    from distrain.comm.errors import CommError
+    from distrain.comm.torch_transport import resolve_backend, world_backend
+
+    assert world_backend("gloo", "gloo") == "gloo" and world_backend("gloo", "nccl") == "cpu:gloo,cuda:nccl"
+    with pytest.raises(CommError, match="give frames gloo"):
+        world_backend("nccl", "gloo")
+    if not torch.cuda.is_available():
+        assert resolve_backend("auto") == "gloo"
+        with pytest.raises(CommError, match="needs CUDA"):
+            resolve_backend("nccl")
+    made = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "new_group", lambda ranks, backend=None, **kw: made.append((tuple(ranks), backend)) or
+                        f"pg{len(made)}")
+    groups = dg.ProcessDeviceGroups([(0, 1), (2, 3)], rank=1, backend="nccl")
+    assert made == [((0, 1), "nccl"), ((2, 3), "nccl")] and groups.backend == "nccl"
+    assert groups.group([0, 1]) == "pg1"

@@ -206,7 +206,8 @@ def _check_logging(cfg: Config) -> None:
 def _check_runtime(cfg: Config) -> None:
     rt = cfg.runtime
     need(rt.torch_threads >= 0, "runtime.torch_threads must be >= 0 (0: torch's default)")
-    choice("runtime.backend", rt.backend, ("auto", "gloo", "nccl"))
+    choice("runtime.byte_backend", rt.byte_backend, ("gloo", "nccl"))
+    choice("runtime.device_backend", rt.device_backend, ("auto", "gloo", "nccl"))
     need(rt.zero_stage in (1, 2), f"runtime.zero_stage must be 1 or 2, got {rt.zero_stage}")
     choice("runtime.placement_strategy", rt.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     need(rt.max_restarts >= 0, "runtime.max_restarts must be >= 0")

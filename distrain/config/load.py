@@ -33,6 +33,8 @@ REMOVED: dict[str, str] = {
     "runtime.worker_cpus": f"{_TABLE} with its Ray resources, e.g. --topology.replica='[{{cpus=2.0}}, {{cpus=1.0}}]'",
     "runtime.worker_gpus": f"{_TABLE} with its Ray resources, e.g. --topology.replica='[{{gpus=1.0}}, {{}}]'",
     "runtime.worker_memory_mb": f"{_TABLE} with its Ray resources, e.g. --topology.replica='[{{memory_mb=512}}, {{}}]'",
+    "runtime.backend": "set runtime.byte_backend (the frames between replicas, default gloo) and "
+                       "runtime.device_backend (inside a replica, default NCCL with CUDA)",
 }
 
 

@@ -173,7 +173,11 @@ class RuntimeConfig:
     """How processes run (torchrun, Ray); the topology says what they are."""
 
     torch_threads: int = 0  # torch intra-op threads per worker (0: torch's default); 1 for bit-equal modes
-    backend: str = "auto"  # torchrun process group: auto (nccl with CUDA, else gloo) | gloo | nccl
+    # One backend per kind of group: the frames between replicas (bytes on slow links) and the tensors
+    # inside a replica (DDP, ZeRO, Ulysses, plan broadcasts), so a GPU cluster runs gloo for the first
+    # and NCCL for the second.
+    byte_backend: str = "gloo"  # gloo | nccl
+    device_backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
     zero_stage: int = 2  # DeepSpeed ZeRO stage (1 or 2) of replicas with parallel = "deepspeed"
     placement_strategy: str = "PACK"  # Ray placement group: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     max_restarts: int = 3  # Ray: how often a worker actor that died is restarted (then it catches up)

@@ -59,7 +59,7 @@ def replica_devices(env: WorkerEnv) -> ReplicaDevices | None:
     if env.device_groups is None:
         raise ValueError(f"replica {rep.index} has {rep.devices} devices: its workers need device groups")
     return ReplicaDevices.of(env.device_groups, env.layout.ranks(rep.index), env.rank,
-                             solo=rep.parallel == "deepspeed")
+                             solo=rep.parallel == "deepspeed", device=env.device)
 
 
 def build_schedule(env: WorkerEnv, model: nn.Module, sub: Subspace | None, sampler: TokenSampler | DocumentSampler,

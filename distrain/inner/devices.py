@@ -33,10 +33,15 @@ class ReplicaDevices:
     position: int  # this process's device index
     group: Any  # torch ProcessGroup over the replica
     solo: Any = None  # this device alone (DeepSpeed's "model-parallel" group)
+    device: torch.device = torch.device("cpu")  # where the group's small tensors live (CUDA for NCCL)
 
     @classmethod
-    def of(cls, groups: DeviceGroups, ranks: list[int], rank: int, solo: bool = False) -> "ReplicaDevices":
-        return cls(list(ranks), groups.position(ranks), groups.group(ranks), groups.group([rank]) if solo else None)
+    def of(cls, groups: DeviceGroups, ranks: list[int], rank: int, solo: bool = False,
+           device: torch.device | None = None) -> "ReplicaDevices":
+        """``device``: the worker's; the group's control tensors go there when the group is NCCL."""
+        on = device if device is not None and groups.backend == "nccl" else torch.device("cpu")
+        return cls(list(ranks), groups.position(ranks), groups.group(ranks), groups.group([rank]) if solo else None,
+                   on)
 
     @property
     def is_leader(self) -> bool:
@@ -56,6 +61,6 @@ class ReplicaDevices:
 
     def any(self, flag: bool) -> bool:
         """True on every device when any device says so (a vote to stop as a window closes)."""
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return bool(t.item() > 0)

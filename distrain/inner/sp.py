@@ -64,7 +64,7 @@ class SPSchedule(InnerSchedule):
                 self._ahead_step = self.step
                 self.ahead.submit(self._ahead_step, self.sampler.peek_lengths())
             plan = self.ahead.result(self.step)
-        return broadcast_plan(plan, 0, self.devices.group)
+        return broadcast_plan(plan, 0, self.devices.group, self.devices.device)
 
     def _plan_next(self) -> None:
         if self.ahead is not None:

@@ -23,7 +23,7 @@ import msgpack
 import torch
 
 from distrain.comm.device_groups import ProcessDeviceGroups
-from distrain.comm.torch_transport import TorchTransport
+from distrain.comm.torch_transport import TorchTransport, resolve_backend
 from distrain.comm.transport import WORLD, Transport
 from distrain.checkpoint import CheckpointError
 from distrain.config import Config, save_config
@@ -70,7 +70,9 @@ class TorchrunPool(WorkerPool):
         transport.barrier(WORLD)
         if self.rank != 0:
             data = prepare_data(cfg)
-        groups = ProcessDeviceGroups(layout.device_group_specs(), self.rank, timeout_s=cfg.topology.round_timeout_s)
+        groups = ProcessDeviceGroups(layout.device_group_specs(), self.rank, timeout_s=cfg.topology.round_timeout_s,
+                                     backend=resolve_backend(cfg.runtime.device_backend))
+        self.backends = {"byte_backend": transport.backend, "device_backend": groups.backend}
         self.link: Transport = transport
         if fault is not None and fault.kind == "boundary" and fault.rank == self.rank:
             self.link = BoundaryFault(transport, fault.round, fault.delay)
@@ -173,13 +175,14 @@ class TorchrunPool(WorkerPool):
         save_rank_checkpoint(self.cfg, self.run_dir, self.rank, step, state, meta)
 
     def summary_extra(self) -> dict[str, Any]:
-        return {"attempt": restart_count()}
+        return {"attempt": restart_count(), **self.backends}
 
 
 def run_torchrun(cfg: Config, fault: Fault | None = None) -> RunSummary | None:
     """This rank's part of a torchrun job (the process group is initialised); rank 0's summary."""
     layout = Layout.from_config(cfg)
-    transport = TorchTransport(layout.byte_groups(), timeout_s=cfg.topology.round_timeout_s)
+    transport = TorchTransport(layout.byte_groups(), timeout_s=cfg.topology.round_timeout_s,
+                               backend=resolve_backend(cfg.runtime.byte_backend))
     pool = TorchrunPool(cfg, layout, transport, fault)
     summary = RoundLoop(cfg, pool, pool.run_dir).run()
     transport.barrier(WORLD)

@@ -104,24 +104,27 @@ class PlanAhead:
         self.close()
 
 
-def broadcast_json(obj: Any, src: int, group: Any = None) -> Any:
+def broadcast_json(obj: Any, src: int, group: Any = None, device: Any = None) -> Any:
     """Every rank of ``group`` returns the JSON-able object of the rank at position ``src`` in the
     group (length, then UTF-8 bytes; never pickle). Positions, not job ranks, so the same call runs
-    over torchrun's world, a Ray replica's own world and the simulation's thread groups."""
+    over torchrun's world, a Ray replica's own world and the simulation's thread groups.
+    ``device``: where the bytes travel (the group's: a CUDA device for NCCL; default CPU)."""
     import torch
     import torch.distributed as dist
 
+    device = torch.device("cpu") if device is None else torch.device(device)
     data = json.dumps(obj).encode() if obj is not None else b""
-    n = torch.tensor([len(data)], dtype=torch.int64)
+    n = torch.tensor([len(data)], dtype=torch.int64, device=device)
     dist.broadcast(n, group=group, group_src=src)
-    if data and len(data) == int(n):
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    size = int(n)  # the one host read: the buffer's size
+    if data and len(data) == size:
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
     else:
-        buf = torch.empty(int(n), dtype=torch.uint8)
+        buf = torch.empty(size, dtype=torch.uint8, device=device)
     dist.broadcast(buf, group=group, group_src=src)
-    return json.loads(buf.numpy().tobytes().decode())
+    return json.loads(buf.cpu().numpy().tobytes().decode())
 
 
-def broadcast_plan(plan: SPPlan | None, src: int, group: Any = None) -> SPPlan:
+def broadcast_plan(plan: SPPlan | None, src: int, group: Any = None, device: Any = None) -> SPPlan:
     """Every rank of ``group`` returns the plan of the rank at position ``src`` (JSON bytes, never pickle)."""
-    return SPPlan.from_dict(broadcast_json(plan.to_dict() if plan is not None else None, src, group))
+    return SPPlan.from_dict(broadcast_json(plan.to_dict() if plan is not None else None, src, group, device))

@@ -22,6 +22,7 @@ import torch
 from distrain.comm.device_groups import ProcessDeviceGroups
 from distrain.comm.errors import CommError
 from distrain.comm.ray_transport import RayTransport
+from distrain.comm.torch_transport import resolve_backend
 from distrain.checkpoint import CheckpointError
 from distrain.config import Config, load_config
 from distrain.layout import Layout
@@ -109,11 +110,16 @@ class WorkerHost:
             if dist.is_initialized():
                 dist.destroy_process_group()
             ranks = self.layout.ranks(rep.index)
-            dist.init_process_group("gloo", init_method=f"tcp://{address}", rank=ranks.index(self.rank),
+            # the replica's own world carries tensors only (frames go through the Coordinator): its
+            # backend is runtime.device_backend, NCCL on GPU actors (Ulysses needs CUDA all_to_all)
+            backend = resolve_backend(self.cfg.runtime.device_backend)
+            if backend == "nccl":
+                torch.cuda.set_device(0)  # Ray hands each GPU actor its own device as cuda:0
+            dist.init_process_group(backend, init_method=f"tcp://{address}", rank=ranks.index(self.rank),
                                     world_size=len(ranks), timeout=timedelta(seconds=self.cfg.topology.round_timeout_s))
             specs = [s for s in self.layout.device_group_specs() if set(s) <= set(ranks)]
             groups = ProcessDeviceGroups(specs, self.rank, to_local={r: i for i, r in enumerate(ranks)},
-                                         timeout_s=self.cfg.topology.round_timeout_s)
+                                         timeout_s=self.cfg.topology.round_timeout_s, backend=backend)
         self.worker = build_worker(self.cfg, self.layout, self.rank, self.data, self.link, groups)
         self.in_sync = True
         return os.getpid()
