@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# GPU check of the compression kernels and a CUDA run of every outer algorithm (issue 13).
+# GPU check: what a GPU user runs, within 8 minutes on one GPU (GPU_CHECK_BUDGET_S, default 480).
 #
-# On a machine with a CUDA GPU, within 8 minutes (GPU_CHECK_BUDGET_S, default 480):
+# On a machine with a CUDA GPU:
 #   1. builds the CPU and CUDA kernel libraries;
-#   2. runs every CUDA test (pytest -m cuda tests);
+#   2. runs every CUDA test (pytest -m cuda tests): kernels bit for bit against the reference, an
+#      inner step without host syncs, an outer optimiser resumed onto the GPU;
 #   3. runs bench/kernels.py on the GPU: each kernel's effective GB/s against the device's copy
 #      bandwidth measured the same way (written to bench/results/kernels_gpu.json);
 #   4. runs two outer rounds of each algorithm with run.device=cuda (distrain simulate, 30 steps
 #      of 15 inner steps, small evaluation, output in a temporary folder);
-#   5. writes bench/results/gpu_check.json: every step's command, exit status, seconds and the
-#      tail of its output, the GPU kernel figures, and "ok".
+#   5. a SparseLoCo simulation of two replicas on CUDA that checkpoints, then resumes and goes on;
+#   6. the embedded default on CUDA: a compressed pipeline replica beside two full ones;
+#   7. an adaptive-SP replica of two devices: NCCL device groups under torchrun when the machine
+#      has two GPUs, else the simulation's threads sharing the one GPU;
+#   8. tokens/s of an inner step and the host syncs it makes (bench/train_throughput.py);
+#   9. writes bench/results/gpu_check.json: every step's command, exit status, seconds and the
+#      tail of its output, the GPU kernel figures, tokens/s and syncs, a verdict per part, "ok".
 # Without a CUDA device it runs the CPU-side steps only (CPU build, CUDA compile when nvcc is
 # present, collection of the CUDA tests), prints a "gpu_check: no CUDA device" line and exits 0
 # when they pass. Exit status on a GPU machine: 0 when every step passed, 1 otherwise.
@@ -106,6 +112,29 @@ for algo in $ALGORITHMS; do
     --logging.progress=false --run.out_dir="$WORK/runs/$algo"
 done
 
+COMMON="--logging.plots=false --logging.tensorboard=false --logging.progress=false --data.max_bytes=4000000"
+step resume_save 120 $DISTRAIN simulate --config default --run.device="$DEV" --topology.replica='[{count=2}]' \
+  --train.steps=30 --checkpoint.every=15 --train.eval_every=30 --train.eval_batches=2 $COMMON \
+  --run.name=resume --run.out_dir="$WORK/runs/resume"
+step resume_load 120 $DISTRAIN simulate --config default --run.device="$DEV" --topology.replica='[{count=2}]' \
+  --train.steps=45 --checkpoint.every=15 --train.eval_every=45 --train.eval_batches=2 $COMMON \
+  --run.name=resume --run.out_dir="$WORK/runs/resume" --checkpoint.resume=auto
+grep -q "resumed from step 30" "$WORK/resume_load.log" || { echo "   -> the run did not resume"; FAILED=1; }
+step pipeline 150 $DISTRAIN simulate --config default --run.device="$DEV" --train.steps=30 --train.eval_every=30 \
+  --train.eval_batches=2 $COMMON --run.out_dir="$WORK/runs/pipeline"
+SP="--data.sampler=documents --data.max_doc_len=256 --data.batch_tokens=2048 --train.steps=6 --outer.algorithm=none \
+  --train.eval_every=6 --train.eval_batches=1 $COMMON --runtime.torch_threads=1"
+NGPU=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+if [ "$DRY" != 1 ] && ((NGPU >= 2)); then
+  step sp_nccl 180 "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 -m distrain.launch.torchrun \
+    --config default --topology.replica='[{devices=2, parallel="sp"}]' --runtime.device_backend=nccl $SP \
+    --run.out_dir="$WORK/runs/sp"
+else  # one GPU: the replica's two devices are threads sharing it (gloo device groups, CUDA tensors)
+  step sp_threads 180 $DISTRAIN simulate --config default --run.device="$DEV" \
+    --topology.replica='[{devices=2, parallel="sp"}]' $SP --run.out_dir="$WORK/runs/sp"
+fi
+step throughput 120 "$PY" bench/train_throughput.py --presets test 20m --steps 8 --out "$WORK/throughput.json"
+
 "$PY" - "$STEPS" "$WORK" "$OUT" "$FAILED" "$(($(date +%s) - START))" "$BUDGET" <<'PYEOF'
 import json, pathlib, sys
 import torch
@@ -120,14 +149,28 @@ for m in pathlib.Path(work, "runs").glob("*/**/metrics.jsonl"):
     rows = [json.loads(line) for line in m.read_text().splitlines() if line.strip()]
     losses = [r for r in rows if any("loss" in k for k in r)]
     runs[algo] = {"rows": len(rows), "last": losses[-1] if losses else None}
+tp = pathlib.Path(work, "throughput.json")
+throughput = json.loads(tp.read_text()) if tp.is_file() else {}
+parts = {"kernels": ["build_cpu", "build_cuda", "cuda_tests", "bench_kernels"],
+         "outer algorithms on CUDA": [s["step"] for s in steps if s["step"].startswith("simulate_")],
+         "checkpoint and resume on CUDA": ["resume_save", "resume_load"], "compressed pipeline on CUDA": ["pipeline"],
+         "adaptive SP replica": ["sp_nccl", "sp_threads"], "tokens/s and host syncs": ["throughput"]}
+by = {s["step"]: s for s in steps}
+verdicts = {}
+for part, names in parts.items():
+    ran = [by[n] for n in names if n in by]
+    verdicts[part] = "not run" if not ran else ("ok" if all(s["exit"] == 0 for s in ran) else "FAILED")
 result = {
     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (dry run)",
     "torch": torch.__version__,
     "ok": failed == "0" and all(s["exit"] == 0 for s in steps), "seconds": int(total),
-    "budget_s": int(budget), "kernels": gpu, "runs": runs, "steps": steps,
+    "budget_s": int(budget), "parts": verdicts, "kernels": gpu, "throughput": throughput.get("presets", throughput),
+    "runs": runs, "steps": steps,
 }
 pathlib.Path(out).parent.mkdir(parents=True, exist_ok=True)
 pathlib.Path(out).write_text(json.dumps(result, indent=2) + "\n")
+for part, verdict in verdicts.items():
+    print(f"gpu_check: {part}: {verdict}")
 print(f"gpu_check: {'ok' if result['ok'] else 'FAILED'} in {total}s on {result['device']}; wrote {out}")
 PYEOF
 exit $((FAILED != 0))

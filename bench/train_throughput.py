@@ -37,11 +37,31 @@ def measure(preset: str, vocab: int, seq_len: int, batch: int, steps: int, warmu
     trainer = SingleSchedule(model, TrainConfig(steps=steps + warmup, warmup_steps=1), batch_fn, device)
     for _ in range(warmup):
         trainer.train_step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
-    tokens = sum(trainer.train_step().tokens for _ in range(steps))
+    reports = [trainer.train_step() for _ in range(steps)]
+    float(torch.stack([torch.as_tensor(r.loss) for r in reports]).mean())  # the one read per round
     dt = time.perf_counter() - t0
-    return {"params": count_parameters(model), "tokens_per_s": tokens / dt, "seq_len": seq_len, "batch_size": batch,
-            "vocab_size": vocab, "steps": steps}
+    return {"params": count_parameters(model), "tokens_per_s": sum(r.tokens for r in reports) / dt,
+            "seq_len": seq_len, "batch_size": batch, "vocab_size": vocab, "steps": steps,
+            "host_syncs_per_step": host_syncs_per_step(trainer, steps) if device.type == "cuda" else None}
+
+
+def host_syncs_per_step(trainer: SingleSchedule, steps: int) -> float:
+    """Synchronising CUDA calls per inner step (torch's sync debug mode counts them as warnings);
+    the inner step is meant to make none (the worker reads the round's loss once)."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(steps):
+                trainer.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught) / steps
 
 
 def main() -> None:

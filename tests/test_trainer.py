@@ -73,3 +73,20 @@ def test_clipping_bounds_the_update_and_nan_loss_is_an_error():
     t.next_batch = feeder(batches(1, 2))
     with pytest.raises(FloatingPointError, match="non-finite training loss"):
         t.train_step()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_inner_step_on_cuda_waits_for_no_host_sync():
+    """Loss and norm stay on the device; batches come from pinned memory: torch's sync debug mode
+    (error) finds no synchronising call in a step."""
+    device = torch.device("cuda")
+    m = model().to(device)
+    t = SingleSchedule(m, TrainConfig(steps=3, warmup_steps=0), feeder(batches(4, 2)), device)
+    t.train_step()  # the first step allocates AdamW's state
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        res = t.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert res.loss.is_cuda and math.isfinite(float(res.loss))
