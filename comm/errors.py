@@ -121,3 +121,7 @@ class MagnitudeError(FrameError):
 
 class BoundaryRejectedError(FrameError):
     """A pipeline stage rejected a boundary frame; the message names the stage, the step and why."""
+
+
+class BasisMismatchError(SchemaError):
+    """A compressed boundary frame was built on another subspace basis than the receiver's."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from distrain.config import Config, ReplicaConfig
+from distrain.parallel.pipeline.formats import BoundaryFormat, choose_format
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class ReplicaSpec:
     compress_seed: int = 1337
     sp_costs: str = ""  # parallel = "sp": cost-model file (empty: reference costs)
     sp_capacity: int = 0  # parallel = "sp": tokens per device (0: no cap)
+    choice: str = ""  # compress = "auto": what the boundary format is, and why
 
     @property
     def compressed(self) -> bool:
@@ -116,10 +118,28 @@ def _replica_spec(index: int, table: ReplicaConfig, cfg: Config) -> ReplicaSpec:
     if table.kind == "full":
         return ReplicaSpec(index, table.kind, parallel, bounds, workers, sp_costs=table.sp_costs,
                            sp_capacity=table.sp_capacity)
-    c = table.compress
-    return ReplicaSpec(index, table.kind, parallel, bounds, workers, table.schedule,
-                       table.microbatches or auto_microbatches(cfg.train.batch_size * cfg.train.grad_accum, n),
-                       table.wire_dtype, c.k, c.method, c.seed)
+    c = table.subspace
+    microbatches = table.microbatches or auto_microbatches(cfg.train.batch_size * cfg.train.grad_accum, n)
+    k, wire, note = c.k, table.wire_dtype, ""
+    if table.compress == "auto":
+        fmt, note = auto_format(cfg, bounds, workers, microbatches)
+        k, wire = fmt.k, fmt.wire_dtype
+    return ReplicaSpec(index, table.kind, parallel, bounds, workers, table.schedule, microbatches, wire, k, c.method,
+                       c.seed, choice=note)
+
+
+def auto_format(cfg: Config, bounds: tuple[int, ...], workers: tuple[WorkerSpec, ...],
+                microbatches: int) -> tuple[BoundaryFormat, str]:
+    """``compress = "auto"``: the least lossy boundary format whose transfers fit the slowest link
+    between two stages against the least compute a stage does per step (``network.step_time_s``
+    scaled by its share of the layers and its speed)."""
+    n_layers = bounds[-1]
+    mbps = min(min(workers[s].up_mbps, workers[s + 1].down_mbps, workers[s + 1].up_mbps, workers[s].down_mbps)
+               for s in range(len(workers) - 1))
+    compute = min(cfg.network.step_time_s * (bounds[s + 1] - bounds[s]) / n_layers / workers[s].speed
+                  for s in range(len(workers)))
+    tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+    return choose_format(cfg.model.dim, tokens, microbatches, compute, mbps)
 
 
 def auto_microbatches(sequences: int, stages: int) -> int:

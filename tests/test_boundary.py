@@ -10,6 +10,7 @@ import torch
 from distrain.comm import boundary as bd
 from distrain.comm.errors import (
     BadMagicError,
+    BasisMismatchError,
     ChecksumError,
     CodecMismatchError,
     FrameError,
@@ -35,11 +36,38 @@ def expect(direction=bd.FORWARD, step=7, micro=3, shape=(B, T, K), dtype="bf16")
     return bd.BoundaryExpect(direction, step, micro, shape, dtype)
 
 
-def test_framing_is_36_bytes_and_payload_is_exactly_itemsize_per_number():
-    assert bd.FRAME_BYTES == 36
+def test_framing_is_40_bytes_and_payload_is_exactly_itemsize_per_number():
+    assert bd.FRAME_BYTES == 40
     for dtype, size in (("bf16", 2), ("fp32", 4), ("fp64", 8)):
         _, data = frame(dtype=dtype)
-        assert len(data) == 36 + B * T * K * size == bd.message_bytes(B, T, K, dtype)
+        assert len(data) == 40 + B * T * K * size == bd.message_bytes(B, T, K, dtype)
+    # quantised: an fp16 scale per token, then one byte (int8) or half a byte (int4) per number
+    assert len(frame(dtype="int8")[1]) == 40 + B * T * (2 + K) == bd.message_bytes(B, T, K, "int8")
+    assert len(frame(dtype="int4")[1]) == 40 + B * T * 2 + (B * T * K + 1) // 2 == bd.message_bytes(B, T, K, "int4")
+
+
+@pytest.mark.parametrize("dtype,top", [("int8", 127), ("int4", 7)])
+def test_quantised_frames_round_trip_within_half_a_step_of_each_tokens_scale(dtype, top):
+    t = torch.randn(B, T, K, generator=torch.Generator().manual_seed(1)) * torch.linspace(0.01, 50, K)
+    t[0, 0] = 0.0  # an all-zero token decodes to zeros
+    got = bd.decode_boundary(bd.encode_boundary(t, direction=bd.FORWARD, step=7, micro=3, dtype=dtype),
+                             expect(dtype=dtype))
+    scale = t.abs().amax(dim=-1, keepdim=True) / top
+    err = (got - t).abs()
+    assert torch.all(err <= scale * 0.5 * (1 + 2e-3) + 1e-12)  # half a step (the fp16 scale rounds a little)
+    assert torch.equal(got[0, 0], torch.zeros(K))
+    assert float(err.max()) > 0  # lossy, as stated
+
+
+def test_a_frame_on_another_basis_is_rejected():
+    _, data = frame()
+    with pytest.raises(BasisMismatchError, match="disagree on U"):
+        bd.decode_boundary(data, bd.BoundaryExpect(bd.FORWARD, 7, 3, (B, T, K), "bf16", basis=0x1234))
+    on_basis = bd.encode_boundary(torch.ones(B, T, K), direction=bd.FORWARD, step=7, micro=3, basis=0x1234)
+    assert bd.frame_header(on_basis)[-1] == 0x1234
+    bd.decode_boundary(on_basis, bd.BoundaryExpect(bd.FORWARD, 7, 3, (B, T, K), "bf16", basis=0x1234))
+    with pytest.raises(BasisMismatchError):
+        bd.decode_boundary(on_basis, expect())
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32", "fp64"])
@@ -55,7 +83,7 @@ def test_backward_direction_and_large_step_round_trip():
     assert torch.equal(bd.decode_boundary(data, expect(bd.BACKWARD, 2**40 + 1, 0, dtype="fp64")), t)
 
 
-@pytest.mark.parametrize("cut", [0, 10, 35, 36, 36 + 2 * B * T * K - 1])
+@pytest.mark.parametrize("cut", [0, 10, 39, 40, 40 + 2 * B * T * K - 1])
 def test_short_frames_are_truncated(cut):
     _, data = frame()
     with pytest.raises(TruncatedFrameError):
@@ -73,12 +101,12 @@ def test_bad_magic_and_version():
     with pytest.raises(BadMagicError):
         bd.decode_boundary(b"XXXX" + data[4:], expect())
     with pytest.raises(UnsupportedVersionError):
-        bd.decode_boundary(data[:4] + bytes([2]) + data[5:], expect())
+        bd.decode_boundary(data[:4] + bytes([1]) + data[5:], expect())
     with pytest.raises(UnsupportedVersionError):  # unknown dtype code
         bd.decode_boundary(data[:6] + bytes([9]) + data[7:], expect())
 
 
-@pytest.mark.parametrize("pos", [8, 16, 36, 36 + B * T * K])  # step field, micro field, payload bytes
+@pytest.mark.parametrize("pos", [8, 16, 40, 40 + B * T * K])  # step field, micro field, payload bytes
 def test_a_flipped_bit_fails_the_checksum(pos):
     _, data = frame()
     bad = bytearray(data)
@@ -142,3 +170,31 @@ def test_bf16_bits_are_little_endian_on_the_wire():
     t = torch.tensor([[[1.0, -2.0]]])
     data = bd.encode_boundary(t, direction=bd.FORWARD, step=0, micro=0)
     assert data[bd.FRAME_BYTES:] == struct.pack("<HH", 0x3F80, 0xC000)
+
+
+def test_the_boundary_format_follows_the_link():
+    """compress = "auto": the least lossy format whose transfers fit 10 % of the stage's compute —
+    bf16 activations on a fast link, quantised ones on a slower one, subspace coordinates on a slow one."""
+    from distrain.parallel.pipeline.formats import choose_format
+
+    fast, _ = choose_format(128, 1024, 4, compute_s=0.25, mbps=1000.0)
+    mid, why = choose_format(128, 1024, 4, compute_s=0.25, mbps=50.0)
+    slow, _ = choose_format(128, 1024, 4, compute_s=0.25, mbps=5.0)
+    assert (fast.name, fast.k, fast.wire_dtype) == ("bf16", 0, "bf16")
+    assert (mid.name, mid.wire_dtype) == ("int4", "int4") and "bf16 would take 34%" in why
+    assert slow.k > 0 and slow.bytes_per_token == 2 * slow.k and slow.share <= 0.10
+    hopeless, why = choose_format(128, 1024, 4, compute_s=0.25, mbps=0.01)
+    assert hopeless.k == 2 and "none fits" in why
+
+
+def test_auto_compression_is_resolved_in_the_topology_and_needs_a_step_time():
+    from distrain.config import ConfigError, load_config
+    from distrain.topology import resolve_topology
+
+    pipe = "{kind='pipeline', stages=2, speed=0.5, compress='auto', up_mbps=%s, down_mbps=%s}"
+    fast = resolve_topology(load_config("default", [f"--topology.replica=[{{}}, {pipe % (1000.0, 1000.0)}]"]))[1]
+    slow = resolve_topology(load_config("default", [f"--topology.replica=[{{}}, {pipe % (5.0, 5.0)}]"]))[1]
+    assert (fast.compress_k, fast.wire_dtype) == (0, "bf16") and fast.choice.startswith("boundary format bf16")
+    assert slow.compressed and slow.choice.startswith("boundary format subspace")
+    with pytest.raises(ConfigError, match="network.step_time_s"):
+        load_config("default", ["--network.step_time_s=0", f"--topology.replica=[{{}}, {pipe % (5.0, 5.0)}]"])

@@ -88,9 +88,9 @@ def test_boundary_bytes_are_2k_per_token_and_direction_plus_framing(tiny_config)
     positions = 3 * 4 * 32
     assert rep.extra["positions"] == positions
     messages = 3 * mb  # one per micro-batch per step, in each direction
-    assert rep.extra["boundary_bytes"] == 2 * k * positions + 36 * messages  # its forward sends
+    assert rep.extra["boundary_bytes"] == 2 * k * positions + 40 * messages  # its forward sends
     last = next(r for r in reports if r.rank == 2)
-    assert last.extra["boundary_bytes"] == 2 * k * positions + 36 * messages  # the backward ones
+    assert last.extra["boundary_bytes"] == 2 * k * positions + 40 * messages  # the backward ones
     sim.pool.close()
 
 

@@ -297,6 +297,24 @@ def test_bf16_wire_stays_close_and_results_report_time_and_bytes():
     assert sorted(calls) == sorted((s, k, m) for s in range(2) for k in "FB" for m in range(2))
 
 
+@pytest.mark.parametrize("wire,tol", [("int8", 0.03), ("int4", 0.3)])
+def test_quantised_wire_keeps_gradients_close_and_sends_the_quantised_bytes(wire, tol):
+    """Unconstrained stages that send int8/int4 activations: the gradients stay within the
+    quantisation's relative error of the unsplit model's, and each message is exactly the format's
+    size (values plus one fp16 scale per token plus framing)."""
+    full = full_model()
+    mbs = micro_batches(n=2)
+    _, _, want = reference(full, mbs)
+    stages = split(full, [0, 2, 4])
+    results, _ = run_pipeline(stages, mbs, wire=wire)
+    got = stage_grads(stages)
+    for k in want:
+        rel = (got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)
+        assert rel < tol, (k, float(rel))
+    assert results[0].bytes_sent["forward"] == 2 * bd.message_bytes(2, 16, D, wire)
+    assert bd.message_bytes(2, 16, D, wire) < bd.message_bytes(2, 16, D, "bf16")
+
+
 # -- compressed pipelines equal the reparametrised single-process model ----------------------------
 
 K = 4
@@ -336,7 +354,7 @@ def test_compressed_boundary_sends_exactly_2k_bytes_per_token_plus_framing():
     stages, subs, _ = compressed(full_model(), [0, 1, 3, 4])
     mbs = micro_batches(n=3, b=2, t=16)
     results, hub = run_pipeline(stages, mbs, subs=subs, wire="bf16")
-    per_msg = 36 + 2 * 16 * 2 * K
+    per_msg = 40 + 2 * 16 * 2 * K
     assert {n for _, _, n in hub.log} == {per_msg}  # every message, both directions
     positions = 3 * 2 * 16
     for s, r in enumerate(results):
@@ -347,7 +365,7 @@ def test_compressed_boundary_sends_exactly_2k_bytes_per_token_plus_framing():
             assert (r.bytes_sent["forward"] - 3 * bd.FRAME_BYTES) / positions == 2 * K
     # against bf16 activations of the same pipeline: d/k times fewer payload bytes
     plain, hub2 = run_pipeline(split(full_model(), [0, 1, 3, 4]), mbs, wire="bf16")
-    assert {n for _, _, n in hub2.log} == {36 + 2 * 16 * 2 * D}
+    assert {n for _, _, n in hub2.log} == {40 + 2 * 16 * 2 * D}
 
 
 def test_project_method_pipeline_equals_the_projected_stages_composed_in_one_process():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distrain.config.replica import ReplicaConfig
+from distrain.config.replica import CompressConfig, ReplicaConfig
 from distrain.config.sections import ALGORITHMS, Config
 from distrain.config.tomlconf import ConfigError, choice, need, source_of
 
@@ -125,7 +125,7 @@ def _check_outer(cfg: Config) -> None:
     if o.topk_warmup:
         need(o.algorithm == "sparseloco", f"outer.topk_warmup is for outer.algorithm = 'sparseloco', "
                                            f"not {o.algorithm!r}")
-        need(not any(r.kind == "pipeline" and r.compress.k for r in cfg.topology.tables()),
+        need(not any(r.kind == "pipeline" and (r.subspace.k or r.compress == "auto") for r in cfg.topology.tables()),
               "outer.topk_warmup does not combine with compressed pipeline replicas yet (their span-split "
               "aggregation and embedding relay decode with one fixed k)")
     need(o.index_coding != "gaps" or o.chunk <= 256,
@@ -156,8 +156,8 @@ def _check_topology(cfg: Config) -> None:
     need(not t.step_plan or t.straggler_policy == "window", "topology.step_plan replays a window run: set "
                                                             "topology.straggler_policy = 'window'")
     choice("topology.compress_sync", t.compress_sync, ("project_start", "split", "project_global"))
-    compressed = {(r.compress.k, r.compress.seed, str(r.stages)) for r in t.tables()
-                  if r.kind == "pipeline" and r.compress.k}
+    compressed = {(r.subspace.k, r.subspace.seed, str(r.stages)) for r in t.tables()
+                  if r.kind == "pipeline" and r.subspace.k}
     if t.compress_sync != "project_start":
         need(len(compressed) <= 1, f"topology.compress_sync = {t.compress_sync!r} works with one subspace: every "
                                     "compressed pipeline needs the same compress.k, seed and stages")
@@ -248,16 +248,21 @@ def check_replica(table: ReplicaConfig, index: int, cfg: Config) -> None:
         need(not cfg.model.tie_embeddings, f"{where}: a pipeline puts the embedding and the head on different "
                                             "stages; model.tie_embeddings must be false")
         choice(f"{where}: schedule", table.schedule, ("1f1b", "gpipe"))
-        choice(f"{where}: wire_dtype", table.wire_dtype, ("bf16", "fp32"))
+        choice(f"{where}: wire_dtype", table.wire_dtype, ("bf16", "fp32", "int8", "int4"))
         seqs = cfg.train.batch_size * cfg.train.grad_accum
         need(table.microbatches >= 0 and (table.microbatches == 0 or seqs % table.microbatches == 0),
               f"{where}: microbatches = {table.microbatches} must divide train.batch_size x train.grad_accum = "
               f"{seqs} (0: automatic)")
-        c = table.compress
+        c = table.subspace
+        if isinstance(table.compress, str):
+            need(table.compress == "auto", f"{where}: compress = {table.compress!r}: give a table "
+                                           "({k = ..., method = ...}) or \"auto\"")
+            need(cfg.network.step_time_s > 0, f"{where}: compress = \"auto\" weighs boundary transfers against "
+                                              "compute: set network.step_time_s (seconds per inner step at speed 1)")
         need(0 <= c.k <= cfg.model.dim, f"{where}: compress.k = {c.k} must be in [0, model.dim = {cfg.model.dim}] "
                                          "(0: uncompressed)")
         choice(f"{where}: compress.method", c.method, ("reparam", "project"))
-    need(table.kind == "pipeline" or (table.compress.k == 0 and table.microbatches == 0),
+    need(table.kind == "pipeline" or (table.compress == CompressConfig() and table.microbatches == 0),
           f"{where}: compress and microbatches are for kind = 'pipeline'")
     n = table.workers(n_layers)
     for key in ("speed", "up_mbps", "down_mbps", "latency_ms", "cpus", "gpus", "memory_mb"):

@@ -40,10 +40,16 @@ class ReplicaConfig:
     memory_mb: int | list[int] = field(default_factory=list)  # Ray memory reservation per worker (default none)
     schedule: str = "1f1b"  # pipeline: 1f1b (activations of at most ~stages micro-batches) | gpipe
     microbatches: int = 0  # pipeline: micro-batches per step, dividing batch_size·grad_accum (0: automatic)
-    wire_dtype: str = "bf16"  # pipeline: boundary values bf16 | fp32
-    compress: CompressConfig = field(default_factory=CompressConfig)
+    wire_dtype: str = "bf16"  # pipeline: boundary values bf16 | fp32 | int8 | int4 (per-token quantised)
+    # pipeline: subspace compression (a table), or "auto": the boundary format its links can afford
+    compress: CompressConfig | str = field(default_factory=CompressConfig)
     sp_costs: str = ""  # parallel = "sp": cost-model JSON from `distrain profile-sp` (empty: reference GPU costs)
     sp_capacity: int = 0  # parallel = "sp": tokens one device holds (0: no memory cap)
+
+    @property
+    def subspace(self) -> CompressConfig:
+        """The subspace table (k = 0 when ``compress = "auto"``: the topology decides)."""
+        return self.compress if isinstance(self.compress, CompressConfig) else CompressConfig()
 
     def workers(self, n_layers: int) -> int:
         """Workers of one replica of this table (devices, or stages)."""

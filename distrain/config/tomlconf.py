@@ -100,8 +100,8 @@ def apply_table(obj: Any, data: Any, source: str, prefix: str = "",
             known = ", ".join(sorted(fields))
             raise ConfigError(f"{source}: unknown key '{dotted}' (known here: {known})")
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            apply_table(current, value, source, f"{dotted}.", removed, explicit)
+        if dataclasses.is_dataclass(current) and (isinstance(value, dict) or dataclasses.is_dataclass(hints[key])):
+            apply_table(current, value, source, f"{dotted}.", removed, explicit)  # a section, or a table in a union
         else:
             setattr(obj, key, check_value(value, hints[key], dotted, source))
             if explicit is not None:

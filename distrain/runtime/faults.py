@@ -172,10 +172,10 @@ class BoundaryFault(Transport):
     def send_bytes(self, dst: int, payload: bytes) -> None:
         head = bd.frame_header(payload) if self.current >= self.start else None
         if head is not None:
-            direction, dtype, step, micro, shape = head
+            direction, dtype, step, micro, shape, basis = head
             log.warning("fault injection: worker %d sends a boundary frame of %g (step %d)", self.rank, self.value, step)
             payload = bd.encode_boundary(torch.full(shape, self.value), direction=direction, step=step, micro=micro,
-                                         dtype=dtype)
+                                         dtype=dtype, basis=basis)
         self.inner.send_bytes(dst, payload)
 
     def __getattr__(self, name: str) -> Any:  # transport-specific extras (flush, mailbox, set_peers)

@@ -103,7 +103,11 @@ class RoundLoop:
                     logger.log({"kind": "event", "event": "resumed", "step": self.resumed_from, "round": s.round,
                                 **pool.summary_extra()})
                     logger.say(f"resumed from step {self.resumed_from} (round {s.round} of {self.total})")
-            elif s.round == 0:
+            if logger is not None:
+                for rep in self.layout.replicas:  # what was chosen for the user, and why
+                    if rep.choice:
+                        logger.say(f"replica {rep.index} ({rep.kind}): {rep.choice}")
+            if self.resumed_from is None and s.round == 0:
                 s.first_val = pool.evaluate(s.round)
                 if logger is not None:
                     logger.initial_val(s.first_val)

@@ -71,6 +71,8 @@ class StageCoords(Protocol):
 
     @property
     def k(self) -> int: ...
+    @property
+    def fingerprint(self) -> int: ...
     def to_coords(self, x: Tensor, ids: Tensor) -> Tensor: ...
     def from_coords(self, c: Tensor, ids: Tensor) -> Tensor: ...
 
@@ -150,6 +152,7 @@ class _StageRun:
         self.device, self.dtype = p.device, p.dtype
         self.mbs = [(ids.to(self.device), tgt.to(self.device)) for ids, tgt in micro_batches]
         self.sub, self.wire = subspace, wire_dtype
+        self.basis = subspace.fingerprint if subspace is not None else 0
         self.width = subspace.k if subspace is not None else stage.cfg.dim
         self.cw = chunkwise if chunkwise is not None and chunkwise.mode != "off" else None
         self.on_compute = on_compute
@@ -175,7 +178,8 @@ class _StageRun:
     # -- boundary I/O ---------------------------------------------------------------------
     def _send(self, direction: int, dst_stage: int, m: int, tensor: Tensor) -> None:
         t0 = time.perf_counter()
-        data = bd.encode_boundary(tensor, direction=direction, step=self.step, micro=m, dtype=self.wire)
+        data = bd.encode_boundary(tensor, direction=direction, step=self.step, micro=m, dtype=self.wire,
+                                  basis=self.basis)
         t1 = time.perf_counter()
         self.t.send_bytes(self.place.ranks[dst_stage], data)
         self.timers["codec_s"] += t1 - t0
@@ -187,7 +191,7 @@ class _StageRun:
         t0 = time.perf_counter()
         data = self.t.recv_bytes(self.place.ranks[src_stage])
         t1 = time.perf_counter()
-        expect = bd.BoundaryExpect(direction, self.step, m, (*ids.shape, self.width), self.wire)
+        expect = bd.BoundaryExpect(direction, self.step, m, (*ids.shape, self.width), self.wire, self.basis)
         src = self.place.ranks[src_stage]
         try:
             got = bd.decode_boundary(data, expect)

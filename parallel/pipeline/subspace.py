@@ -149,11 +149,19 @@ class Subspace:
     modules: tuple[str, ...]  # constrained module paths, e.g. "layers.0.attention.wo"
     embed: bool
     _ordinary: tuple[str, ...] = field(default=(), repr=False)
+    _fingerprint: int | None = field(default=None, repr=False)
 
     # -- boundaries -------------------------------------------------------------------------
     @property
     def k(self) -> int:
         return self.u.shape[1]
+
+    @property
+    def fingerprint(self) -> int:
+        """``basis_fingerprint(U)``, which every compressed boundary frame carries and its receiver checks."""
+        if self._fingerprint is None:
+            self._fingerprint = basis_fingerprint(self.u)
+        return self._fingerprint
 
     def to_coords(self, x: Tensor, ids: Tensor) -> Tensor:
         return to_coords(x, ids, self.u.to(x.dtype), self.token_table.to(x.dtype))
