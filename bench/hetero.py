@@ -36,6 +36,7 @@ from common import command, machine
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from distrain.comm import boundary as bd  # noqa: E402
 from distrain.config import load_config  # noqa: E402
 from distrain.runtime.simulation import Simulation  # noqa: E402
 
@@ -48,6 +49,9 @@ PIPE = "kind='pipeline', stages=2, microbatches=4, speed=0.5, up_mbps=50.0, down
 def topology(run: str, k: int) -> str:
     comp = f", compress={{k={k}}}"
     return {
+        "two_full": "[{count=2}]",
+        "selective_int8": f"[{{count=2}}, {{count=2, {PIPE}, wire_dtype='int8'}}]",
+        "selective_int4": f"[{{count=2}}, {{count=2, {PIPE}, wire_dtype='int4'}}]",
         "all_full": "[{count=4}]",
         "all_compressed": f"[{{count=4, {PIPE}{comp}}}]",
         "selective": f"[{{count=2}}, {{count=2, {PIPE}{comp}}}]",
@@ -156,6 +160,37 @@ def tables(result: dict) -> str:
     return "\n".join(lines)
 
 
+def contribution(two_full: float, selective: float, uncompressed: float) -> float:
+    """Share of the gain two uncompressed pipeline replicas bring over two full replicas alone that
+    two pipeline replicas with another boundary format bring."""
+    return (two_full - selective) / (two_full - uncompressed)
+
+
+def merge_formats(args: argparse.Namespace) -> None:
+    """Two full replicas alone, and selective with int8 / int4 boundaries (unconstrained stages), on
+    the results file's seeds; the contribution of every format and k."""
+    result = json.loads(RESULTS.read_text())
+    out = Path(args.out)
+    seeds = result["seeds"]
+    steps = int(result["setup"].split("inner steps")[0].split(",")[-1])
+    for run in ("two_full", "selective_int8", "selective_int4"):
+        result["runs"][run] = collect([simulate(out, run, 0, s, steps) for s in seeds])
+    runs = result["runs"]
+    two, unc = mean(runs["two_full"]["final_val_loss"]), mean(runs["selective_uncompressed"]["final_val_loss"])
+    contrib = {}
+    for k, row in result["k_sweep"].items():
+        b = bd.message_bytes(2, 128, int(k), "bf16") / 256  # a micro-batch: 2 sequences of 128 tokens
+        contrib[f"subspace k={k}"] = {"contribution": contribution(two, row["selective"], unc), "bytes_per_token": b}
+    for fmt in ("int8", "int4"):
+        r = runs[f"selective_{fmt}"]
+        contrib[fmt] = {"contribution": contribution(two, mean(r["final_val_loss"]), unc),
+                        "bytes_per_token": r["boundary_bytes_per_token"]}
+    result["contribution"] = contrib
+    result["command"] += " ; " + command("bench/hetero.py")
+    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(contrib, indent=1))
+
+
 def merge_split(args: argparse.Namespace) -> None:
     """The span-split reconciliation beside the two in the results file, on the same seeds."""
     result = json.loads(RESULTS.read_text())
@@ -189,7 +224,13 @@ def main() -> None:
     ap.add_argument("--merge-split", action="store_true",
                     help="add the 'split' reconciliation (selective, default k and d/16, all seeds) to an existing "
                          "results file")
+    ap.add_argument("--merge-formats", action="store_true",
+                    help="add two_full and selective with int8 / int4 boundaries (all seeds) and the contribution "
+                         "of every format to an existing results file")
     args = ap.parse_args()
+    if args.merge_formats:
+        merge_formats(args)
+        return
     if args.merge_split:
         merge_split(args)
         return

@@ -12,7 +12,12 @@ SparseLoCo every 15 inner steps, 0.25 simulated seconds per inner step at speed 
 - ``full3``: 3 full-speed replicas (the ideal a weak replica is measured against);
 - ``full2+pipe``: the embedded default — 2 full replicas + a 2-stage compressed pipeline replica of
   half-speed workers on 50 Mbit/s links;
-- ``full2+half``: 2 full + one uncompressed full replica at speed 0.5.
+- ``full2+half``: 2 full + one uncompressed full replica at speed 0.5;
+- ``full2+pipe-auto`` / ``full2+pipe-bf16``: the embedded default's pipeline with ``compress = "auto"``
+  (the format chosen from its 50 Mbit/s links) / with uncompressed bf16 boundaries, window policy only;
+- ``slow-auto`` / ``slow-k4`` / ``slow-bf16``: the slow-link setting, 2 full replicas + the pipeline on
+  20 Mbit/s, 50 ms links (bf16 boundaries would take 84 % of its compute): the automatic choice,
+  always the subspace at k = d/32, never compressed.
 
 The last two run under ``straggler_policy`` = wait, fewer_steps, and window with each merge
 (``outer.merge`` = mean, steps, tokens). Per run and seed: final validation loss, utilisation (the
@@ -41,11 +46,25 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "results" / "time_to_loss.json"
 PLOT = REPO / "docs" / "time_to_loss.png"
 HALF = "{speed=0.5}"
+PIPE = ('{{kind="pipeline", stages=2, microbatches=4, speed=0.5, up_mbps={mbps}, down_mbps={mbps}, '
+        'latency_ms={ms}, compress={compress}}}')  # the embedded default's pipeline: 50 Mbit/s, 5 ms
+
+
+def pipe(compress: str, mbps: float = 50.0, ms: float = 5.0) -> str:
+    return "[{count=2}, " + PIPE.format(compress=compress, mbps=mbps, ms=ms) + "]"
+
+
 TOPOLOGIES = {
     "full2": "[{count=2}]",
     "full3": "[{count=3}]",
     "full2+pipe": None,  # the embedded default's tables
     "full2+half": f"[{{count=2}}, {HALF}]",
+    "full2+pipe-auto": pipe('"auto"'),
+    "full2+pipe-bf16": pipe("{k=0}"),
+    # the slow-link setting: the pipeline's links at 20 Mbit/s, 50 ms, where bf16 boundaries take 84 % of a step
+    "slow-auto": pipe('"auto"', 20.0, 50.0),
+    "slow-k4": pipe("{k=4}", 20.0, 50.0),
+    "slow-bf16": pipe("{k=0}", 20.0, 50.0),
 }
 POLICIES = [("wait", "mean"), ("fewer_steps", "mean"), ("window", "mean"), ("window", "steps"), ("window", "tokens")]
 
@@ -57,6 +76,8 @@ def runs() -> list[tuple[str, str, str, str]]:
         for policy, merge in POLICIES:
             suffix = policy if policy != "window" else f"window-{merge}"
             out.append((f"{topo}/{suffix}", topo, policy, merge))
+    for topo in ("full2+pipe-auto", "full2+pipe-bf16", "slow-auto", "slow-k4", "slow-bf16"):  # boundary formats
+        out.append((f"{topo}/window-mean", topo, "window", "mean"))
     return out
 
 
@@ -183,7 +204,8 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    shown = ["full2", "full3", "full2+pipe/wait", "full2+pipe/fewer_steps", "full2+pipe/window-steps",
+    shown = ["full2", "full3", "full2+pipe/wait", "full2+pipe/fewer_steps", "full2+pipe/window-mean",
+             "full2+pipe-auto/window-mean",
              "full2+half/wait", "full2+half/window-steps"]
     for ax, prefix in zip(axes, ("full2+pipe", "full2+half")):
         for name in shown:

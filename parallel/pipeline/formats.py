@@ -5,7 +5,8 @@ activations cost nothing and any compression only loses; on a slow one the subsp
 are the only way a pipeline keeps up. ``choose_format`` walks the formats from the least lossy —
 bf16 activations, int8 and int4 activations quantised per token (the stage stays unconstrained),
 then subspace coordinates at d/8, d/16, d/32, d/64 (the stages are constrained) — and takes the first
-whose modelled transfer per step stays within ``budget`` of the stage's compute per step.
+whose modelled transfer per step stays within ``budget`` of the stage's compute per step. A link's
+latency costs every format the same, so it does not enter the choice.
 """
 
 from __future__ import annotations
