@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,18 @@ def prepare_data(cfg: Config, progress: bool = False) -> PreparedData:
     if not cfg.model.vocab_size:
         cfg.model.vocab_size = data.vocab_size
     return data
+
+
+def keep_tokenizer(run_dir: Path, data: PreparedData) -> None:
+    """Copy the run's tokenizer into its directory, so ``distrain export``/``eval``/``generate`` find it
+    there whatever becomes of the data cache (written atomically; unchanged content is left alone)."""
+    kept = Path(run_dir) / "tokenizer.json"
+    text = data.tokenizer_path.read_bytes()
+    if kept.is_file() and kept.read_bytes() == text:
+        return
+    tmp = kept.with_name(f".tokenizer.json.{os.getpid()}.tmp")
+    tmp.write_bytes(text)
+    os.replace(tmp, kept)
 
 
 def validation_batches(cfg: Config, data: PreparedData) -> list[Batch]:
