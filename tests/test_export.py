@@ -130,6 +130,17 @@ def test_a_run_continues_from_init_from(tiny_config):
     assert all(torch.equal(sim.workers[0].global_state()[n], t) for n, t in first.workers[0].global_state().items())
 
 
+def test_init_from_with_another_tokenizer_is_named(tiny_config, tmp_path, caplog):
+    first = export_run(trained(tiny_config, "tok").run_dir, tmp_path / "hf")
+    with caplog.at_level("WARNING"):
+        start_of(tiny_config(f"--model.init_from={first.out}", "--run.name=same"))
+    assert "another tokenizer" not in caplog.text
+    with caplog.at_level("WARNING"):
+        sim = start_of(tiny_config(f"--model.init_from={first.out}", "--data.vocab_size=300", "--run.name=other"))
+    assert "was trained with another tokenizer" in caplog.text and f"data.tokenizer={first.out}" in caplog.text
+    assert sim.cfg.model.vocab_size == 320  # the weights' vocabulary, not the new tokenizer's
+
+
 def test_eval_perplexity_is_exp_of_the_mean_loss(tiny_config, tmp_path, capsys):
     sim = trained(tiny_config, "ev")
     text = " ".join(["error feedback keeps what was not sent for later rounds"] * 12)

@@ -11,6 +11,7 @@ import torch
 from distrain.checkpoint import CheckpointError, LoadedCheckpoint, check_config, list_checkpoints, read_checkpoint, save_checkpoint
 from distrain.config import Config, save_config
 from distrain.data import PreparedData, TokenSampler, prepare, read_shard
+from distrain.worker.initial import warn_on_another_tokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -33,6 +34,7 @@ def prepare_data(cfg: Config, progress: bool = False) -> PreparedData:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size}")
     if not cfg.model.vocab_size:
         cfg.model.vocab_size = data.vocab_size
+    warn_on_another_tokenizer(cfg, data.tokenizer_path)
     return data
 
 

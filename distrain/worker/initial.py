@@ -9,7 +9,9 @@ torchrun's ranks and Ray's actors all start from the same global weights.
 
 from __future__ import annotations
 
+import logging
 import threading
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from distrain.config import Config
 from distrain.model import initial_tensor
 from distrain.outer.base import Weights, owned_parameters
 
+log = logging.getLogger(__name__)
 _LOCK = threading.Lock()  # the simulation's worker threads build their stages concurrently
 
 
@@ -47,3 +50,21 @@ def start_from_init(cfg: Config, model: nn.Module) -> None:
     values = initial_weights(cfg, {n: tuple(p.shape) for n, p in params.items()})
     for n, p in params.items():
         p.copy_(values[n].to(p.device, p.dtype))
+
+
+def warn_on_another_tokenizer(cfg: Config, tokenizer_path: Path) -> None:
+    """Token ids mean nothing across tokenizers: say so when ``model.init_from``'s tokenizer differs
+    from the one this run reads its data with (the run goes on: an extended vocabulary may be meant)."""
+    if not cfg.model.init_from:
+        return
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from distrain.weights.source import open_source
+
+    theirs = open_source(cfg.model.init_from).tokenizer
+    if theirs is None or Path(theirs).read_bytes() == Path(tokenizer_path).read_bytes():
+        return
+    vocab = [HFTokenizer.from_file(str(p)).get_vocab(with_added_tokens=True) for p in (theirs, tokenizer_path)]
+    if vocab[0] != vocab[1]:
+        log.warning("model.init_from %s was trained with another tokenizer (%s) than this run's data uses (%s); "
+                    "set data.tokenizer=%s to keep its token ids", cfg.model.init_from, theirs, tokenizer_path, theirs)
