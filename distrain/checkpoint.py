@@ -37,10 +37,10 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 CONFIG_KEY = "config"  # meta.json: the run's configuration as nested tables (Config.to_dict())
 # Dotted keys (a key covers everything below it) that may differ between a checkpoint and the
 # configuration resuming it: the run length and evaluation schedule, names and places, logging,
-# checkpointing, the device and thread count, timeouts.
+# checkpointing, the device and thread count, timeouts, and the weights a fresh run would start from.
 RESUME_MAY_CHANGE: tuple[str, ...] = (
     "train.steps", "train.eval_every", "train.eval_batches", "logging", "checkpoint", "run.name",
-    "run.out_dir", "run.device", "runtime.torch_threads", "topology.round_timeout_s",
+    "run.out_dir", "run.device", "runtime.torch_threads", "topology.round_timeout_s", "model.init_from",
 )
 
 log = logging.getLogger(__name__)

@@ -18,12 +18,7 @@ from torch import nn
 
 from distrain.config import MODEL_PRESETS, ModelConfig  # noqa: F401 - MODEL_PRESETS re-exported
 from distrain.parallel.chunkwise_attention import prefix_causal_attention
-
-def ffn_hidden_dim(cfg: ModelConfig) -> int:
-    if cfg.ffn_dim:
-        return cfg.ffn_dim
-    hidden = int(2 * 4 * cfg.dim / 3)
-    return cfg.multiple_of * math.ceil(hidden / cfg.multiple_of)
+from distrain.weights.shapes import ffn_hidden_dim  # one rule for the model and the init_from check
 
 
 class RMSNorm(nn.Module):

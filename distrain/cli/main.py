@@ -1,4 +1,5 @@
-"""``distrain`` command line: prepare, train, simulate; plot, compare, estimate, plan-sp, profile-sp.
+"""``distrain`` command line: prepare, train, simulate; export, eval, generate; plot, compare, estimate, plan-sp,
+profile-sp.
 
 Every command that runs takes ``--config <file or preset>`` and any number of
 ``--section.key=value`` overrides; ``distrain <cmd> --help`` lists every key with its default.
@@ -133,6 +134,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 # listed in TOOL_MODULES (imported only when the parser is built, so its imports stay lazy).
 TOOLS: dict[str, ToolCommand] = {"plot": ToolCommand("write PNG plots of a run directory", _plot_arguments, cmd_plot)}
 TOOL_MODULES: dict[str, str] = {
+    "export": "distrain.cli.export",
+    "eval": "distrain.cli.evaluate",
+    "generate": "distrain.cli.generate",
     "compare": "distrain.cli.compare",
     "estimate": "distrain.cli.estimate",
     "plan-sp": "distrain.cli.plan_sp",

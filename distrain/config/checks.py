@@ -6,10 +6,14 @@ Each check raises a one-line ``ConfigError`` naming the key, the value and what 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distrain.config.replica import CompressConfig, ReplicaConfig
-from distrain.config.sections import ALGORITHMS, Config
+from distrain.config.sections import ALGORITHMS, Config, ModelConfig
 from distrain.config.tomlconf import ConfigError, choice, need, source_of
+
+if TYPE_CHECKING:
+    from distrain.weights.source import Source
 
 
 # Validation: every value, before any work.
@@ -42,6 +46,20 @@ def _check_model(cfg: Config) -> None:
     need((m.dim // m.n_heads) % 2 == 0, f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even (RoPE)")
     need(m.rope_theta > 0 and m.norm_eps > 0 and m.init_std > 0,
           "model.rope_theta, model.norm_eps and model.init_std must be positive")
+    if m.init_from:
+        init_from_source(m)
+
+
+def init_from_source(m: ModelConfig) -> Source:
+    """``model.init_from``'s weights, checked against the configured model (shapes only, from metadata)."""
+    from distrain.weights.source import WeightsError, check_fits, open_source
+
+    try:
+        source = open_source(m.init_from)
+        check_fits(source, m)
+    except WeightsError as e:
+        raise ConfigError(f"model.init_from: {e}") from None
+    return source
 
 
 def _check_data(cfg: Config) -> None:

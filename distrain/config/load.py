@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from distrain.config.checks import validate
+from distrain.config.checks import init_from_source, validate
 from distrain.config.sections import ALGORITHMS, MODEL_PRESETS, Config
 from distrain.config.tomlconf import ConfigError, apply_table, nest, parse_override, to_toml
 
@@ -83,6 +83,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if f"outer.{key}" not in explicit:
                 setattr(cfg.outer, key, value)
     validate(cfg)
+    if cfg.model.init_from and not cfg.model.vocab_size:  # the weights fix the vocabulary, not the tokenizer
+        cfg.model.vocab_size = init_from_source(cfg.model).fields["vocab_size"]
     return cfg
 
 

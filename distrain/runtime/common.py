@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch
 from distrain.checkpoint import CheckpointError, LoadedCheckpoint, check_config, list_checkpoints, read_checkpoint, save_checkpoint
 from distrain.config import Config, save_config
 from distrain.data import PreparedData, TokenSampler, prepare, read_shard
+from distrain.worker.initial import warn_on_another_tokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -32,7 +34,20 @@ def prepare_data(cfg: Config, progress: bool = False) -> PreparedData:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {data.vocab_size}")
     if not cfg.model.vocab_size:
         cfg.model.vocab_size = data.vocab_size
+    warn_on_another_tokenizer(cfg, data.tokenizer_path)
     return data
+
+
+def keep_tokenizer(run_dir: Path, data: PreparedData) -> None:
+    """Copy the run's tokenizer into its directory, so ``distrain export``/``eval``/``generate`` find it
+    there whatever becomes of the data cache (written atomically; unchanged content is left alone)."""
+    kept = Path(run_dir) / "tokenizer.json"
+    text = data.tokenizer_path.read_bytes()
+    if kept.is_file() and kept.read_bytes() == text:
+        return
+    tmp = kept.with_name(f".tokenizer.json.{os.getpid()}.tmp")
+    tmp.write_bytes(text)
+    os.replace(tmp, kept)
 
 
 def validation_batches(cfg: Config, data: PreparedData) -> list[Batch]:

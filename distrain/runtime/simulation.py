@@ -28,6 +28,7 @@ from distrain.config import Config, ConfigError, save_config
 from distrain.layout import Layout
 from distrain.runtime.common import (
     apply_torch_threads,
+    keep_tokenizer,
     prepare_data,
     rank_checkpoint_steps,
     read_rank_checkpoint,
@@ -74,6 +75,7 @@ class SimulationPool(WorkerPool):
         self.run_dir = setup_run_dir(cfg)
         self.data = prepare_data(cfg, progress=cfg.logging.progress)
         save_config(cfg, self.run_dir / "config.toml")  # now with the resolved vocabulary size
+        keep_tokenizer(self.run_dir, self.data)
         self.val_batches = validation_batches(cfg, self.data)
         world = self.layout.world_size
         self.hub = SimulatedHub(world, self.layout.byte_groups(), NetworkModel(world, links=self.layout.links()),

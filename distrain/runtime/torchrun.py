@@ -29,6 +29,7 @@ from distrain.checkpoint import CheckpointError
 from distrain.config import Config, save_config
 from distrain.layout import Layout
 from distrain.runtime.common import (
+    keep_tokenizer,
     prepare_data,
     rank_checkpoint_steps,
     read_rank_checkpoint,
@@ -67,6 +68,7 @@ class TorchrunPool(WorkerPool):
             data = prepare_data(cfg, progress=cfg.logging.progress)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.toml")
+            keep_tokenizer(self.run_dir, data)
         transport.barrier(WORLD)
         if self.rank != 0:
             data = prepare_data(cfg)

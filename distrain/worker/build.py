@@ -16,7 +16,6 @@ from distrain.data.documents import document_lengths
 from distrain.inner.build import WorkerEnv, build_schedule
 from distrain.inner.devices import resolve_device
 from distrain.layout import Layout, segment_of
-from distrain.model import initial_tensor
 from distrain.outer.base import OuterOptimizer
 from distrain.outer.build import codec_from_config, make_outer
 from distrain.worker.compressed import (
@@ -27,7 +26,7 @@ from distrain.worker.compressed import (
     project_global,
     span_split,
 )
-from distrain.worker.stage import EMBEDDING, BuiltStage, build_stage
+from distrain.worker.stage import BuiltStage, build_stage, initial_embedding
 from distrain.worker.worker import Worker
 
 
@@ -71,7 +70,7 @@ def build_embedding_follow(env: WorkerEnv, combine: SpanSplit | None) -> tuple[E
     relay = EmbeddingRelay(env.transport, codec, shape, cfg.run_id(), env.rank, max_parts=env.layout.n_replicas)
     shadow = None
     if needs_embedding_shadow(cfg, rep, env.slot):
-        e0 = initial_tensor(cfg.model, EMBEDDING, shape, cfg.run.seed).to(env.device)
+        e0 = initial_embedding(cfg).to(env.device)
         shadow = EmbeddingShadow(cfg, e0, codec, combine)
     return shadow, relay
 

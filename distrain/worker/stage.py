@@ -18,10 +18,11 @@ from torch import nn
 
 from distrain.config import Config
 from distrain.layout import Layout, WorkerSlot
-from distrain.model import build_model, initial_tensor
+from distrain.model import build_model
 from distrain.outer.base import Weights, owned_parameters
 from distrain.parallel.pipeline.subspace import Subspace, compress_stage, make_basis, split_embedding
 from distrain.topology import ReplicaSpec
+from distrain.worker.initial import initial_weights, start_from_init
 
 EMBEDDING = "tok_embeddings.weight"
 
@@ -69,16 +70,22 @@ class BuiltStage:
 def build_stage(cfg: Config, slot: WorkerSlot, rep: ReplicaSpec, device: torch.device) -> BuiltStage:
     """The layers ``slot`` holds, seeded by name; constrained when its pipeline is compressed."""
     model = build_model(cfg.model, *slot.layers, seed=cfg.run.seed).to(device)
+    start_from_init(cfg, model)
     initial = {n: p.detach().float().clone() for n, p in owned_parameters(model).items()}
     if not rep.compressed:
         return BuiltStage(model, ExactView(model), initial)
     u = make_basis(cfg.model.dim, rep.compress_k, rep.compress_seed, device=device)
     table = None
     if not model.is_first:  # T_fix from the (seeded) initial embedding, as the first stage computes it
-        e0 = initial_tensor(cfg.model, EMBEDDING, (cfg.model.vocab_size, cfg.model.dim), cfg.run.seed).to(device)
+        e0 = initial_embedding(cfg).to(device)
         table = split_embedding(e0, u)[1]
     sub = compress_stage(model, u, token_table=table, method=rep.compress_method)
     return BuiltStage(model, SubspaceView(sub), initial, sub)
+
+
+def initial_embedding(cfg: Config) -> torch.Tensor:
+    """The global embedding a run starts from (a compressed pipeline's later stages build T_fix from it)."""
+    return initial_weights(cfg, {EMBEDDING: (cfg.model.vocab_size, cfg.model.dim)})[EMBEDDING]
 
 
 def segment_shapes(cfg: Config, layout: Layout, g: int) -> dict[str, tuple[int, ...]]:

@@ -28,7 +28,7 @@ from distrain.comm.errors import CommError, FrameError
 from distrain.comm.ray_transport import QuorumError
 from distrain.config import Config, save_config, to_toml
 from distrain.layout import Layout
-from distrain.runtime.common import prepare_data, setup_run_dir
+from distrain.runtime.common import keep_tokenizer, prepare_data, setup_run_dir
 from distrain.runtime.faults import Fault
 from distrain.runtime.ray.coordinator import CoordinatorActor
 from distrain.runtime.loop import RoundLoop
@@ -80,6 +80,7 @@ class RayPool(WorkerPool):
         self.run_dir = setup_run_dir(cfg).resolve()
         self.data = prepare_data(cfg, progress=cfg.logging.progress)
         save_config(cfg, self.run_dir / "config.toml")
+        keep_tokenizer(self.run_dir, self.data)
         here = ray.get_runtime_context().get_node_id()
         self.coordinator = ray.remote(CoordinatorActor).options(
             num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
