@@ -71,16 +71,12 @@ def run_process(cmd: list[str], run_dir: Path, timeout: float = 900) -> dict:
 
 
 def final_states(run_dir: Path, world: int) -> list[dict[str, torch.Tensor]]:
-    """Every worker's checkpointed model and global weights at the end of a run."""
-    from distrain.checkpoint import load_latest
+    """The run's last checkpoint: every tensor of every part (global weights, each worker's own
+    state) but the process RNG, which differs between modes."""
+    from distrain.checkpoint import list_checkpoints, read_all
 
-    out = []
-    for r in range(world):
-        st = load_latest(run_dir / "checkpoints" / f"rank-{r}").state["worker"]
-        model = {f"model/{k.removeprefix('module.')}": v for k, v in st["trainer"]["model"].items()}
-        glob = {f"global/{k}": v for seg in st["outer"].values() for k, v in seg["global"].items()}
-        out.append({**model, **glob})
-    return out
+    parts = read_all(list_checkpoints(run_dir / "checkpoints")[0])
+    return [{f"{rel}:{k}": v for rel, p in parts.items() for k, v in p.tensors.items() if k != "rng/torch"}]
 
 
 def same_tensors(a: list[dict[str, torch.Tensor]], b: list[dict[str, torch.Tensor]]) -> bool:

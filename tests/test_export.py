@@ -125,7 +125,7 @@ def test_a_run_continues_from_init_from(tiny_config):
     old = json.loads((first.run_dir / "summary.json").read_text())
     assert summary.first_val_loss == pytest.approx(old["final_val_loss"], abs=1e-6)
     # a checkpoint directory of the run names that step of it
-    step_dir = first.run_dir / "checkpoints" / "rank-0" / "step-4"
+    step_dir = first.run_dir / "checkpoints" / "step-4"
     sim = start_of(tiny_config(f"--model.init_from={step_dir}", "--run.name=fromstep"))
     assert all(torch.equal(sim.workers[0].global_state()[n], t) for n, t in first.workers[0].global_state().items())
 
@@ -184,9 +184,13 @@ def test_bad_inputs_are_one_line_errors(tiny_config, tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "no such directory" in one_line_error(capsys)
     empty = tmp_path / "runs" / "empty"
-    (empty / "checkpoints" / "rank-0").mkdir(parents=True)
+    (empty / "checkpoints").mkdir(parents=True)
     assert main(["export", str(empty), "--out", str(tmp_path / "o")]) == 2
     assert "holds no checkpoint" in one_line_error(capsys)
+    old = tmp_path / "runs" / "old"  # the per-rank layout of earlier versions is refused, not misread
+    (old / "checkpoints" / "rank-0" / "step-3").mkdir(parents=True)
+    assert main(["export", str(old), "--out", str(tmp_path / "o")]) == 2
+    assert "per-rank checkpoints (checkpoints/rank-K/step-N) of an earlier distrain version" in one_line_error(capsys)
     assert main(["eval", str(tmp_path), "--data", __file__]) == 2
     assert "is neither a Hugging Face LLaMA directory" in one_line_error(capsys)
     with pytest.raises(ConfigError, match="model.init_from: .*no such directory"):

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import assert_global, assert_same, content, global_weights, newest, own, parts
 from subprocs import run_in_session
 
-from distrain.checkpoint import load_latest
+from distrain.checkpoint import read_manifest
 from distrain.config import load_config, save_config
 
 # A real cluster and a job per test: minutes on 2 cores, so out of the fast default (`-m "not slow"`).
@@ -120,15 +121,6 @@ def tiny_config(path: Path, corpus: Path, cache: Path, out: Path, name: str, *ex
     return path
 
 
-def global_weights(state: dict) -> dict[str, torch.Tensor]:
-    """A worker checkpoint's global weights, over every segment it owns."""
-    return {k: v for seg in state["worker"]["outer"].values() for k, v in seg["global"].items()}
-
-
-def rank_state(run_dir: Path, rank: int) -> dict:
-    return load_latest(run_dir / "checkpoints" / f"rank-{rank}").state
-
-
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -163,16 +155,15 @@ def test_ray_job_submit_equals_the_simulation(baseline):
         summary = sim.run()
     finally:
         torch.set_num_threads(threads)
-    ray_global = global_weights(rank_state(run_dir, 0))
-    for k, v in sim.workers[0].global_state().items():
-        assert torch.equal(v, ray_global[k]), k
+    assert_global(sim.workers[0].global_state(), run_dir)
+    assert_same(content(sim.run_dir), content(run_dir))  # every worker's own state too
     rows = metrics(run_dir)
     train = [m for m in rows if m["kind"] == "train"]
     assert [m["loss"] for m in train] == [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"]
     assert [m["workers"] for m in train] == [3, 3, 3, 3]
     assert [m["val_loss"] for m in rows if m["kind"] == "val"][-1] == summary.final_val_loss
-    coord = load_latest(run_dir / "checkpoints" / "coordinator")
-    assert coord.state["loop"]["round"] == 4 and coord.state["loop"]["tokens"] == summary.tokens
+    loop = read_manifest(newest(run_dir))["loop"]
+    assert loop["round"] == 4 and loop["tokens"] == summary.tokens
 
 
 def test_worker_killed_mid_round_is_dropped_restarted_and_caught_up(cluster, baseline, tiny_corpus, data_cache):
@@ -201,12 +192,9 @@ def test_worker_killed_mid_round_is_dropped_restarted_and_caught_up(cluster, bas
     # the restarted replica lost its error feedback and AdamW moments, one round had 2 of 3
     # contributions and another 2 valid frames: keep at least 60 % of the clean run's improvement
     assert abs(final[-1] - clean[-1]) < 0.4 * (clean[0] - clean[-1])
-    weights = load_latest(root / "runs" / "fault" / "checkpoints" / "coordinator").state["global_frames"]
-    assert weights["0"].numel() > 0
-    ref = global_weights(rank_state(root / "runs" / "fault", 0))
-    for r in range(3):  # every worker, the restarted one too, ends on the same global weights
-        g = global_weights(rank_state(root / "runs" / "fault", r))
-        assert all(torch.isfinite(v).all() and torch.equal(v, ref[k]) for k, v in g.items())
+    saved = parts(root / "runs" / "fault")
+    assert all(f"replica-{r}/stage-0-device-0.safetensors" in saved for r in range(3))  # every worker, the restarted too
+    assert all(torch.isfinite(v).all() for v in global_weights(root / "runs" / "fault").values())
 
 
 def test_a_late_replica_sits_the_round_out_and_rejoins_with_its_state(cluster, baseline, tiny_corpus, data_cache):
@@ -230,9 +218,9 @@ def test_a_late_replica_sits_the_round_out_and_rejoins_with_its_state(cluster, b
     assert train[2]["replicas"] == 2 and train[2]["contributors"] == 2  # round 1 went on without it
     assert train[max(train)]["replicas"] == 3  # it takes part again
     # its AdamW state counts every step it ran: the late round's too (it was not rebuilt)
-    state = rank_state(root / "runs" / "late", 2)["worker"]["trainer"]
-    adam = {int(v["step"]) for v in state["optimizer"]["state"].values()}
-    assert adam == {state["step"]}  # a rebuilt worker's moments would count only the steps since
+    state = own(root / "runs" / "late", 2)
+    adam = {int(v) for k, v in state.tensors.items() if k.startswith("optim/") and k.endswith("/step")}
+    assert adam == {state.meta["schedule"]["step"]}  # a rebuilt worker's moments would count only the steps since
 
 
 def test_a_throttled_replica_runs_fewer_steps_in_its_window(cluster, baseline, tiny_corpus, data_cache):
@@ -253,28 +241,25 @@ def test_a_throttled_replica_runs_fewer_steps_in_its_window(cluster, baseline, t
     assert slow <= 0.6 * fast, [m["replica_steps"] for m in train]
 
 
-def test_restarted_job_resumes_from_the_coordinator_checkpoint(cluster, baseline):
-    """A copy of the baseline run that lost its last checkpoint (step 12) resumes at step 6 from
-    the Coordinator's and the workers' checkpoints and ends on the baseline's weights exactly."""
+def test_restarted_job_resumes_from_the_checkpoint(cluster, baseline):
+    """A copy of the baseline run that lost its last checkpoint (step 12) resumes at step 6 and
+    ends on the baseline's weights and state exactly."""
     root, cfg_path = baseline
     base, cut = root / "runs" / "base", root / "runs" / "cut"
     shutil.copytree(base, cut)
-    for d in (cut / "checkpoints").iterdir():
-        shutil.rmtree(d / "step-12")
-        (d / "latest").unlink()
+    shutil.rmtree(cut / "checkpoints" / "step-12")
+    (cut / "checkpoints" / "latest").unlink()
     (cut / "metrics.jsonl").unlink()
     res = run([sys.executable, "-m", "distrain.launch.ray", "--address", cluster["gcs"], "--config", str(cfg_path),
                "--run.name=cut", "--checkpoint.resume=auto"], cluster["env"])
     assert res.returncode == 0, res.stdout[-4000:]
     rows = metrics(cut)
-    assert rows[0] == {"kind": "event", "event": "resumed", "round": 2, "step": 6, "workers": 3}
+    assert rows[0] == {"kind": "event", "event": "resumed", "round": 2, "step": 6, "changes": [], "workers": 3}
     assert "resumed from step 6 (round 2 of 4)" in res.stdout
     assert [m["round"] for m in rows if m["kind"] == "train"] == [3, 4]
     assert [m["tokens"] for m in rows if m["kind"] == "train"][-1] == [
         m["tokens"] for m in metrics(base) if m["kind"] == "train"][-1]
-    for r in range(3):
-        a, b = global_weights(rank_state(base, r)), global_weights(rank_state(cut, r))
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same(content(base), content(cut))
 
 
 def test_heterogeneous_ray_job_equals_the_simulation(cluster, baseline, tiny_corpus, data_cache):
@@ -296,10 +281,8 @@ def test_heterogeneous_ray_job_equals_the_simulation(cluster, baseline, tiny_cor
         torch.set_num_threads(threads)
     run_dir = root / "runs" / "hetero"
     for r in (0, 2):
-        got = global_weights(rank_state(run_dir, r))
-        assert all(torch.equal(v, got[k]) for k, v in sim.workers[r].global_state().items())
-    follower = {k.removeprefix("module."): v for k, v in rank_state(run_dir, 1)["worker"]["trainer"]["model"].items()}
-    assert all(torch.equal(v, follower[k]) for k, v in sim.workers[1].model.state_dict().items())
+        assert_global(sim.workers[r].global_state(), run_dir)
+    assert_same(content(sim.run_dir), content(run_dir))  # the follower's state too
     train = [m for m in metrics(run_dir) if m["kind"] == "train"]
     assert [m["loss"] for m in train] == [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"]
     assert [m["workers"] for m in train] == [3, 3, 3, 3] and [m["replicas"] for m in train] == [2, 2, 2, 2]
@@ -344,9 +327,8 @@ def test_mixed_topology_ray_job_equals_the_simulation(cluster, baseline, tiny_co
         torch.set_num_threads(threads)
     run_dir = root / "runs" / "mixed"
     for r in range(4):
-        got = global_weights(rank_state(run_dir, r))
-        assert got.keys() == sim.workers[r].global_state().keys()
-        assert all(torch.equal(v, got[k]) for k, v in sim.workers[r].global_state().items())
+        assert_global(sim.workers[r].global_state(), run_dir)
+    assert_same(content(sim.run_dir), content(run_dir))
     assert [m["loss"] for m in metrics(run_dir) if m["kind"] == "train"] == \
         [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"]
 
@@ -370,9 +352,9 @@ def test_a_killed_stage_worker_drops_its_pipeline_replica_which_rejoins(cluster,
     assert train[3]["replicas"] == 3 and train[4]["replicas"] == 3 and train[4]["contributors"] == 3
     assert all(math.isfinite(m["val_loss"]) for m in rows if m["kind"] == "val")
     run_dir = root / "runs" / "stagefault"
-    full = global_weights(rank_state(run_dir, 0))
-    stages = {**global_weights(rank_state(run_dir, 2)), **global_weights(rank_state(run_dir, 3))}
-    assert stages.keys() == full.keys() and all(torch.equal(v, full[k]) for k, v in stages.items())
+    saved = parts(run_dir)  # the rejoined stages wrote their state; the global weights are finite
+    assert "replica-2/stage-0-device-0.safetensors" in saved and "replica-2/stage-1-device-0.safetensors" in saved
+    assert all(torch.isfinite(v).all() for v in global_weights(run_dir).values())
 
 
 def test_adaptive_sp_replica_ray_job_equals_the_simulation(cluster, baseline, tiny_corpus, data_cache):
@@ -392,9 +374,9 @@ def test_adaptive_sp_replica_ray_job_equals_the_simulation(cluster, baseline, ti
     finally:
         torch.set_num_threads(threads)
     run_dir = root / "runs" / "sp"
-    for r in range(3):
-        model = rank_state(run_dir, r)["worker"]["trainer"]["model"]
-        assert all(torch.equal(v, model[k]) for k, v in sim.workers[r].model.state_dict().items())
+    for r in (0, 2):
+        assert_global(sim.workers[r].global_state(), run_dir)
+    assert_same(content(sim.run_dir), content(run_dir))
     assert [m["loss"] for m in metrics(run_dir) if m["kind"] == "train"] == \
         [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"]
 
@@ -474,5 +456,6 @@ def test_a_killed_node_takes_its_replica_out_and_a_new_node_brings_it_back(two_n
     alone = [m["round"] for m in train if m["replicas"] == 1]
     assert alone and min(alone) >= 3 and train[-1]["replicas"] == 2  # it went on alone, then both again
     assert all(m["loss"] == m["loss"] for m in train)  # finite (not NaN) throughout
-    a, b = (global_weights(rank_state(tmp_path / "runs" / "nodes", r)) for r in (0, 1))
-    assert all(torch.isfinite(v).all() and torch.equal(v, b[k]) for k, v in a.items())
+    saved = parts(tmp_path / "runs" / "nodes")  # both workers wrote their state at the end
+    assert all(f"replica-{r}/stage-0-device-0.safetensors" in saved for r in (0, 1))
+    assert all(torch.isfinite(v).all() for v in global_weights(tmp_path / "runs" / "nodes").values())

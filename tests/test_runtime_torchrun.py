@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoints import assert_global, assert_same, content, global_weights, own
 from subprocs import run_in_session
 
-from distrain.checkpoint import load_latest
 from distrain.config import load_config, save_config
 
 # Every test launches torchrun worlds: minutes on 2 cores, so out of the fast default (`-m "not slow"`).
@@ -53,23 +53,8 @@ def torchrun(config: Path, nproc: int, *extra: str, restarts: int = 0) -> subpro
     return run_in_session(cmd, cwd=REPO, env=env, timeout_s=TIMEOUT_S, what="torchrun")
 
 
-def rank_state(run_dir: Path, rank: int) -> dict:
-    return load_latest(run_dir / "checkpoints" / f"rank-{rank}").state
-
-
-def global_weights(state: dict) -> dict[str, torch.Tensor]:
-    """A worker checkpoint's global weights, over every segment it owns."""
-    return {k: v for seg in state["worker"]["outer"].values() for k, v in seg["global"].items()}
-
-
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +83,10 @@ def test_torchrun_equals_simulation_bit_for_bit(setup, baseline):
         summary = sim.run()
     finally:
         torch.set_num_threads(threads)
-    tr = rank_state(baseline, 0)
-    assert_same(sim.workers[0].global_state(), global_weights(tr))
-    assert_same(sim.workers[0].model.state_dict(), tr["worker"]["trainer"]["model"])
-    for r in (1, 2):  # every replica ends the run on the global weights
-        assert_same(global_weights(tr), global_weights(rank_state(baseline, r)))
+    assert_global(sim.workers[0].global_state(), baseline)
+    for w in sim.workers:  # every replica ends the run on the global weights
+        assert_global(w.global_state(), baseline)
+    assert_same(content(sim.run_dir), content(baseline))  # and so does every worker's own state
     sim_losses = [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"]
     tr_rows = metrics(baseline)
     assert [m["loss"] for m in tr_rows if m["kind"] == "train"] == sim_losses
@@ -129,9 +113,10 @@ def test_a_throttled_rank_stops_at_its_window_keeps_its_state_and_the_run_replay
     fast = sum(m["replica_steps"][0] for m in train[1:])
     slow = sum(m["replica_steps"][2] for m in train[1:])
     assert slow <= 0.6 * fast, [m["replica_steps"] for m in train]
-    state = rank_state(run_dir, 2)["worker"]["trainer"]
-    assert {int(v["step"]) for v in state["optimizer"]["state"].values()} == {state["step"]}
-    assert state["step"] == sum(m["replica_steps"][2] for m in train)
+    state = own(run_dir, 2)
+    step = state.meta["schedule"]["step"]
+    assert {int(v) for k, v in state.tensors.items() if k.endswith("/step")} == {step}
+    assert step == sum(m["replica_steps"][2] for m in train)
     threads = torch.get_num_threads()
     try:
         sim = Simulation(load_config(cfg, ["--run.name=replay", f"--topology.step_plan={run_dir / 'metrics.jsonl'}"]))
@@ -140,7 +125,7 @@ def test_a_throttled_rank_stops_at_its_window_keeps_its_state_and_the_run_replay
         torch.set_num_threads(threads)
     assert [m["replica_steps"] for m in metrics(sim.run_dir) if m["kind"] == "train"] == \
         [m["replica_steps"] for m in train]
-    assert_same(sim.workers[0].global_state(), global_weights(rank_state(run_dir, 0)))
+    assert_global(sim.workers[0].global_state(), run_dir)
 
 
 def test_killed_rank_restarts_elastically_from_the_last_checkpoint(setup, baseline):
@@ -154,13 +139,12 @@ def test_killed_rank_restarts_elastically_from_the_last_checkpoint(setup, baseli
     run = root / "runs" / "elastic"
     rows = metrics(run)
     resumed = [m for m in rows if m.get("event") == "resumed"]
-    assert resumed == [{"kind": "event", "event": "resumed", "step": 6, "round": 2, "attempt": 1,
+    assert resumed == [{"kind": "event", "event": "resumed", "step": 6, "round": 2, "changes": [], "attempt": 1,
                         "byte_backend": "gloo", "device_backend": "gloo"}]
     assert "resumed from step 6 (round 2 of 4)" in res.stdout  # said whatever the verbosity
     steps_before_crash = max(m["step"] for m in rows[: rows.index(resumed[0])] if m["kind"] == "train")
     assert steps_before_crash - resumed[0]["step"] <= 6  # lost no more than the checkpoint interval
-    for r in range(3):
-        assert_same(global_weights(rank_state(baseline, r)), global_weights(rank_state(run, r)))
+    assert_same(content(baseline), content(run))
 
 
 def multi_process_run(setup, name: str, parallel: str) -> Path:
@@ -179,13 +163,10 @@ def ddp_run(setup):
 
 
 def check_two_replicas(run: Path) -> None:
-    r0, r1, r2 = (rank_state(run, r)["worker"] for r in range(3))
-    # the two processes of replica 0 hold the same model; both replicas' leaders the same global weights
-    m0 = {k.removeprefix("module."): v for k, v in r0["trainer"]["model"].items()}
-    m1 = {k.removeprefix("module."): v for k, v in r1["trainer"]["model"].items()}
-    assert_same(m0, m1)
-    assert_same(global_weights({"worker": r0}), global_weights({"worker": r2}))
-    assert r1["outer"] == {}  # only the leader takes part in the outer round
+    follower = own(run, 0, device=1)
+    assert follower.meta["outer"] == {}  # only the leader takes part in the outer round
+    assert not [k for k in follower.tensors if k.startswith("ef/")] and [k for k in own(run, 0).tensors
+                                                                        if k.startswith("ef/")]
     vals = [m["val_loss"] for m in metrics(run) if m["kind"] == "val"]
     assert torch.isfinite(torch.tensor(vals)).all() and vals[-1] < vals[0] - 0.2
     rounds = [m for m in metrics(run) if m["kind"] == "train"]
@@ -215,10 +196,8 @@ def test_heterogeneous_topology_torchrun_equals_simulation(setup, ddp_run):
     finally:
         torch.set_num_threads(threads)
     for r in (0, 2):  # the leaders hold the global weights
-        assert_same(sim.workers[r].global_state(), global_weights(rank_state(ddp_run, r)))
-    for r in range(3):  # and every device, the follower too, the same model
-        tr = {k.removeprefix("module."): v for k, v in rank_state(ddp_run, r)["worker"]["trainer"]["model"].items()}
-        assert_same(sim.workers[r].model.state_dict(), tr)
+        assert_global(sim.workers[r].global_state(), ddp_run)
+    assert_same(content(sim.run_dir), content(ddp_run))  # and every device, the follower too, the same state
     assert [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"] == \
         [m["loss"] for m in metrics(ddp_run) if m["kind"] == "train"]
 
@@ -233,11 +212,14 @@ def test_deepspeed_zero2_replica_inside_a_two_replica_sparseloco_run(setup, ddp_
     on. So: round 1 equal to 1e-6, the run's end equal to 1e-2 in loss."""
     run = multi_process_run(setup, "zero2", "deepspeed")
     check_two_replicas(run)
-    zero = [rank_state(run, r)["worker"]["trainer"]["zero"] for r in (0, 1)]
-    n_params = sum(t.numel() for t in global_weights(rank_state(run, 0)).values())
+    zero = [own(run, 0, device=d).meta["schedule"]["zero"] for d in (0, 1)]
+    n_params = sum(t.numel() for t in global_weights(run).values())
     assert all(z["stage"] == 2 for z in zero)
-    assert sum(z["partition_numel"] for z in zero) >= n_params  # each holds its shard (plus padding)
-    assert all(z["partition_numel"] <= n_params // 2 + 64 for z in zero)
+    assert sum(sum(z["partitions"]) for z in zero) >= n_params  # each holds its shard (plus padding)
+    assert all(sum(z["partitions"]) <= n_params // 2 + 64 for z in zero)
+    for d in (0, 1):  # and its partition of the AdamW moments is checkpointed
+        moments = {k: v for k, v in own(run, 0, device=d).tensors.items() if k.startswith("zero/")}
+        assert sum(v.numel() for k, v in moments.items() if k.endswith("/exp_avg")) == sum(zero[d]["partitions"])
     ds, ddp = metrics(run), metrics(ddp_run)
     first = [next(m for m in rows if m["kind"] == "train") for rows in (ds, ddp)]
     assert first[0]["loss"] == pytest.approx(first[1]["loss"], abs=1e-6)
@@ -286,8 +268,8 @@ def test_mixed_full_and_compressed_pipeline_torchrun_equals_simulation(setup):
         torch.set_num_threads(threads)
     run = root / "runs" / "mixed"
     for r in range(3):
-        assert_same(sim.workers[r].global_state(), global_weights(rank_state(run, r)))
-        assert_same(sim.workers[r].model.state_dict(), rank_state(run, r)["worker"]["trainer"]["model"])
+        assert_global(sim.workers[r].global_state(), run)
+    assert_same(content(sim.run_dir), content(run))
     assert [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"] == \
         [m["loss"] for m in metrics(run) if m["kind"] == "train"]
     assert [m["val_loss"] for m in metrics(sim.run_dir) if m["kind"] == "val"] == \
@@ -314,8 +296,7 @@ def test_adaptive_sp_replica_torchrun_equals_simulation(setup):
         torch.set_num_threads(threads)
     run = root / "runs" / "sp"
     for r in (0, 2):
-        assert_same(sim.workers[r].global_state(), global_weights(rank_state(run, r)))
-    for r in range(3):
-        assert_same(sim.workers[r].model.state_dict(), rank_state(run, r)["worker"]["trainer"]["model"])
+        assert_global(sim.workers[r].global_state(), run)
+    assert_same(content(sim.run_dir), content(run))
     assert [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"] == \
         [m["loss"] for m in metrics(run) if m["kind"] == "train"]

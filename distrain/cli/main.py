@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"distrain: config error: {e}", file=sys.stderr)
         return 2
-    from distrain.runtime.common import ResumeMismatchError
+    from distrain.runtime.resume import ResumeMismatchError
 
     try:
         if fn is cmd_train:

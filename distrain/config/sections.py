@@ -52,7 +52,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     # Start from these weights (continued pre-training): a Hugging Face LLaMA directory, a distrain run
-    # directory (its newest checkpoint) or one of its checkpoints/rank-K/step-N directories. Empty: seeded.
+    # directory (its newest checkpoint) or one of its checkpoints/step-N directories. Empty: seeded.
     init_from: str = ""
 
 

@@ -62,8 +62,8 @@ class DeepSpeedSchedule(InnerSchedule):
     The same AdamW groups as every schedule (passed to DeepSpeed as its client optimiser:
     ``self.optimizer`` stays the torch AdamW, whose learning rate the base sets before each step;
     the engine's wrapper is ``self.zero``); clipping and accumulation are DeepSpeed's. Its checkpoint
-    state holds the model and step; the ZeRO-partitioned AdamW moments are not in it (a resumed
-    DeepSpeed replica restarts them at zero).
+    state holds each process's ZeRO partition of the AdamW moments (resumable into the same
+    partitioning) and the step; the weights are the run's global ones.
     """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, next_batch: Callable[[], Batch], device: torch.device,
@@ -117,13 +117,38 @@ class DeepSpeedSchedule(InnerSchedule):
         """fp32 master weights this process holds: about 1/N of the model under ZeRO over N processes."""
         return int(sum(t.numel() for t in self.zero.single_partition_of_fp32_groups))
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "step": self.step,
-                "generator": self.generator.get_state(),
-                "zero": {"stage": self.zero_stage, "partition_numel": self.zero_partition_numel()}}
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This process's ZeRO partition of the AdamW moments (``zero/<group>/<key>``, flat, as
+        DeepSpeed keeps them), the generator, and the partition sizes they fit."""
+        out = {"rng/generator": self.generator.get_state()}
+        base = self.zero.optimizer
+        for i, part in enumerate(self.zero.single_partition_of_fp32_groups):
+            for k, v in base.state.get(part, {}).items():
+                if isinstance(v, torch.Tensor):
+                    out[f"zero/{i}/{k}"] = v
+        return out, {"step": self.step, "zero": self._zero_shape()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.step = int(state["step"])
-        self.generator.set_state(state["generator"])
+    def _zero_shape(self) -> dict[str, Any]:
+        return {"stage": self.zero_stage, "devices": len(self.devices.ranks), "position": self.devices.position,
+                "partitions": [int(t.numel()) for t in self.zero.single_partition_of_fp32_groups]}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[int, int]:
+        """The moments of this process's partition, when they were saved for the same partitioning
+        (same stage, devices and position); otherwise they start at zero. The fp32 master weights
+        are rebuilt from the module (the global weights, loaded before)."""
+        self.step = int(meta["step"])
+        if "rng/generator" in tensors:
+            self.generator.set_state(tensors["rng/generator"])
         self.zero.refresh_fp32_params()
+        parts = self.zero.single_partition_of_fp32_groups
+        base = self.zero.optimizer
+        for part in parts:
+            base.state.pop(part, None)
+        if meta.get("zero") != self._zero_shape():
+            return 0, len(parts)
+        for i, part in enumerate(parts):
+            got = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"zero/{i}/")}
+            if got:
+                base.state[part] = {k: v.to(torch.float32, copy=True) if k == "step" else
+                                    v.to(device=part.device, dtype=part.dtype, copy=True) for k, v in got.items()}
+        return len(parts), len(parts)

@@ -187,12 +187,41 @@ class InnerSchedule:
         """The weights were overwritten from outside (the outer step): devices that must agree take
         the leader's. A single device reads them as they are."""
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
-                "generator": self.generator.get_state()}
+    # ----- checkpoint state, by content --------------------------------------------------------
+    def param_names(self) -> dict[int, str]:
+        """Parameter tensors (by id) → their names in the model (a wrapper's ``module.`` dropped)."""
+        return {id(p): n.removeprefix("module.") for n, p in self.model.named_parameters()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.generator.set_state(state["generator"])
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The schedule's own state: the optimiser's per-parameter state by parameter name
+        (``optim/<name>/<key>``, so a pipeline whose split moved regroups it by layer) and the
+        generator as tensors; the step count as JSON. The weights are not in it (the worker's)."""
+        names = self.param_names()
+        out = {"rng/generator": self.generator.get_state()}
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                for k, v in self.optimizer.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor):
+                        out[f"optim/{names[id(p)]}/{k}"] = v
+        return out, {"step": self.step}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[int, int]:
+        """Take ``state_tensors`` (possibly regrouped from other workers' by name). A parameter whose
+        state is absent or of another shape starts fresh; (parameters restored, parameters)."""
+        self.step = int(meta["step"])
+        if "rng/generator" in tensors:
+            self.generator.set_state(tensors["rng/generator"])
+        names = self.param_names()
+        restored = total = 0
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                total += 1
+                prefix = f"optim/{names[id(p)]}/"
+                got = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                self.optimizer.state.pop(p, None)
+                if not got or any(v.dim() and tuple(v.shape) != tuple(p.shape) for v in got.values()):
+                    continue
+                self.optimizer.state[p] = {k: v.to(torch.float32, copy=True) if k == "step" else
+                                           v.to(device=p.device, dtype=p.dtype, copy=True) for k, v in got.items()}
+                restored += 1
+        return restored, total

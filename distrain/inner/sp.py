@@ -103,6 +103,6 @@ class SPSchedule(InnerSchedule):
         if self.devices is not None:
             self.devices.broadcast_from_leader(self.model)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[int, int]:
         self._drop_ahead()
+        return super().load_state_tensors(tensors, meta)

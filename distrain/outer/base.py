@@ -103,8 +103,22 @@ class OuterOptimizer:
         """Fault injection: encode this worker's own frames with ``wrap(codec)``; False if it sends none."""
         return False
 
-    def state_dict(self) -> dict[str, Any]:
+    # ----- checkpoint state, by content --------------------------------------------------------
+    def shared_tables(self) -> dict[str, Weights]:
+        """Outer state besides the weights that every owner of the segment holds identically (the
+        outer step's momentum and pending aggregate, by parameter name): a checkpoint stores it once."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+    def load_shared(self, tables: dict[str, Weights]) -> None:
+        """Take ``shared_tables`` (of any segmentation: only this optimiser's names are used)."""
+
+    def own_tables(self) -> dict[str, Weights]:
+        """This replica's own outer state by parameter name (error feedback, round anchors)."""
+        return {}
+
+    def own_meta(self) -> dict[str, Any]:
+        """This replica's own small outer state (JSON)."""
+        return {}
+
+    def load_own(self, tables: dict[str, Weights], meta: dict[str, Any]) -> None:
+        """Take ``own_tables``/``own_meta`` (regrouped by name: a table may hold other names too)."""

@@ -55,8 +55,8 @@ class DDPOuter(OuterOptimizer):
         self.exchange.wrap_encoder(wrap)
         return True
 
-    def state_dict(self) -> dict[str, Any]:
+    def own_meta(self) -> dict[str, Any]:
         return {"step": self.step}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
+    def load_own(self, tables: dict[str, Weights], meta: dict[str, Any]) -> None:
+        self.step = int(meta.get("step", 0))

@@ -124,14 +124,38 @@ class PseudoGradientOuter(OuterOptimizer):
         self.exchange.wrap_encoder(wrap)
         return True
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"global": self.global_params, "codec_state": self.codec_state, "anchor": self.anchor,
-                "start": self.start, **self.step.state_dict()}
+    # ----- checkpoint state, by content --------------------------------------------------------
+    def _mine(self, table: Weights | None) -> Weights | None:
+        """The entries of ``table`` this optimiser holds, on its device; None unless it has all of them."""
+        if not table or not all(n in table for n in self.names):
+            return None
+        return _clone({n: table[n] for n in self.names}, self.device)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Every tensor of the outer state goes to the weights' device (a checkpoint loads to the CPU)."""
-        self.global_params = _clone(state["global"], self.device)
-        self.codec_state = _clone(state["codec_state"], self.device)
-        self.anchor = _clone(state.get("anchor"), self.device)
-        self.start = _clone(state.get("start"), self.device)
-        self.step.load_state_dict(state, self.device)
+    def shared_tables(self) -> dict[str, Weights]:
+        out = {"momentum": dict(self.step.momentum_buf)}
+        if self.step.pending is not None:
+            out["pending"] = self.step.pending
+        return out
+
+    def load_shared(self, tables: dict[str, Weights]) -> None:
+        """Momentum and the pending aggregate: identical on every owner, so the global weights of a
+        replica that joins move exactly as the others' do."""
+        momentum = tables.get("momentum") or {}
+        self.step.momentum_buf = _clone({n: momentum[n] for n in self.names if n in momentum}, self.device) or {}
+        self.step.pending = self._mine(tables.get("pending"))
+
+    def own_tables(self) -> dict[str, Weights]:
+        out = {"ef": dict(self.codec_state)}
+        if self.anchor is not None:
+            out["anchor"] = self.anchor
+        if self.start is not None:
+            out["start"] = self.start
+        return out
+
+    def load_own(self, tables: dict[str, Weights], meta: dict[str, Any]) -> None:
+        """Error feedback by name (a name without a buffer starts at zero, as the codec does), and
+        where the replica started the round (dropped unless every name has one)."""
+        ef = tables.get("ef") or {}
+        self.codec_state = _clone({n: ef[n] for n in self.names if n in ef}, self.device) or {}
+        self.anchor = self._mine(tables.get("anchor"))
+        self.start = self._mine(tables.get("start"))

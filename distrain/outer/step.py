@@ -8,7 +8,7 @@ optimiser's own, and a compressed pipeline's later stages' copy of the global em
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -36,10 +36,6 @@ def outer_sgd(weights: Weights, agg: Weights | None, momentum_buf: Weights, lr: 
             update = update + momentum * buf if nesterov else buf
         weights[n].sub_(update, alpha=lr)
     return True
-
-
-def _clone(d: Weights | None, device: torch.device | None) -> Weights | None:
-    return None if d is None else {n: t.to(device=device, dtype=torch.float32, copy=True) for n, t in d.items()}
 
 
 class OuterStep:
@@ -75,11 +71,3 @@ class OuterStep:
         if self.pending is not None:
             self.apply(weights, self.pending, -1)
         self.pending = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"momentum": self.momentum_buf, "pending": self.pending}
-
-    def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
-        """Momentum and the pending aggregate go to ``device``, that of the weights they move."""
-        self.momentum_buf = _clone(state["momentum"], device) or {}
-        self.pending = _clone(state.get("pending"), device)

@@ -1,14 +1,12 @@
-"""What every launch mode shares around the loop: run directory, data, checkpoints per rank, faults."""
+"""What every launch mode shares around the loop: run directory, data, the resume point."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from distrain.checkpoint import CheckpointError, LoadedCheckpoint, check_config, list_checkpoints, read_checkpoint, save_checkpoint
 from distrain.config import Config, save_config
 from distrain.data import PreparedData, TokenSampler, prepare, read_shard
 from distrain.worker.initial import warn_on_another_tokenizer
@@ -61,40 +59,6 @@ def apply_torch_threads(cfg: Config) -> None:
         torch.set_num_threads(cfg.runtime.torch_threads)
 
 
-# ----- per-rank checkpoints: checkpoints/rank-K/step-N (every mode) -------------------------------
-def rank_checkpoint_dir(run_dir: Path, rank: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"rank-{rank}"
-
-
-def save_rank_checkpoint(cfg: Config, run_dir: Path, rank: int, step: int, state: dict[str, Any],
-                         meta: dict[str, Any]) -> Path:
-    """One rank's checkpoint, with the run's configuration stored beside it for the resume check."""
-    return save_checkpoint(rank_checkpoint_dir(run_dir, rank), step, state, {**meta, "rank": rank},
-                           keep=cfg.checkpoint.keep, config=cfg.to_dict())
-
-
-def rank_checkpoint_steps(run_dir: Path, rank: int) -> list[int]:
-    """Steps this rank has a checkpoint directory for, newest first (not yet verified)."""
-    return [int(p.name.split("-", 1)[1]) for p in list_checkpoints(rank_checkpoint_dir(run_dir, rank))]
-
-
-def read_rank_checkpoint(cfg: Config, run_dir: Path, rank: int, step: int) -> LoadedCheckpoint:
-    """One rank's checkpoint at ``step``, verified (size, checksum, format) before loading.
-
-    Raises ``CheckpointError`` when it is unusable (then an older step may be tried) and
-    ``ResumeMismatchError`` when it was written with another configuration (then nothing is)."""
-    loaded = read_checkpoint(rank_checkpoint_dir(run_dir, rank) / f"step-{step}")
-    try:
-        check_config(loaded, cfg.to_dict())
-    except CheckpointError as e:
-        raise ResumeMismatchError(str(e)) from None
-    return loaded
-
-
-class ResumeMismatchError(ValueError):
-    """The checkpoint to resume was written with another configuration (the keys are named)."""
-
-
 def wanted_resume_step(cfg: Config) -> int | None:
     """``checkpoint.resume`` as a path to a ``step-N`` directory: that step (None for none/auto)."""
     if cfg.checkpoint.resume in ("none", "auto"):
@@ -106,7 +70,7 @@ def wanted_resume_step(cfg: Config) -> int | None:
 
 
 def newest_common_step(steps_per_rank: list[list[int]], exclude: set[int] = frozenset()) -> int | None:
-    """The newest step every rank has a checkpoint for (the agreed resume point), or None."""
+    """The newest step every process sees a checkpoint of (the agreed resume point), or None."""
     if not steps_per_rank:
         return None
     common = set(steps_per_rank[0]).intersection(*map(set, steps_per_rank[1:])) - set(exclude)

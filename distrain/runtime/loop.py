@@ -3,7 +3,7 @@
 A launch mode supplies a ``WorkerPool``: how the loop reaches its workers (threads in this process,
 this rank's process among others, Ray actors). The loop runs the same sequence everywhere:
 
-    resume from the newest checkpoint step every rank can read, or agree on the initial weights
+    resume from the newest checkpoint every process can restore (into this topology), or agree on the initial weights
     per round: let workers that fell behind catch up → run the round on the live workers →
                finish in-flight updates on the last round → publish the global weights →
                account tokens/steps/bytes/time → log → evaluate and checkpoint when due
@@ -24,6 +24,7 @@ from distrain.config import Config
 from distrain.runtime.common import newest_common_step, wanted_resume_step
 from distrain.runtime.pool import LoopState, WorkerPool
 from distrain.runtime.records import RoundLogger, RunSummary, crossed, round_record
+from distrain.runtime.resume import resume_note
 from distrain.runtime.steps import StepPlanner, n_rounds, nominal_steps, update_estimates
 from distrain.worker.worker import RoundReport
 
@@ -41,6 +42,7 @@ class RoundLoop:
         self.h = nominal_steps(cfg)
         self.planner = StepPlanner(cfg, self.layout)
         self.resumed_from: int | None = None
+        self.changes: list[str] = []  # how the topology differs from the checkpoint's (resume event)
 
     # ----- start -------------------------------------------------------------------------------
     def _resume(self) -> int | None:
@@ -49,20 +51,21 @@ class RoundLoop:
         wanted = wanted_resume_step(self.cfg)
         if wanted is not None:  # checkpoint.resume names one step: that one or nothing
             if newest_common_step(steps) is None or wanted not in set.intersection(*map(set, steps)):
-                raise ValueError(f"checkpoint.resume: step {wanted} is not checkpointed by every rank of this run")
+                raise ValueError(f"checkpoint.resume: step {wanted} is not a checkpoint of this run")
             steps = [[wanted]]
         bad: set[int] = set()
         for _ in range(1 + max((len(s) for s in steps), default=0)):
             step = newest_common_step(steps, bad)
             if step is None:
                 if wanted is not None:
-                    raise ValueError(f"checkpoint.resume: step {wanted} cannot be read on every rank")
+                    raise ValueError(f"checkpoint.resume: step {wanted} cannot be resumed (see the warnings)")
                 return None
             got = self.pool.load(step)
             if got is not None:
-                self.state = LoopState(**got)
+                self.state = LoopState(**got.loop)
+                self.changes = got.changes
                 return step
-            log.warning("checkpoint step %d is not usable on every rank; trying an older one", step)
+            log.warning("checkpoint step %d is not usable; trying an older one", step)
             bad.add(step)
         return None
 
@@ -101,8 +104,8 @@ class RoundLoop:
                 if logger is not None:
                     logger.first_val, logger.val_loss = s.first_val, s.first_val
                     logger.log({"kind": "event", "event": "resumed", "step": self.resumed_from, "round": s.round,
-                                **pool.summary_extra()})
-                    logger.say(f"resumed from step {self.resumed_from} (round {s.round} of {self.total})")
+                                "changes": self.changes, **pool.summary_extra()})
+                    logger.say(resume_note(self.resumed_from, s.round, self.total, self.changes))
             if logger is not None:
                 for rep in self.layout.replicas:  # what was chosen for the user, and why
                     if rep.choice:

@@ -18,7 +18,7 @@ from distrain.worker.worker import RoundReport
 
 @dataclass
 class LoopState:
-    """What a resumed run continues from (saved beside every rank's checkpoint)."""
+    """What a resumed run continues from (saved in the checkpoint's manifest)."""
 
     round: int = 0
     step: int = 0  # global progress: inner steps of a replica at full speed
@@ -33,6 +33,14 @@ class LoopState:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass
+class Resumed:
+    """What a pool resumed: the loop state (fitted to this topology) and the topology's changes."""
+
+    loop: dict[str, Any]
+    changes: list[str] = field(default_factory=list)
 
 
 class WorkerPool(ABC):
@@ -54,11 +62,12 @@ class WorkerPool(ABC):
 
     @abstractmethod
     def checkpoint_steps(self) -> list[list[int]]:
-        """Checkpoint steps of every rank, newest first (not yet verified)."""
+        """Checkpoint steps each process sees, newest first (not yet verified)."""
 
     @abstractmethod
-    def load(self, step: int) -> dict[str, Any] | None:
-        """Every rank loads its checkpoint of ``step``; the saved loop state, or None if any rank cannot."""
+    def load(self, step: int) -> Resumed | None:
+        """Every worker takes its state from the checkpoint of ``step`` (into this topology); None if
+        any process cannot."""
 
     @abstractmethod
     def initial_sync(self) -> None:
@@ -79,7 +88,8 @@ class WorkerPool(ABC):
 
     @abstractmethod
     def save(self, step: int, loop: dict[str, Any]) -> None:
-        """Every live rank checkpoints its worker, with the loop state beside it."""
+        """Checkpoint ``step``: each worker's own state, each segment's global state once, the loop
+        state in the manifest — committed atomically once every part is written."""
 
     def catch_up(self, round_idx: int, replica_steps: list[int]) -> list[dict[str, Any]]:
         """Workers that fell behind rejoin at ``round_idx``, their replicas having run

@@ -18,7 +18,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from distrain.checkpoint import CheckpointError
+from distrain.checkpoint import CheckpointError, abort_step, begin_step, commit_step
 from distrain.comm.device_groups import InProcessGroupHub
 from distrain.comm.errors import CommError, FrameError
 from distrain.comm.network import NetworkModel
@@ -26,20 +26,19 @@ from distrain.comm.simulated import SimulatedHub
 from distrain.comm.transport import Transport
 from distrain.config import Config, ConfigError, save_config
 from distrain.layout import Layout
-from distrain.runtime.common import (
-    apply_torch_threads,
-    keep_tokenizer,
-    prepare_data,
-    rank_checkpoint_steps,
-    read_rank_checkpoint,
-    save_rank_checkpoint,
-    setup_run_dir,
-    validation_batches,
-)
+from distrain.runtime.common import apply_torch_threads, keep_tokenizer, prepare_data, setup_run_dir, validation_batches
 from distrain.runtime.faults import BoundaryFault, Fault, HostileCodec
 from distrain.runtime.loop import RoundLoop
-from distrain.runtime.pool import LoopState, WorkerPool
+from distrain.runtime.pool import LoopState, Resumed, WorkerPool
 from distrain.runtime.records import RunSummary
+from distrain.runtime.resume import (
+    ResumeSource,
+    checkpoint_dir,
+    manifest_for,
+    saved_steps,
+    segment_writers,
+    write_worker,
+)
 from distrain.runtime.steps import RoundPlan
 from distrain.worker.build import build_worker
 from distrain.worker.stage import EMBEDDING
@@ -115,18 +114,39 @@ class SimulationPool(WorkerPool):
 
     # ----- WorkerPool --------------------------------------------------------------------------
     def checkpoint_steps(self) -> list[list[int]]:
-        return [rank_checkpoint_steps(self.run_dir, r) for r in range(self.layout.world_size)]
+        return [saved_steps(self.run_dir)]
 
-    def load(self, step: int) -> dict[str, Any] | None:
+    def load(self, step: int) -> Resumed | None:
+        """Every worker (concurrently: a multi-device replica's devices agree on the weights) from
+        the checkpoint of ``step``; the network model's state when the topology is unchanged, else
+        its clock continues from the saved one."""
         try:
-            states = [read_rank_checkpoint(self.cfg, self.run_dir, r, step).state for r in range(self.layout.world_size)]
-        except CheckpointError:
+            src = ResumeSource(self.cfg, self.layout, checkpoint_dir(self.run_dir) / f"step-{step}")
+            self._on_all(src.restore, self.workers)
+            rng = next((t for t in (src.rng(r) for r in range(self.layout.world_size)) if t is not None), None)
+        except CheckpointError as e:
+            log.warning("checkpoint step %d unusable: %s", step, e)
             return None
-        for w, st in zip(self.workers, states):
-            w.load_state_dict(st["worker"])
-        self.hub.network.load_state_dict(states[0]["pool"]["network"])
-        torch.set_rng_state(states[0]["rng"])
-        return states[0]["loop"]
+        saved = src.manifest.get("pool") or {}
+        if src.unchanged() and isinstance(saved.get("network"), dict):
+            self.hub.network.load_state_dict(saved["network"])
+        else:
+            self._continue_clock(saved.get("network"))
+        if rng is not None:
+            torch.set_rng_state(rng)
+        return Resumed(src.loop, src.plan.changes)
+
+    def _continue_clock(self, network: dict[str, Any] | None) -> None:
+        """Another topology: every rank's clock starts at the saved latest one, its time split as the
+        saved ranks' was on average (so utilisation carries on); link queues start empty."""
+        clocks = network.get("clock") if isinstance(network, dict) else None
+        if not isinstance(clocks, list) or not clocks:
+            return
+        keys = ("compute_time_s", "comm_time_s", "idle_time_s", "transfer_wait_s")
+        latest = max(float(c.get("clock_s", 0.0)) for c in clocks)
+        mean = {k: sum(float(c.get(k, 0.0)) for c in clocks) / len(clocks) for k in keys}
+        self.hub.network.clock.load_state_dict([{**mean, "clock_s": latest, "busy_until_s": latest}
+                                                for _ in range(self.layout.world_size)])
 
     def initial_sync(self) -> None:
         """Nothing to agree on: every thread built its stage from the same seeded initialisation."""
@@ -207,10 +227,21 @@ class SimulationPool(WorkerPool):
         return losses[-1]  # the full replica's leader, or the pipeline's last stage
 
     def save(self, step: int, loop: dict[str, Any]) -> None:
-        meta = {"round": loop["round"], "step": step, "tokens": loop["tokens"], "config_hash": self.cfg.hash()}
-        state = {"loop": loop, "pool": {"network": self.hub.network.state_dict()}, "rng": torch.get_rng_state()}
-        for w in self.workers:
-            save_rank_checkpoint(self.cfg, self.run_dir, w.rank, step, {**state, "worker": w.state_dict()}, meta)
+        """Every worker's own part and each segment's global part (by its lowest owner still in the
+        round) into one temp directory, committed once all are written."""
+        live = [w.rank for w in self.workers if w.replica not in self.out]
+        writers = segment_writers(self.layout, live)
+        ckpt = checkpoint_dir(self.run_dir)
+        tmp = begin_step(ckpt, step)
+        try:
+            files: dict[str, Any] = {}
+            for w in self.workers:
+                files.update(write_worker(tmp, w, writers))
+        except BaseException:
+            abort_step(tmp)
+            raise
+        manifest = manifest_for(self.cfg, self.layout, loop, pool={"network": self.hub.network.state_dict()})
+        commit_step(ckpt, tmp, step, manifest, files, keep=self.cfg.checkpoint.keep)
 
     def clock(self, state: LoopState) -> tuple[float, float]:
         return self.clock_s(), self.utilisation()

@@ -5,9 +5,10 @@ device groups (``ProcessDeviceGroups``) in the same order, and its own worker. T
 are collectives over the world, so every rank takes the same decisions: round reports and small
 control values are all-gathered as msgpack (never pickled), the evaluation replica's leader
 computes the validation loss and broadcasts it, the initial weights go from each segment's first
-owner to the others as validated dense frames. Each rank checkpoints its own worker (with the
-loop state) under ``checkpoints/rank-K/step-N``; a restarted job resumes every rank at the newest
-step all ranks can read. torch collectives cannot drop a member: a dead rank means an elastic
+owner to the others as validated dense frames. A checkpoint (``checkpoints/step-N``) is written
+by every rank into one temp directory — its worker's own part, and the global part of each segment
+it is the lowest owner of — and committed by rank 0 after all have written; a restarted job, or a
+job of another topology, resumes every rank from it. torch collectives cannot drop a member: a dead rank means an elastic
 restart (``--max-restarts``), not a smaller round.
 """
 
@@ -17,6 +18,7 @@ import logging
 import os
 import struct
 import sys
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -25,22 +27,22 @@ import torch
 from distrain.comm.device_groups import ProcessDeviceGroups
 from distrain.comm.torch_transport import TorchTransport, resolve_backend
 from distrain.comm.transport import WORLD, Transport
-from distrain.checkpoint import CheckpointError
+from distrain.checkpoint import CheckpointError, abort_step, begin_step, commit_step
 from distrain.config import Config, save_config
 from distrain.layout import Layout
-from distrain.runtime.common import (
-    keep_tokenizer,
-    prepare_data,
-    rank_checkpoint_steps,
-    read_rank_checkpoint,
-    run_dir_of,
-    save_rank_checkpoint,
-    validation_batches,
-)
+from distrain.runtime.common import keep_tokenizer, prepare_data, run_dir_of, validation_batches
 from distrain.runtime.faults import BoundaryFault, Fault
 from distrain.runtime.loop import RoundLoop
-from distrain.runtime.pool import WorkerPool
+from distrain.runtime.pool import Resumed, WorkerPool
 from distrain.runtime.records import RunSummary
+from distrain.runtime.resume import (
+    ResumeSource,
+    checkpoint_dir,
+    manifest_for,
+    saved_steps,
+    segment_writers,
+    write_worker,
+)
 from distrain.runtime.steps import RoundPlan
 from distrain.worker.build import build_worker
 from distrain.worker.frames import decode_params, encode_params
@@ -97,19 +99,30 @@ class TorchrunPool(WorkerPool):
 
     # ----- WorkerPool --------------------------------------------------------------------------
     def checkpoint_steps(self) -> list[list[int]]:
-        return self._gather(rank_checkpoint_steps(self.run_dir, self.rank))
+        return self._gather(saved_steps(self.run_dir))
 
-    def load(self, step: int) -> dict[str, Any] | None:
+    def load(self, step: int) -> Resumed | None:
+        """This rank's worker from the checkpoint of ``step`` (every rank derives the same plan);
+        None on every rank when any rank cannot."""
         try:
-            state = read_rank_checkpoint(self.cfg, self.run_dir, self.rank, step).state
+            src: ResumeSource | None = ResumeSource(self.cfg, self.layout, checkpoint_dir(self.run_dir) / f"step-{step}")
         except CheckpointError as e:
             log.warning("rank %d: checkpoint step %d unusable: %s", self.rank, step, e)
-            state = None
-        if not all(self._gather(state is not None)):
+            src = None
+        if not all(self._gather(src is not None)):
             return None
-        self.worker.load_state_dict(state["worker"])
-        torch.set_rng_state(state["rng"])
-        return state["loop"]
+        ok = True
+        try:
+            src.restore(self.worker)  # collective inside a multi-device replica: its devices all get here
+        except CheckpointError as e:
+            log.warning("rank %d: checkpoint step %d unusable: %s", self.rank, step, e)
+            ok = False
+        if not all(self._gather(ok)):
+            return None
+        rng = src.rng(self.rank)
+        if rng is not None:
+            torch.set_rng_state(rng)
+        return Resumed(src.loop, src.plan.changes)
 
     def initial_sync(self) -> None:
         """Each segment's weights from its first owner to the other owners (validated dense frames,
@@ -171,10 +184,30 @@ class TorchrunPool(WorkerPool):
         return struct.unpack("<d", got)[0]
 
     def save(self, step: int, loop: dict[str, Any]) -> None:
-        meta = {"round": loop["round"], "step": step, "tokens": loop["tokens"], "config_hash": self.cfg.hash(),
-                "world_size": self.layout.world_size}
-        state = {"loop": loop, "worker": self.worker.state_dict(), "rng": torch.get_rng_state()}
-        save_rank_checkpoint(self.cfg, self.run_dir, self.rank, step, state, meta)
+        """Rank 0 opens the step's temp directory; every rank writes its worker's part (and the
+        global part of the segments it is the lowest owner of); rank 0 commits once all succeeded."""
+        ckpt = checkpoint_dir(self.run_dir)
+        tmp = str(begin_step(ckpt, step)) if self.rank == 0 else None
+        tmp = self._gather(tmp)[0]
+        try:
+            files, error = write_worker(Path(tmp), self.worker, segment_writers(self.layout, range(self.layout.world_size))), ""
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it before anyone goes on
+            files, error = {}, f"rank {self.rank}: {type(e).__name__}: {e}"
+        got = self._gather({"files": files, "error": error})
+        errors = [g["error"] for g in got if g["error"]]
+        if self.rank == 0:
+            if errors:
+                abort_step(Path(tmp))
+            else:
+                try:
+                    merged = {k: v for g in got for k, v in g["files"].items()}
+                    commit_step(ckpt, Path(tmp), step, manifest_for(self.cfg, self.layout, loop), merged,
+                                keep=self.cfg.checkpoint.keep)
+                except Exception as e:  # noqa: BLE001 - as above
+                    errors.append(f"rank 0: commit failed: {type(e).__name__}: {e}")
+        errors = self._gather(errors)[0]  # the commit is done (or not) before any rank goes on
+        if errors:
+            raise RuntimeError(f"checkpoint of step {step} failed: {'; '.join(errors)}")
 
     def summary_extra(self) -> dict[str, Any]:
         return {"attempt": restart_count(), **self.backends}

@@ -1,62 +1,62 @@
-"""A run's global weights, read from its checkpoints (``checkpoints/rank-K/step-N``).
+"""A run's global weights, read from its checkpoints (``checkpoints/step-N``).
 
-Every worker checkpoints the global weights of the segments it syncs (``worker.outer[g].global``),
-always in the ordinary parameterisation — a compressed pipeline stage's too, whose own model holds
-``U·Z`` factors instead — so a model trained with compressed replicas reads back as an ordinary,
-unconstrained one. Runs whose outer step moves no global weights (``none``, ``ddp``) keep them in
-their replicas' models, which are identical after every step. Ranks are read in order until every
-parameter is found: usually rank 0 alone, a full replica holding every segment.
+A checkpoint holds each segment's global weights once (``global/segment-G.safetensors``), always in
+the ordinary parameterisation — a compressed pipeline stage's too, whose own model holds ``U·Z``
+factors instead — so a model trained with compressed replicas reads back as an ordinary,
+unconstrained one. Runs whose outer step moves no global weights (``none``, ``ddp``) store their
+replicas' weights there, which are identical after every step. Parts are verified (size, sha256)
+and read as safetensors; nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from distrain.checkpoint import (
-    META_FILE,
+    OLD_FORMAT,
     CheckpointError,
+    is_old_format,
     list_checkpoints,
-    read_checkpoint,
+    read_manifest,
+    read_part,
 )
 from distrain.weights.shapes import MODEL_FIELDS, parameter_shapes
 
-_RANK_RE = re.compile(r"^rank-(\d+)$")
 TOKENIZER = "tokenizer.json"  # the run's tokenizer, kept in its directory
+GLOBAL_PREFIX = "global/"
 
 
 class RunWeightsError(ValueError):
     """A run directory holds no usable checkpoint of its global weights."""
 
 
-def rank_dirs(run_dir: Path) -> list[Path]:
-    """``checkpoints/rank-K`` directories of a run, by rank."""
-    root = Path(run_dir) / "checkpoints"
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _RANK_RE.match(p.name))] \
-        if root.is_dir() else []
-    return [p for _, p in sorted(found)]
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
 
 
 def is_run_dir(path: Path) -> bool:
-    return bool(rank_dirs(path))
+    """A distrain run: it has a ``checkpoints`` directory (whose steps ``choose_step`` looks at; one
+    of the old per-rank format is refused there in one line)."""
+    return checkpoints_dir(path).is_dir()
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Steps checkpointed by every rank of the run, newest first."""
-    ranks = rank_dirs(run_dir)
-    per_rank = [{int(p.name.split("-", 1)[1]) for p in list_checkpoints(r)} for r in ranks]
-    return sorted(set.intersection(*per_rank), reverse=True) if per_rank else []
+    """Steps the run checkpointed, newest first."""
+    ckpt = checkpoints_dir(run_dir)
+    if is_old_format(ckpt):
+        raise RunWeightsError(f"{ckpt} {OLD_FORMAT}")
+    return [int(p.name.split("-", 1)[1]) for p in list_checkpoints(ckpt)]
 
 
 def choose_step(run_dir: Path, step: int | None = None) -> int:
-    """``step`` when every rank checkpointed it, else the newest such step; a RunWeightsError otherwise."""
+    """``step`` when the run checkpointed it, else the newest step; a RunWeightsError otherwise."""
     steps = checkpoint_steps(run_dir)
     if not steps:
-        raise RunWeightsError(f"{run_dir} holds no checkpoint (checkpoints/rank-K/step-N) of every rank")
+        raise RunWeightsError(f"{run_dir} holds no checkpoint (checkpoints/step-N)")
     if step is None:
         return steps[0]
     if step not in steps:
@@ -64,17 +64,19 @@ def choose_step(run_dir: Path, step: int | None = None) -> int:
     return step
 
 
+def _manifest(run_dir: Path, step: int) -> dict[str, Any]:
+    try:
+        return read_manifest(checkpoints_dir(run_dir) / f"step-{step}")
+    except CheckpointError as e:
+        raise RunWeightsError(f"unusable checkpoint: {e}") from None
+
+
 def run_config(run_dir: Path, step: int) -> dict[str, Any]:
-    """The configuration a checkpoint was written with (meta.json), as nested tables."""
-    for ranks in rank_dirs(run_dir):
-        meta = ranks / f"step-{step}" / META_FILE
-        try:
-            cfg = json.loads(meta.read_text()).get("config")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            continue
-        if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
-            return cfg
-    raise RunWeightsError(f"{run_dir}: no checkpoint of step {step} records its configuration")
+    """The configuration a checkpoint was written with (its manifest), as nested tables."""
+    cfg = _manifest(run_dir, step).get("config")
+    if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
+        return cfg
+    raise RunWeightsError(f"{run_dir}: the checkpoint of step {step} records no configuration")
 
 
 def model_fields(run_dir: Path, step: int) -> dict[str, Any]:
@@ -86,32 +88,22 @@ def model_fields(run_dir: Path, step: int) -> dict[str, Any]:
     return {k: model[k] for k in MODEL_FIELDS}
 
 
-def _strip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A replica's model state by parameter name (a wrapper's ``module.`` prefix dropped)."""
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
 def global_weights(run_dir: Path, step: int, names: set[str] | None = None) -> dict[str, torch.Tensor]:
     """The run's global weights at ``step`` by parameter name (fp32, CPU); only ``names`` when given."""
     wanted = set(parameter_shapes(model_fields(run_dir, step))) if names is None else set(names)
+    path = checkpoints_dir(run_dir) / f"step-{step}"
+    manifest = _manifest(run_dir, step)
     found: dict[str, torch.Tensor] = {}
-    for ranks in rank_dirs(run_dir):
+    for rel in sorted(r for r in manifest["files"] if r.startswith(GLOBAL_PREFIX)):
         try:
-            worker = read_checkpoint(ranks / f"step-{step}").state["worker"]
-            outer = worker["outer"]
-        except (CheckpointError, KeyError, TypeError) as e:
-            raise RunWeightsError(f"{ranks / f'step-{step}'}: unusable checkpoint ({e})") from None
-        for seg in outer.values():
-            if isinstance(seg, dict) and isinstance(seg.get("global"), dict):
-                found.update({n: t for n, t in seg["global"].items() if n in wanted})
-        if outer and not any(isinstance(s, dict) and "global" in s for s in outer.values()):
-            model = _strip(worker.get("trainer", {}).get("model", {}))  # no round: the replicas' weights are global
-            found.update({n: t for n, t in model.items() if n in wanted and n not in found})
-        if wanted <= set(found):
-            break
+            part = read_part(path, manifest, rel)
+        except CheckpointError as e:
+            raise RunWeightsError(f"unusable checkpoint: {e}") from None
+        found.update({k[len("weight/"):]: t for k, t in part.tensors.items()
+                      if k.startswith("weight/") and k[len("weight/"):] in wanted})
     missing = sorted(wanted - set(found))
     if missing:
-        raise RunWeightsError(f"{run_dir}: the checkpoints of step {step} hold no global value of {missing[0]}"
+        raise RunWeightsError(f"{run_dir}: the checkpoint of step {step} holds no global value of {missing[0]}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     return {n: found[n].detach().to("cpu", torch.float32) for n in sorted(wanted)}
 

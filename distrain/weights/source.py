@@ -1,7 +1,7 @@
 """Where a model's weights come from outside the run: what ``model.init_from``, ``distrain eval``
 and ``distrain generate`` accept — a Hugging Face LLaMA directory, a distrain run directory
-(its newest checkpoint, or ``step``), or one of its ``checkpoints/rank-K/step-N`` directories
-(that step of the run).
+(its newest checkpoint, or ``step``), or one of its ``checkpoints/step-N`` directories (that step of
+the run).
 
 Opening a source reads metadata only (config.json and safetensors headers, or a checkpoint's
 meta.json); tensors are read when asked for, by name.
@@ -64,10 +64,10 @@ def open_source(path: str | Path, step: int | None = None) -> Source:
     if not p.is_dir():
         raise WeightsError(f"{path} is not a directory (give a Hugging Face LLaMA directory or a distrain run)")
     m = _STEP_RE.match(p.name)
-    if m and p.parent.name.startswith("rank-") and p.parent.parent.name == "checkpoints":
+    if m and p.parent.name == "checkpoints":
         if step is not None and step != int(m.group(1)):
             raise WeightsError(f"{path} is the checkpoint of step {m.group(1)}, not of step {step}")
-        p, step = p.parent.parent.parent, int(m.group(1))
+        p, step = p.parent.parent, int(m.group(1))
     try:
         if hf.is_hf_dir(p):
             if step is not None:
@@ -83,7 +83,7 @@ def open_source(path: str | Path, step: int | None = None) -> Source:
     except (hf.HFFormatError, run.RunWeightsError) as e:
         raise WeightsError(str(e)) from None
     raise WeightsError(f"{path} is neither a Hugging Face LLaMA directory (config.json + model.safetensors) "
-                       "nor a distrain run (checkpoints/rank-K/step-N)")
+                       "nor a distrain run (checkpoints/step-N)")
 
 
 def _display(source: Source, name: str) -> str:

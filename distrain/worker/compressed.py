@@ -131,13 +131,18 @@ class EmbeddingShadow:
         self.weight = {EMBEDDING: embedding.detach().float().clone().to(self.embedding.device)}
         self.step.pending = None
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"weight": self.weight, **self.step.state_dict()}
+    def load_shared(self, tables: dict[str, Weights]) -> None:
+        """The global embedding's momentum and pending aggregate (segment 0's outer state, which this
+        copy steps identically): a checkpoint holds them once, with the global weights."""
+        device = self.embedding.device
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        device = self.embedding.device  # a checkpoint loads to the CPU; the shadow lives by the weights
-        self.weight = {k: v.to(device=device, dtype=torch.float32, copy=True) for k, v in state["weight"].items()}
-        self.step.load_state_dict(state, device)
+        def pick(table: Weights | None) -> Weights | None:
+            if not table or EMBEDDING not in table:
+                return None
+            return {EMBEDDING: table[EMBEDDING].to(device=device, dtype=torch.float32, copy=True)}
+
+        self.step.momentum_buf = pick(tables.get("momentum")) or {}
+        self.step.pending = pick(tables.get("pending"))
 
 
 class EmbeddingRelay:

@@ -236,11 +236,11 @@ class Worker:
         """
         self.load_global(params, embedding)
         self.schedule.seek(steps_done)
-        self._seek_data(steps_done * self.cfg.train.grad_accum if isinstance(self.sampler, TokenSampler)
-                        else steps_done)
+        self.seek_data(steps_done)
 
-    def _seek_data(self, batches: int) -> None:
-        """Put the data stream where a worker that never failed is after ``batches`` batches."""
+    def seek_data(self, steps: int) -> None:
+        """Put the data stream where a worker that never failed is after ``steps`` inner steps."""
+        batches = steps * self.cfg.train.grad_accum if isinstance(self.sampler, TokenSampler) else steps
         if isinstance(self.sampler, TokenSampler):
             bpe = self.sampler.batches_per_epoch
             self.sampler.load_state_dict({"epoch": batches // bpe, "position": batches % bpe})
@@ -258,22 +258,3 @@ class Worker:
         copy = build_model(self.cfg.model, *self.slot.layers).to(next(self.model.parameters()).device)
         copy.load_state_dict({**copy.state_dict(), **self.global_state()})
         return self.schedule.evaluate(batches, copy)
-
-    def state_dict(self) -> dict[str, Any]:
-        out = {"trainer": self.schedule.state_dict(), "sampler": self.sampler.state_dict(),
-               "outer": {str(g): sync.state_dict() for g, sync in self.syncs.items()}, "tokens": self.tokens}
-        if self.shadow is not None:
-            out["embedding_shadow"] = self.shadow.state_dict()
-        return out
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.schedule.load_state_dict(state["trainer"])
-        self.sampler.load_state_dict(state["sampler"])
-        if set(state["outer"]) != {str(g) for g in self.syncs}:
-            raise ValueError(f"checkpoint holds segments {sorted(state['outer'])}, this worker owns "
-                             f"{sorted(self.syncs)}")
-        for g, sync in self.syncs.items():
-            sync.load_state_dict(state["outer"][str(g)])
-        if self.shadow is not None:
-            self.shadow.load_state_dict(state["embedding_shadow"])
-        self.tokens = int(state["tokens"])

@@ -13,11 +13,10 @@ never ends a job.
 The Coordinator also keeps the latest global weights — one object-store reference per segment to
 a dense wire frame, published after every round by a live owner of that segment — which a
 restarted worker loads for the segments it holds to rejoin, a short history of round records, and
-the loop state a resumed job continues from; it checkpoints them
-(``checkpoints/coordinator/step-N``) so a restarted job resumes.
+the loop state. Checkpoints are the workers' (``distrain.runtime.resume``): a restarted job's
+workers resume from them and publish the global weights here again.
 
-``Coordinator`` is plain Python (unit-testable, no Ray); ``CoordinatorActor`` adds what needs Ray
-(resolving the weights reference to save it). Ray is imported lazily.
+``Coordinator`` is plain Python (unit-testable, no Ray); ``CoordinatorActor`` is it as a Ray actor.
 """
 
 from __future__ import annotations
@@ -26,10 +25,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import torch
 
 from distrain.comm.transport import WORLD
 
@@ -215,57 +211,6 @@ class Coordinator:
                 "global_round": self.global_round, "loop": dict(self.loop), "open": open_now,
                 "last_record": self.records[-1] if self.records else None}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"loop": dict(self.loop), "global_round": self.global_round, "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if int(state["world_size"]) != self.world_size:
-            raise ValueError(f"coordinator checkpoint is for {state['world_size']} workers, this job has {self.world_size}")
-        self.loop = dict(state["loop"])
-        self.global_round = int(state["global_round"])
-
-
-def coordinator_checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints" / "coordinator"
-
 
 class CoordinatorActor(Coordinator):
-    """The Coordinator as a Ray actor: adds checkpointing of the global weights it references."""
-
-    def save(self, run_dir: str, step: int, keep: int) -> str:
-        """Write round, loop state and every segment's global frame (raw bytes) to ``checkpoints/coordinator``."""
-        import ray
-
-        from distrain.checkpoint import save_checkpoint
-
-        if not self.global_items:
-            raise RuntimeError("no global weights published yet")
-        frames = {}
-        for g, item in self.global_items.items():
-            frame = ray.get(item[0])
-            if not isinstance(frame, bytes):
-                raise TypeError(f"global weights object of segment {g} is {type(frame).__name__}, not bytes")
-            frames[g] = torch.frombuffer(bytearray(frame), dtype=torch.uint8)
-        state = {**self.state_dict(), "global_frames": frames}
-        path = save_checkpoint(coordinator_checkpoint_dir(Path(run_dir)), step, state,
-                               {"round": self.loop.get("round", 0), "step": step}, keep=keep)
-        return str(path)
-
-    def steps(self, run_dir: str) -> list[int]:
-        from distrain.checkpoint import list_checkpoints
-
-        return [int(p.name.split("-", 1)[1]) for p in list_checkpoints(coordinator_checkpoint_dir(Path(run_dir)))]
-
-    def load(self, run_dir: str, step: int) -> dict[str, Any] | None:
-        """Resume from the coordinator checkpoint of ``step``; its loop state (None: unusable)."""
-        import ray
-
-        from distrain.checkpoint import CheckpointError, read_checkpoint
-
-        try:
-            loaded = read_checkpoint(coordinator_checkpoint_dir(Path(run_dir)) / f"step-{step}")
-        except CheckpointError:
-            return None
-        self.load_state_dict(loaded.state)
-        self.global_items = {g: [ray.put(t.numpy().tobytes())] for g, t in loaded.state["global_frames"].items()}
-        return dict(self.loop)
+    """The Coordinator as a Ray actor (``ray.remote(CoordinatorActor)``)."""

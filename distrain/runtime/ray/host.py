@@ -26,16 +26,10 @@ from distrain.comm.torch_transport import resolve_backend
 from distrain.checkpoint import CheckpointError
 from distrain.config import Config, load_config
 from distrain.layout import Layout
-from distrain.runtime.common import (
-    apply_torch_threads,
-    prepare_data,
-    rank_checkpoint_steps,
-    read_rank_checkpoint,
-    save_rank_checkpoint,
-    validation_batches,
-)
+from distrain.runtime.common import apply_torch_threads, prepare_data, validation_batches
 from distrain.comm.transport import Transport
 from distrain.runtime.faults import BoundaryFault, Fault, FaultyTransport
+from distrain.runtime.resume import ResumeSource, checkpoint_dir, write_worker
 from distrain.worker.build import build_worker
 from distrain.worker.frames import decode_params, encode_params
 from distrain.worker.plan import ReplicaRound
@@ -198,20 +192,22 @@ class WorkerHost:
     def evaluate(self) -> float:
         return self._worker().evaluate(self.val_batches)
 
-    def save(self, run_dir: str, step: int, loop: dict[str, Any], meta: dict[str, Any]) -> None:
-        state = {"loop": loop, "worker": self._worker().state_dict(), "rng": torch.get_rng_state()}
-        save_rank_checkpoint(self.cfg, Path(run_dir), self.rank, step, state, meta)
+    def save(self, tmp: str, own: bool, segments: list[int]) -> dict[str, Any]:
+        """Write this worker's own part (``own``) and the global part of ``segments`` into the step's
+        temp directory; the manifest entries, for the driver's commit."""
+        return write_worker(Path(tmp), self._worker(), {int(g): self.rank for g in segments}, own)
 
     def load(self, run_dir: str, step: int) -> bool:
-        """Resume this worker from its own checkpoint at ``step``; False if it has none usable."""
-        if step not in rank_checkpoint_steps(Path(run_dir), self.rank):
-            return False
+        """Resume this worker from the checkpoint of ``step`` (into this job's topology); False when it
+        cannot (it then catches up from the global weights)."""
         try:
-            st = read_rank_checkpoint(self.cfg, Path(run_dir), self.rank, step).state
+            src = ResumeSource(self.cfg, self.layout, checkpoint_dir(Path(run_dir)) / f"step-{step}")
+            src.restore(self._worker())
+            rng = src.rng(self.rank)
         except CheckpointError as e:
             log.warning("worker %d: %s", self.rank, e)
             return False
-        self._worker().load_state_dict(st["worker"])
         self.in_sync = True
-        torch.set_rng_state(st["rng"])
+        if rng is not None:
+            torch.set_rng_state(rng)
         return True

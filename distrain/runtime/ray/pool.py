@@ -28,12 +28,19 @@ from distrain.comm.errors import CommError, FrameError
 from distrain.comm.ray_transport import QuorumError
 from distrain.config import Config, save_config, to_toml
 from distrain.layout import Layout
+from distrain.checkpoint import CheckpointError, abort_step, begin_step, commit_step
 from distrain.runtime.common import keep_tokenizer, prepare_data, setup_run_dir
 from distrain.runtime.faults import Fault
 from distrain.runtime.ray.coordinator import CoordinatorActor
 from distrain.runtime.loop import RoundLoop
-from distrain.runtime.pool import WorkerPool
+from distrain.runtime.pool import Resumed, WorkerPool
 from distrain.runtime.records import RunSummary
+from distrain.runtime.resume import (
+    ResumeSource,
+    checkpoint_dir,
+    manifest_for,
+    saved_steps,
+)
 from distrain.runtime.steps import RoundPlan
 from distrain.runtime.ray.host import WorkerHost
 from distrain.worker.worker import RoundReport
@@ -211,22 +218,24 @@ class RayPool(WorkerPool):
 
     # ----- WorkerPool --------------------------------------------------------------------------
     def checkpoint_steps(self) -> list[list[int]]:
-        """The Coordinator's steps: a worker without its own checkpoint there catches up instead."""
+        return [saved_steps(self.run_dir)]
+
+    def load(self, step: int) -> Resumed | None:
+        """The driver opens the checkpoint (plan, loop state); every actor restores its worker from
+        it. A worker that cannot catches up from the global weights instead."""
         import ray
 
-        return [ray.get(self.coordinator.steps.remote(str(self.run_dir)))]
-
-    def load(self, step: int) -> dict[str, Any] | None:
-        import ray
-
-        loop = ray.get(self.coordinator.load.remote(str(self.run_dir), step))
-        if loop is None:
+        try:
+            src = ResumeSource(self.cfg, self.layout, checkpoint_dir(self.run_dir) / f"step-{step}")
+        except CheckpointError as e:
+            log.warning("checkpoint step %d unusable: %s", step, e)
             return None
         loaded = ray.get([a.load.remote(str(self.run_dir), step) for a in self.actors])
         for r, ok in enumerate(loaded):
             if not ok:
-                self._lose(r, int(loop["round"]), "no usable checkpoint at resume")
-        return loop
+                self._lose(r, int(src.loop["round"]), "its checkpoint state cannot be restored")
+        ray.get(self.coordinator.end_round.remote(int(src.loop["round"]), None, src.loop))
+        return Resumed(src.loop, src.plan.changes)
 
     def initial_sync(self) -> None:
         """Nothing to agree on: every actor built its stage from the same seeded initialisation."""
@@ -409,12 +418,34 @@ class RayPool(WorkerPool):
         raise RuntimeError("no live replica to evaluate on")
 
     def save(self, step: int, loop: dict[str, Any]) -> None:
+        """Every active worker writes its own part into the step's temp directory, then each
+        segment's global part is written by its lowest active owner (the next one if that fails); the
+        driver commits once all are there. A replica that is out (failed or late) writes nothing: a
+        resume starts it from the global weights."""
         import ray
 
-        meta = {"round": loop["round"], "step": step, "tokens": loop["tokens"], "config_hash": self.cfg.hash()}
-        ray.get(self.coordinator.end_round.remote(loop["round"], None, loop))
-        self._call_active(loop["round"], "save", str(self.run_dir), step, loop, meta)
-        ray.get(self.coordinator.save.remote(str(self.run_dir), step, self.cfg.checkpoint.keep))
+        round_idx = int(loop["round"])
+        ray.get(self.coordinator.end_round.remote(round_idx, None, loop))
+        ckpt = checkpoint_dir(self.run_dir)
+        tmp = begin_step(ckpt, step)
+        try:
+            files = {k: v for part in self._call_active(round_idx, "save", str(tmp), True, []).values()
+                     for k, v in part.items()}
+            for g in range(len(self.layout.segments)):
+                for r in [m for m in self.layout.segment_members(g) if m in self.active]:
+                    try:
+                        files.update(ray.get(self.actors[r].save.remote(str(tmp), False, [g])))
+                        break
+                    except Exception as e:  # noqa: BLE001 - sorted into survivable and fatal
+                        if not _is_worker_failure(e):
+                            raise
+                        self._lose(r, round_idx, _reason(e))
+                else:
+                    raise RuntimeError(f"no live worker holds segment {g}'s global weights: cannot checkpoint")
+        except BaseException:
+            abort_step(tmp)
+            raise
+        commit_step(ckpt, tmp, step, manifest_for(self.cfg, self.layout, loop), files, keep=self.cfg.checkpoint.keep)
 
     def events(self, round_idx: int) -> list[dict[str, Any]]:
         import ray
