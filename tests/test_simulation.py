@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from checkpoints import assert_same, content
 
 from distrain.checkpoint import list_checkpoints
 from distrain.runtime.resume import checkpoint_dir
@@ -21,10 +22,20 @@ def losses(run_dir) -> list[float]:
     return [r["loss"] for r in rows if r["kind"] == "train"]
 
 
-@pytest.mark.parametrize("algo,replicas", [("none", 1), ("sparseloco", 2)])
-def test_resume_gives_the_same_run(tiny_config, monkeypatch, algo, replicas):
-    common = [f"--outer.algorithm={algo}", f"--topology.replicas={replicas}", "--train.steps=12",
+MIXED = "--topology.replica=[{count=2}, {kind='pipeline', stages=2, compress={k=8}}]"
+
+
+@pytest.mark.parametrize("algo,topology", [
+    ("none", "--topology.replicas=1"), ("sparseloco", "--topology.replicas=2"),
+    ("sparseloco", MIXED),  # the default's shape: a compressed pipeline's stages rebuild from the global weights
+    ("sparseloco", "--outer.apply_delay=1"),  # each replica keeps its own progress: stored per worker
+    ("diloco", MIXED),  # outer momentum, stored once with the global weights
+], ids=["none", "sparseloco", "mixed", "delayed", "diloco-mixed"])
+def test_resume_gives_the_same_run(tiny_config, monkeypatch, algo, topology):
+    common = [f"--outer.algorithm={algo}", topology, "--train.steps=12",
               "--outer.inner_steps=3", "--logging.log_every=3", "--train.eval_every=6", "--checkpoint.every=6"]
+    if "replica" not in topology:
+        common.append("--topology.replicas=2")
     straight = Simulation(tiny_config(*common, "--run.name=straight"))
     s1 = straight.run()
     w_straight = final_weights(straight)
@@ -54,6 +65,10 @@ def test_resume_gives_the_same_run(tiny_config, monkeypatch, algo, replicas):
     s2 = resumed.run()
     for k, v in w_straight.items():
         assert torch.equal(v, resumed.workers[0].model.state_dict()[k]), k
+    for a, b in zip(straight.workers, resumed.workers):  # every worker, a pipeline's stages too
+        assert_same(a.global_state(), b.global_state())
+        assert_same(dict(a.model.named_parameters()), dict(b.model.named_parameters()))
+    assert_same(content(straight.run_dir), content(resumed.run_dir))  # and all the state it would save
     assert s2.final_val_loss == s1.final_val_loss
     assert s2.first_val_loss == s1.first_val_loss  # the real first validation loss, not nan
     assert losses(resumed.run_dir) == losses(straight.run_dir)
