@@ -431,8 +431,9 @@ def test_after_a_resume_every_outer_tensor_is_on_the_weights_device():
     weights = {"w": torch.zeros(8, 8, device="meta")}
     outer = PseudoGradientOuter(weights, codec, OuterStep(0.7, 0.9, True, delay=1), hub.transport(0), "g", "run", 0)
     cpu = {"w": torch.ones(8, 8)}
-    outer.load_state_dict({"global": cpu, "codec_state": cpu, "anchor": cpu, "start": cpu, "momentum": cpu,
-                           "pending": cpu})
+    outer.reset_to(cpu)  # the global weights, then the shared and own state, as a resume restores them
+    outer.load_shared({"momentum": cpu, "pending": cpu})
+    outer.load_own({"ef": cpu, "anchor": cpu, "start": cpu}, {})
     tensors = [*outer.global_params.values(), *outer.codec_state.values(), *outer.anchor.values(),
                *outer.start.values(), *outer.step.momentum_buf.values(), *outer.step.pending.values()]
     assert len(tensors) == 6 and all(t.device.type == "meta" and t.dtype == torch.float32 for t in tensors)
@@ -444,6 +445,8 @@ def test_a_resumed_outer_optimiser_steps_on_cuda():
     hub = SimulatedHub(1, {"g": [0]}, timeout_s=5)
     outer = PseudoGradientOuter({"w": torch.zeros(8, 8, device="cuda")}, codec, OuterStep(1.0, 0.0, False),
                                 hub.transport(0), "g", "run", 0)
-    outer.load_state_dict({k: {"w": torch.ones(8, 8)} for k in ("global", "codec_state", "momentum")})
+    outer.reset_to({"w": torch.ones(8, 8)})
+    outer.load_shared({"momentum": {"w": torch.ones(8, 8)}})
+    outer.load_own({"ef": {"w": torch.ones(8, 8)}}, {})
     stats, target = outer.sync_round(0, {"w": torch.zeros(8, 8, device="cuda")})
     assert target["w"].is_cuda and stats.contributors == 1

@@ -147,6 +147,38 @@ def test_killed_rank_restarts_elastically_from_the_last_checkpoint(setup, baseli
     assert_same(content(baseline), content(run))
 
 
+def test_a_job_of_another_topology_resumes_the_checkpoint_as_the_simulation_does(setup, baseline):
+    """The 3-replica baseline's checkpoint of step 6, resumed by a job of 2 replicas (one removed)
+    under torchrun and in the simulation: the change is named in one line and in the resume event,
+    and both end on the same losses and state, bit for bit — one code path for every mode."""
+    import shutil
+
+    from distrain.runtime.simulation import Simulation
+
+    over, root = setup
+    over = [o for o in over if not o.startswith("--topology.replicas=")]
+    over += ["--topology.replicas=2", "--checkpoint.resume=auto"]
+    for name in ("shrink", "shrink_sim"):
+        shutil.copytree(baseline / "checkpoints" / "step-6", root / "runs" / name / "checkpoints" / "step-6")
+    cfg = write_config(root / "shrink.toml", over + ["--run.name=shrink"])
+    res = torchrun(cfg, 2)
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert "resumed from step 6 (round 2 of 4) into a changed topology: saved replica 2 (full/single) removed: " \
+           "its state dropped; data split into 2 streams (was 3)" in res.stdout
+    threads = torch.get_num_threads()
+    try:
+        sim = Simulation(load_config(cfg, ["--run.name=shrink_sim"]))
+        sim.run()
+    finally:
+        torch.set_num_threads(threads)
+    run = root / "runs" / "shrink"
+    events = [[m for m in metrics(d) if m.get("event") == "resumed"] for d in (run, sim.run_dir)]
+    assert events[0][0]["changes"] == events[1][0]["changes"] and len(events[0][0]["changes"]) == 2
+    assert [m["loss"] for m in metrics(run) if m["kind"] == "train"] == \
+        [m["loss"] for m in metrics(sim.run_dir) if m["kind"] == "train"]
+    assert_same(content(sim.run_dir), content(run))
+
+
 def multi_process_run(setup, name: str, parallel: str) -> Path:
     over, root = setup
     over = [o for o in over if not o.startswith("--topology.replicas=")]
@@ -225,6 +257,29 @@ def test_deepspeed_zero2_replica_inside_a_two_replica_sparseloco_run(setup, ddp_
     assert first[0]["loss"] == pytest.approx(first[1]["loss"], abs=1e-6)
     last = [[m["val_loss"] for m in rows if m["kind"] == "val"][-1] for rows in (ds, ddp)]
     assert last[0] == pytest.approx(last[1], abs=1e-2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed not installed")
+def test_a_deepspeed_replica_resumes_its_zero_partitions_bit_for_bit(setup):
+    """Each ZeRO-2 process checkpoints its partition of the AdamW moments: a job resumed from the
+    checkpoint of step 6 ends exactly where the uninterrupted job does (moments restarted at zero,
+    as before, would not)."""
+    import shutil
+
+    over, root = setup
+    over = [o for o in over if not o.startswith("--topology.replicas=")]
+    over += ["--topology.replica=[{devices=2, parallel='deepspeed'}, {}]", "--checkpoint.every=6"]
+    straight, cut = root / "runs" / "zero_straight", root / "runs" / "zero_cut"
+    res = torchrun(write_config(root / "zero_straight.toml", over + ["--run.name=zero_straight"]), 3)
+    assert res.returncode == 0, res.stdout[-4000:]
+    shutil.copytree(straight / "checkpoints" / "step-6", cut / "checkpoints" / "step-6")
+    res = torchrun(write_config(root / "zero_cut.toml", over + ["--run.name=zero_cut", "--checkpoint.resume=auto"]), 3)
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert "resumed from step 6 (round 2 of 4)" in res.stdout
+    assert [m["loss"] for m in metrics(cut) if m["kind"] == "train"] == \
+        [m["loss"] for m in metrics(straight) if m["kind"] == "train"][2:]
+    assert any(k.startswith("zero/") for k in own(cut, 0, device=1).tensors)
+    assert_same(content(straight), content(cut))
 
 
 def test_a_bad_boundary_frame_ends_the_attempt_at_once_in_one_line(setup):

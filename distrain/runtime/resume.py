@@ -149,21 +149,29 @@ def _saved_workers(files: Iterable[str]) -> dict[tuple[int, int, int], str]:
     return out
 
 
+def _ints(xs: Any, n: int | None = None) -> bool:
+    return isinstance(xs, list) and (n is None or len(xs) == n) and all(type(x) is int for x in xs)
+
+
+def _topology_ok(topo: Any) -> bool:
+    if not isinstance(topo, dict):
+        return False
+    reps, segs, shards = topo.get("replicas"), topo.get("segments"), topo.get("shards")
+    if not (isinstance(reps, list) and reps and isinstance(segs, list) and segs and isinstance(shards, list)):
+        return False
+    for r in reps:
+        if not (isinstance(r, dict) and r.get("kind") in ("full", "pipeline") and isinstance(r.get("parallel"), str)
+                and _ints(r.get("bounds")) and len(r["bounds"]) >= 2 and r["bounds"] == sorted(r["bounds"])
+                and type(r.get("devices")) is int and r["devices"] >= 1
+                and (r.get("compress") is None or (isinstance(r["compress"], list) and len(r["compress"]) == 3))):
+            return False
+    return all(_ints(s, 2) for s in segs) and all(_ints(s, 2) for s in shards)
+
+
 def check_topology(where: Path, topo: Any) -> dict[str, Any]:
     """The manifest's topology section must have the shape ``describe_topology`` writes."""
-    try:
-        assert isinstance(topo, dict)
-        reps, segs, shards = topo["replicas"], topo["segments"], topo["shards"]
-        assert isinstance(reps, list) and reps and isinstance(segs, list) and segs and isinstance(shards, list)
-        for r in reps:
-            assert isinstance(r, dict) and r["kind"] in ("full", "pipeline") and isinstance(r["parallel"], str)
-            b = r["bounds"]
-            assert isinstance(b, list) and len(b) >= 2 and all(type(x) is int for x in b) and b == sorted(b)
-            assert type(r["devices"]) is int and r["devices"] >= 1
-            assert r["compress"] is None or (isinstance(r["compress"], list) and len(r["compress"]) == 3)
-        assert all(isinstance(s, list) and len(s) == 2 and all(type(x) is int for x in s) for s in segs)
-    except (AssertionError, KeyError, TypeError):
-        raise CheckpointError(f"{where}: the manifest's topology is not of the expected shape") from None
+    if not _topology_ok(topo):
+        raise CheckpointError(f"{where}: the manifest's topology is not of the expected shape")
     return topo
 
 

@@ -117,14 +117,17 @@ def restore(worker: Worker, shared: Tables, own: OwnState | None, steps_done: in
     embedding = weights.get(EMBEDDING) if worker.shadow is not None else None
     if worker.shadow is not None and embedding is None:
         raise KeyError(f"the checkpoint holds no global value of {EMBEDDING} (a compressed stage follows it)")
+    if own is None:  # even if an earlier, failed restore left some
+        for sync in worker.syncs.values():
+            sync.load_own({}, {})
     worker.load_global({n: weights[n] for n in names}, embedding)
     for sync in worker.syncs.values():
         sync.load_shared(shared)
     if worker.shadow is not None:
         worker.shadow.load_shared(shared)
     worker.late = False
-    if own is None:
-        worker.schedule.seek(steps_done)
+    if own is None:  # fresh: nothing of its own (load_global set where it starts the round)
+        worker.schedule.load_state_tensors({}, {"step": steps_done})
         worker.seek_data(steps_done)
         worker.tokens = 0
         return Restored(fresh=True)
