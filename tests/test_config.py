@@ -146,8 +146,9 @@ def test_the_last_bad_inputs_end_in_one_line_before_anything_is_created(tmp_path
     (junk / "notes.txt").write_text("junk")
     forged = tmp_path / "forged" / "step-7"
     forged.mkdir(parents=True)
-    (forged / "meta.json").write_text('{"format_version": 1, "step": 3, "state_sha256": "x", "state_bytes": 1}')
-    (forged / "state.pt").write_bytes(b"x")
+    (forged / "manifest.json").write_text('{"format_version": 2, "step": 3, "files": {}}')
+    old = tmp_path / "old" / "checkpoints" / "rank-0" / "step-3"  # the per-rank format of earlier versions
+    old.mkdir(parents=True)
     out = tmp_path / "runs"
     cases = [
         ("--topology.replica=[]", "empty list of replica tables"),
@@ -156,6 +157,7 @@ def test_the_last_bad_inputs_end_in_one_line_before_anything_is_created(tmp_path
         (f"--checkpoint.resume={junk}", "holds no checkpoint"),
         (f"--checkpoint.resume={empty}", "is not a step-N checkpoint directory"),
         (f"--checkpoint.resume={forged}", "says step 3 but the directory is step-7"),
+        (f"--checkpoint.resume={old}", "of an earlier distrain version"),
         ("--topology.replica=[{kind=}]", "invalid TOML value"),
     ]
     for bad, needle in cases:

@@ -4,7 +4,7 @@ and ``distrain generate`` accept — a Hugging Face LLaMA directory, a distrain 
 the run).
 
 Opening a source reads metadata only (config.json and safetensors headers, or a checkpoint's
-meta.json); tensors are read when asked for, by name.
+manifest.json); tensors are read when asked for, by name.
 """
 
 from __future__ import annotations
