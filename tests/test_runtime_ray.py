@@ -262,6 +262,35 @@ def test_restarted_job_resumes_from_the_checkpoint(cluster, baseline):
     assert_same(content(base), content(cut))
 
 
+def test_a_job_of_another_topology_resumes_the_checkpoint_as_the_simulation_does(cluster, baseline):
+    """The 3-replica baseline's checkpoint of step 6 resumed by a Ray job of 4 replicas (one added,
+    fresh from the global weights) and by the simulation: the same change named, the same losses
+    and state, bit for bit."""
+    from distrain.runtime.simulation import Simulation
+
+    root, cfg_path = baseline
+    for name in ("grow", "grow_sim"):
+        shutil.copytree(root / "runs" / "base" / "checkpoints" / "step-6", root / "runs" / name / "checkpoints" / "step-6")
+    over = ["--topology.replicas=4", "--checkpoint.resume=auto"]
+    res = run([sys.executable, "-m", "distrain.launch.ray", "--address", cluster["gcs"], "--config", str(cfg_path),
+               "--run.name=grow", *over], cluster["env"])
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert "into a changed topology: replica 3 (full/single) added: fresh inner state from the global weights" \
+        in res.stdout
+    threads = torch.get_num_threads()
+    try:
+        sim = Simulation(load_config(cfg_path, ["--run.name=grow_sim", *over]))
+        sim.run()
+    finally:
+        torch.set_num_threads(threads)
+    runs = (root / "runs" / "grow", sim.run_dir)
+    events = [[m for m in metrics(d) if m.get("event") == "resumed"][0]["changes"] for d in runs]
+    assert events[0] == events[1]
+    assert [m["loss"] for m in metrics(runs[0]) if m["kind"] == "train"] == \
+        [m["loss"] for m in metrics(runs[1]) if m["kind"] == "train"]
+    assert_same(content(runs[1]), content(runs[0]))
+
+
 def test_heterogeneous_ray_job_equals_the_simulation(cluster, baseline, tiny_corpus, data_cache):
     """A 2-device DDP replica (two actors joined in a torch.distributed world of their own inside a
     STRICT_PACK placement group) beside a single-device replica: the Ray job ends on the
