@@ -263,27 +263,26 @@ def test_restarted_job_resumes_from_the_checkpoint(cluster, baseline):
 
 
 def test_a_job_of_another_topology_resumes_the_checkpoint_as_the_simulation_does(cluster, baseline):
-    """The 3-replica baseline's checkpoint of step 6 resumed by a Ray job of 4 replicas (one added,
-    fresh from the global weights) and by the simulation: the same change named, the same losses
-    and state, bit for bit."""
+    """The 3-replica baseline's checkpoint of step 6 resumed by a Ray job of 2 replicas (one removed,
+    its state dropped) and by the simulation: the same change named, the same losses and state, bit
+    for bit."""
     from distrain.runtime.simulation import Simulation
 
     root, cfg_path = baseline
-    for name in ("grow", "grow_sim"):
+    for name in ("shrink", "shrink_sim"):
         shutil.copytree(root / "runs" / "base" / "checkpoints" / "step-6", root / "runs" / name / "checkpoints" / "step-6")
-    over = ["--topology.replicas=4", "--checkpoint.resume=auto"]
+    over = ["--topology.replica=[{cpus=2.0}, {cpus=1.0}]", "--checkpoint.resume=auto"]
     res = run([sys.executable, "-m", "distrain.launch.ray", "--address", cluster["gcs"], "--config", str(cfg_path),
-               "--run.name=grow", *over], cluster["env"])
+               "--run.name=shrink", *over], cluster["env"])
     assert res.returncode == 0, res.stdout[-4000:]
-    assert "into a changed topology: replica 3 (full/single) added: fresh inner state from the global weights" \
-        in res.stdout
+    assert "into a changed topology: saved replica 2 (full/single) removed: its state dropped" in res.stdout
     threads = torch.get_num_threads()
     try:
-        sim = Simulation(load_config(cfg_path, ["--run.name=grow_sim", *over]))
+        sim = Simulation(load_config(cfg_path, ["--run.name=shrink_sim", *over]))
         sim.run()
     finally:
         torch.set_num_threads(threads)
-    runs = (root / "runs" / "grow", sim.run_dir)
+    runs = (root / "runs" / "shrink", sim.run_dir)
     events = [[m for m in metrics(d) if m.get("event") == "resumed"][0]["changes"] for d in runs]
     assert events[0] == events[1]
     assert [m["loss"] for m in metrics(runs[0]) if m["kind"] == "train"] == \
