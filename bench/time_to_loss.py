@@ -76,7 +76,7 @@ def runs() -> list[tuple[str, str, str, str]]:
         for policy, merge in POLICIES:
             suffix = policy if policy != "window" else f"window-{merge}"
             out.append((f"{topo}/{suffix}", topo, policy, merge))
-    for topo in ("full2+pipe-auto", "full2+pipe-bf16", "slow-auto", "slow-k4", "slow-bf16"):  # boundary formats
+    for topo in ("full2+pipe-auto", "slow-auto", "slow-k4", "slow-bf16", "full2+pipe-bf16"):  # boundary formats
         out.append((f"{topo}/window-mean", topo, "window", "mean"))
     return out
 
