@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-v", "--verbose", action="store_true")
         if fn is cmd_train:
             p.add_argument("--fault", action="append", default=[],
-                           help="fault injection (repeatable): hostile:rank=R,round=N[,delay=FACTOR] or "
+                           help="fault injection (repeatable): hostile:rank=R,round=N[,delay=FACTOR], "
+                                "flip:rank=R,round=N[,factor=F] or "
                                 "slow:rank=R,factor=F[,round=N] (tests, demos)")
     for name, tool in tool_commands().items():
         p = sub.add_parser(name, help=tool.help, description=tool.help)
