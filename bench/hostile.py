@@ -22,7 +22,9 @@ an honest round from ``before``, and the rounds in which an honest member was se
 **Runs** (R = 4, ``--steps`` inner steps, one seed after the other): honest, and with replica 3
 sending ``--fault=flip:rank=3,round=0`` (its own pseudo-gradient, negated, 1.9× its norm) every
 round; the final validation loss (target: within 1 %), and the honest rounds in which any member
-was set aside (target: none in ≥ 99 % of rounds). Writes bench/results/hostile.json.
+was set aside (target: none in ≥ 99 % of rounds). ``--variants before minsel2``: honest runs with
+issue 21's checks off and with ``outer.robust_min_selectors = 2``, per seed. Writes
+bench/results/hostile.json.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ from distrain.runtime.faults import Fault  # noqa: E402
 from distrain.runtime.simulation import Simulation  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "hostile.json"
+# Honest runs with other settings: issue 21's checks off (as before it), and the lone-selector rule on.
+VARIANTS = {"before": ["--outer.robust_coord_clip=0", "--outer.robust_direction=false"],
+            "minsel2": ["--outer.robust_min_selectors=2"]}
 Frame = dict[str, EncodedTensor]
 
 
@@ -199,6 +204,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="inner steps of the R = 4 runs")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--agg-rounds", type=int, default=10, help="rounds of the recorded 8-replica run")
+    ap.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
+                    help="honest R = 4 runs with other settings, per seed (is an honest run unchanged?)")
     ap.add_argument("--out", default="/tmp/distrain_bench_hostile")
     args = ap.parse_args()
     if args.quick:
@@ -222,10 +229,16 @@ def main() -> None:
                      "(centroids [0,0,0,-1.9 median], one non-zero code)",
             "recorded_run": {"final_val_loss": loss, "rounds_with_aside": aside, "rounds": total},
             **aggregation_level(recorded, cfg, [4, 5, 8]),
+            "command": command("bench/hostile.py"),
         }
     if args.part in ("runs", "all"):
         honest, flip, aside, total = [], [], 0, 0
+        variants: dict[str, list[float]] = {v: [] for v in args.variants}
         for s in range(args.seeds):
+            for v in args.variants:
+                loss, _ = simulate(config(out, f"honest_{v}", s, args.steps, 4, VARIANTS[v]), [])
+                variants[v].append(loss)
+                print(f"honest {v} seed {s}: {loss:.4f}", flush=True)
             loss, run_dir = simulate(config(out, "honest", s, args.steps, 4), [])
             a, t = rounds_with_aside(run_dir)
             aside, total = aside + a, total + t
@@ -242,9 +255,13 @@ def main() -> None:
             "honest_final_val_loss": honest, "flip_final_val_loss": flip, "relative_gap": gaps,
             "mean_gap": statistics.fmean(gaps), "gap_spread": statistics.stdev(gaps) if len(gaps) > 1 else 0.0,
             "honest_rounds_with_aside": aside, "honest_rounds": total, "target": "within 1 %",
+            "command": command("bench/hostile.py"),
+            "honest_variants": {v: {"settings": VARIANTS[v], "final_val_loss": losses,
+                                    "relative_to_default": [a / h - 1 for a, h in zip(losses, honest)]}
+                                for v, losses in variants.items()},
         }
     result["machine"] = machine()
-    result["command"] = command("bench/hostile.py")
+    result["command"] = command("bench/hostile.py")  # the last part run; each part keeps its own
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k in ("runs",)}, indent=1))

@@ -189,11 +189,11 @@ def test_a_sign_flipping_replica_is_set_aside_and_reported(tiny_config):
                 if r["kind"] == "train"]
 
     honest = Simulation(tiny_config(*common, "--run.name=honest"))
-    honest.run()
+    assert honest.run().set_aside == 0
     assert [r["down_weighted"] for r in records(honest)] == [[]] * 5
     assert all(c > 0 for r in records(honest) for c in r["sender_cosine"]["0"].values())
     sim = Simulation(tiny_config(*common, "--run.name=flip"), [Fault.parse("flip:rank=3,round=0")])
-    sim.run()
+    assert sim.run().set_aside == 5
     train = records(sim)
     assert [r["down_weighted"] for r in train] == [["0:3"]] * 5
     assert all(r["sender_cosine"]["0"]["3"] < 0 for r in train)

@@ -107,6 +107,8 @@ def _print_summary(summary) -> None:
             rows.append(("inner steps per replica", " | ".join(map(str, summary.replica_steps))))
         if summary.clipped:
             rows.append(("contributions clipped", str(summary.clipped)))
+        if summary.set_aside:
+            rows.append(("contributions set aside (direction)", str(summary.set_aside)))
         if len(summary.segment_bytes) > 1:
             rows.append(("pseudo-gradient bytes / segment", " | ".join(human_bytes(b) for b in summary.segment_bytes)))
     if summary.boundary_bytes_per_token:

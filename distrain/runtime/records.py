@@ -37,6 +37,7 @@ class RunSummary:
     replica_step_share: list[float] = field(default_factory=list)  # the same, per replica
     replica_steps: list[int] = field(default_factory=list)  # inner steps each replica ran
     clipped: int = 0  # contributions the robust bound scaled down
+    set_aside: int = 0  # contributions the direction check set aside (each counted once per round)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -246,7 +247,8 @@ class RoundLogger:
                           float(np.mean(per_token)) if per_token else 0.0, float(last.get("pipeline_wait_share", 0.0)),
                           step_share({k: list(v) for k, v in total.items()}) if total is not None else 1.0,
                           per_replica, [int(x) for x in np.sum(counts, axis=0)] if counts else [],
-                          int(sum(r.get("clipped", 0) for r in self.records)))
+                          int(sum(r.get("clipped", 0) for r in self.records)),
+                          int(sum(len(r.get("down_weighted", ())) for r in self.records)))
 
     def close(self) -> None:
         self.progress.close()
