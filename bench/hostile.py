@@ -197,6 +197,36 @@ def aggregation_level(recorded: dict[int, list[Frame]], cfg: Config, sizes: list
     return out
 
 
+def table(result: dict[str, Any]) -> str:
+    """The markdown table of docs/BENCHMARKS.md from a results file."""
+    lines = ["| attack | R | setting | deviation / absent (mean, max per round) | flipper set aside | "
+             "cumulative cosine to honest | concentrated: largest move / largest honest update | "
+             "honest rounds with a member set aside |", "|---|---|---|---|---|---|---|---|"]
+    agg = result.get("aggregation", {})
+    for key in ("R=4", "R=5", "R=8"):
+        for label, v in agg.get(key, {}).items():
+            lines.append(f"| sign flip 1.9x / concentrated | {key[2:]} | {label} | {v['flip_deviation_mean']:.3f} / "
+                         f"{v['absent_deviation_mean']:.3f} = {v['flip_ratio_mean']:.2f}x, {v['flip_ratio_max']:.2f}x | "
+                         f"{v['flip_rounds_set_aside']} of {v['rounds']} | {v['flip_cumulative_cosine']:.3f} | "
+                         f"{v['concentrated_move_max']:.2f}x (attacker's own: {v['concentrated_influence_max']:.2f}x) | "
+                         f"{v['honest_rounds_with_aside']} of {v['rounds']} |")
+    runs = result.get("runs")
+    if runs:
+        lines += ["", "| seed | honest final val loss | replica 3 flips (1.9x) | gap |"
+                  + "".join(f" honest, {v} |" for v in runs.get("honest_variants", {})),
+                  "|---|---|---|---|" + "---|" * len(runs.get("honest_variants", {}))]
+        for i, (h, f, g) in enumerate(zip(runs["honest_final_val_loss"], runs["flip_final_val_loss"],
+                                          runs["relative_gap"])):
+            extra = "".join(f" {v['final_val_loss'][i]:.4f} ({v['relative_to_default'][i]:+.2%}) |"
+                            if i < len(v["final_val_loss"]) else " — |" for v in runs.get("honest_variants", {}).values())
+            lines.append(f"| {i} | {h:.4f} | {f:.4f} | {g:+.2%} |{extra}")
+        lines.append(f"| mean ± std | | | **{runs['mean_gap']:+.2%} ± {runs['gap_spread']:.2%}** |"
+                     + " |" * len(runs.get("honest_variants", {})))
+        lines.append(f"\nHonest R = 4 rounds with a member set aside: {runs['honest_rounds_with_aside']} of "
+                     f"{runs['honest_rounds']}.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -206,8 +236,13 @@ def main() -> None:
     ap.add_argument("--agg-rounds", type=int, default=10, help="rounds of the recorded 8-replica run")
     ap.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
                     help="honest R = 4 runs with other settings, per seed (is an honest run unchanged?)")
+    ap.add_argument("--variant-seeds", type=int, default=None, help="run the variants on the first N seeds only")
     ap.add_argument("--out", default="/tmp/distrain_bench_hostile")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of the results file and exit")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(RESULTS.read_text())))
+        return
     if args.quick:
         args.steps, args.seeds, args.agg_rounds = 60, 1, 4
     out = Path(args.out)
@@ -235,7 +270,7 @@ def main() -> None:
         honest, flip, aside, total = [], [], 0, 0
         variants: dict[str, list[float]] = {v: [] for v in args.variants}
         for s in range(args.seeds):
-            for v in args.variants:
+            for v in args.variants if args.variant_seeds is None or s < args.variant_seeds else ():
                 loss, _ = simulate(config(out, f"honest_{v}", s, args.steps, 4, VARIANTS[v]), [])
                 variants[v].append(loss)
                 print(f"honest {v} seed {s}: {loss:.4f}", flush=True)
@@ -257,7 +292,8 @@ def main() -> None:
             "honest_rounds_with_aside": aside, "honest_rounds": total, "target": "within 1 %",
             "command": command("bench/hostile.py"),
             "honest_variants": {v: {"settings": VARIANTS[v], "final_val_loss": losses,
-                                    "relative_to_default": [a / h - 1 for a, h in zip(losses, honest)]}
+                                    "relative_to_default": [a / h - 1 for a, h in zip(losses, honest)],
+                                    "seeds": len(losses)}
                                 for v, losses in variants.items()},
         }
     result["machine"] = machine()
