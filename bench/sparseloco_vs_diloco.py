@@ -48,13 +48,18 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 SPARSE = ["--outer.algorithm=sparseloco"]
+NOROBUST = ["--outer.robust_clip=0", "--outer.robust_coord_clip=0", "--outer.robust_direction=false"]
 RUNS: dict[str, list[str]] = {
     "ddp": ["--outer.algorithm=ddp"],
     "diloco": ["--outer.algorithm=diloco"],  # its published defaults: lr 0.7, Nesterov 0.9
     "sparseloco": SPARSE,  # the defaults of distrain.config (alpha 1, beta 0.95, k 64/4096, ...)
     # -- robust aggregation off (it is on by default): does it touch honest runs?
-    "diloco_norobust": ["--outer.algorithm=diloco", "--outer.robust_clip=0"],
-    "sparseloco_norobust": SPARSE + ["--outer.robust_clip=0"],
+    "diloco_norobust": ["--outer.algorithm=diloco", *NOROBUST],
+    "sparseloco_norobust": SPARSE + NOROBUST,
+    # -- issue 21's checks inside the clip, each off alone / the lone-selector rule on
+    "sparseloco_nocoordclip": SPARSE + ["--outer.robust_coord_clip=0"],
+    "sparseloco_nodirection": SPARSE + ["--outer.robust_direction=false"],
+    "sparseloco_minsel2": SPARSE + ["--outer.robust_min_selectors=2"],
     # -- the paper's configuration, each knob changed alone
     "sparseloco_reference": SPARSE + ["--outer.quantizer=reference", "--outer.aggregation=mean_selected",
                                       "--outer.lr=1.0", "--outer.ef_beta=0.95", "--outer.topk=64"],

@@ -350,3 +350,156 @@ def test_header_bomb_error_is_a_frame_error_not_a_crash():
     bad = forge(msgpack.packb({"run": "x" * 600}))  # string longer than max_name_len
     with pytest.raises(MalformedHeaderError):
         decode_frame(bad, SHAPES, "run-a", 3)
+
+
+# ----- inside the clip: per-coordinate bounds and the direction check (issue 21) --------------------
+from distrain.comm.coords import CoordBound, bounded_mean, chunk_scales, clip_parts  # noqa: E402
+from distrain.comm.direction import DirectionPolicy, direction_check, gram, loo_cosines  # noqa: E402
+from distrain.comm.kernels.geometry import chunk_layout  # noqa: E402
+from distrain.outer.base import Contribution, RoundStats  # noqa: E402
+from distrain.outer.exchange import FrameExchange  # noqa: E402
+
+# Exact values on the wire (fp32, no quantizer), 12 elements in 3 chunks of 4, top-2 per chunk.
+EXACT = dict(topk=2048, chunk=4, quantizer="none", value_dtype="fp32", index_coding="packed")
+HONEST = [[1, .5, 0, 0, 1, .5, 0, 0, .5, .25, 0, 0],
+          [1, 0, .5, 0, 1, 0, .5, 0, .5, .25, 0, 0],
+          [1, 0, 0, .5, 1, 0, 0, .5, .5, .25, 0, 0]]
+# The whole budget (1.8x the honest norm 1.68: under the 2x norm clip) on coordinate 11, which no
+# honest member selects (the attacker's other picks are zeros).
+CONCENTRATED = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -3]
+
+
+def exact_frames(rows: list[list[float]]) -> list[dict[str, EncodedTensor]]:
+    codec = make_codec("sparseloco", **EXACT)
+    return [{"w": codec.encode("w", torch.tensor(r, dtype=torch.float32), {})} for r in rows]
+
+
+def settle(rows_or_frames, bound=None, direction=None, codec=None, shapes=None):
+    codec = codec or make_codec("sparseloco", **EXACT)
+    frames = rows_or_frames if isinstance(rows_or_frames[0], dict) else exact_frames(rows_or_frames)
+    ex = FrameExchange(codec, shapes or {"w": (12,)}, None, "g", "run", 0, torch.device("cpu"), RobustPolicy(),
+                       bound=bound, direction=direction)
+    return ex.settle(0, [Contribution(m, f) for m, f in enumerate(frames)])
+
+
+def test_coord_bound_rejects_bad_settings():
+    for bad in (dict(clip=0.5), dict(clip=float("nan")), dict(clip=True), dict(min_selectors=0),
+                dict(min_selectors=1.5), dict(chunk=0)):
+        with pytest.raises(ValueError):
+            CoordBound(**bad)
+    assert not CoordBound(0, 1).active and CoordBound(0, 2).active and CoordBound(1.5, 1).active
+    for bad in (-1.5, 2.0, float("nan"), True):
+        with pytest.raises(ValueError):
+            DirectionPolicy(bad)
+
+
+def test_chunk_scale_is_the_low_median_of_the_contributions_present():
+    lay = chunk_layout((12,), 4, 2048)
+    parts = [(torch.tensor([0, 5]), torch.tensor([1.0, -2.0])),
+             (torch.tensor([1, 6]), torch.tensor([-3.0, 4.0])),
+             (torch.tensor([2, 7]), torch.tensor([0.0, 100.0]))]
+    # chunk 0: maxima 1, 3 (the third has only a zero there: not counted) -> low median 1;
+    # chunk 1: 2, 4, 100 -> 4; chunk 2: nobody -> 0
+    assert chunk_scales(parts, lay).tolist() == [1.0, 4.0, 0.0]
+    clipped, cut = clip_parts(parts, lay, 1.5)
+    assert [v.tolist() for _, v in clipped] == [[1.0, -2.0], [-1.5, 4.0], [0.0, 6.0]] and cut == 2
+
+
+def test_concentrated_attack_is_bounded_per_coordinate():
+    """Before: coordinate 11 moves by the attacker's full -3 (a lone selector is a full vote), 3x
+    the largest honest update (1). With the bound: cut to 1.5 x the chunk's scale 0.5 = 0.75."""
+    honest = settle(HONEST).aggregate["w"]
+    assert honest.abs().max() == 1.0
+    plain = settle(HONEST + [CONCENTRATED]).aggregate["w"]
+    assert plain[11] == -3.0 and settle(HONEST + [CONCENTRATED]).clipped == 0
+    bounded = settle(HONEST + [CONCENTRATED], bound=CoordBound(1.5, 1)).aggregate["w"]
+    assert bounded[11] == -0.75 and bounded.abs().max() <= 2 * honest.abs().max()
+    # coordinates 0 and 4: three honest 1s and the attacker's selected zero -> 3/4
+    assert bounded[0] == bounded[4] == 0.75
+
+
+def test_a_coordinate_only_one_member_selected_is_weighted_sum_over_r():
+    bounded = settle(HONEST + [CONCENTRATED], bound=CoordBound(1.5, 2)).aggregate["w"]
+    assert bounded[11] == -0.75 / 4  # one selector: sum / R
+    assert bounded[0] == 0.75  # four selectors: their mean, as before
+    assert bounded[1] == 0.25  # h0 (0.5) and the attacker's selected zero: two selectors -> (0.5 + 0) / 2
+    assert bounded[2] == 0.5 / 4  # h1 alone
+    no_clip = settle(HONEST + [CONCENTRATED], bound=CoordBound(0, 2)).aggregate["w"]
+    assert no_clip[11] == -3.0 / 4
+
+
+def test_honest_contributions_pass_the_bound_unchanged():
+    """Real 2-bit frames of honest (random) pseudo-gradients: the bounded aggregate is the codec's own,
+    bit for bit, and the direction check sets nobody aside."""
+    codec = make_codec("sparseloco")
+    frames = contributions(codec, 4)
+    got = settle(frames, CoordBound(1.5, 1), DirectionPolicy(-0.5), codec, SHAPES)
+    plain = aggregate(codec, frames)
+    assert all(torch.equal(got.aggregate[n], plain[n]) for n in SHAPES)
+    assert [v.weight for v in got.directions] == [1.0] * 4
+
+
+def test_sign_flip_under_the_clip_is_set_aside():
+    """Dense fp32 (exact). The flipped member (-1.9 x [1, 0, 0, 0]) has cosine -3/sqrt(12) to the others'
+    sum [3, 1, 1, 1]; it is set aside and the aggregate is the honest members' mean, exactly as if it
+    were absent. Without the direction check the coordinate bound alone cuts it to -1.5."""
+    codec = make_codec("dense", dtype="fp32")
+    rows = [[1, 0, 1, 0], [1, 1, 0, 0], [1, 0, 0, 1], [-1.9, 0, 0, 0]]
+    frames = [{"w": codec.encode("w", torch.tensor(r, dtype=torch.float32), {})} for r in rows]
+    shapes = {"w": (4,)}
+    got = settle(frames, CoordBound(1.5, 1), DirectionPolicy(0.0), codec, shapes)
+    assert [v.weight for v in got.directions] == [1.0, 1.0, 1.0, 0.0]
+    assert got.directions[3].cosine == pytest.approx(-3 / math.sqrt(12))
+    assert got.directions[0].cosine == pytest.approx(2 / math.sqrt(12))  # [1,0,1,0] vs [2,1,0,1]
+    absent = settle(frames[:3], CoordBound(1.5, 1), DirectionPolicy(0.0), codec, shapes)
+    assert torch.equal(got.aggregate["w"], absent.aggregate["w"])
+    assert got.aggregate["w"].tolist() == pytest.approx([1, 1 / 3, 1 / 3, 1 / 3])
+    assert [c.member for c in got.kept] == [0, 1, 2]
+    only_bound = settle(frames, CoordBound(1.5, 1), None, codec, shapes).aggregate["w"]
+    assert only_bound.tolist() == pytest.approx([(3 - 1.5) / 4, 0.25, 0.25, 0.25])
+
+
+def test_direction_check_spares_an_honest_outlier_and_sets_aside_a_minority_only():
+    # an orthogonal (unrelated, not opposed) member: cosine exactly 0, kept
+    g = [[1, .5, .5, 0], [.5, 1, .5, 0], [.5, .5, 1, 0], [0, 0, 0, 1]]
+    v = direction_check(["a", "b", "c", "d"], g, DirectionPolicy(0.0))
+    assert [x.weight for x in v] == [1, 1, 1, 1] and v[3].cosine == 0.0
+    # two of four opposed: at most (4 - 1) // 2 = 1 set aside, the most opposed (ties: the first)
+    g = [[1, .5, -1, -1], [.5, 1, -1, -1], [-1, -1, 1, 1], [-1, -1, 1, 1]]
+    assert [x.weight for x in direction_check(range(4), g)].count(0.0) == 1
+    # two members that disagree give no consensus: nobody set aside, nothing judged
+    v = direction_check([0, 1], [[1, -1], [-1, 1]])
+    assert [x.weight for x in v] == [1, 1] and all(math.isnan(x.cosine) for x in v)
+    assert loo_cosines([[1, 0, 0], [0, 1, 0], [0, 0, 0]], [0, 1, 2])[2] != loo_cosines([[1]], [0]).get(1, 0)
+
+
+def test_gram_of_sparse_contributions():
+    parts = [[(torch.tensor([0, 2]), torch.tensor([1.0, 2.0])), (torch.tensor([2, 3]), torch.tensor([3.0, -1.0]))],
+             [(torch.tensor([1]), torch.tensor([5.0])), (torch.tensor([0]), torch.tensor([7.0]))]]
+    g = gram(parts, [4, 2])
+    # tensor 0: <a,a> = 5, <b,b> = 10, <a,b> = 6; tensor 1: 25, 49, 0
+    assert g == [[30.0, 6.0], [6.0, 59.0]]
+
+
+def test_direction_verdicts_reach_the_round_stats_and_the_metrics_record():
+    from distrain.runtime.records import direction_record
+    from distrain.worker.worker import RoundReport
+
+    stats = RoundStats(3, 10, 40, 3, 0, senders=[0, 1, 2, 3], cosines=[0.2, 0.3, None, -0.5],
+                       weights=[1.0, 1.0, 1.0, 0.0])
+    assert stats.set_aside == [3]
+    report = RoundReport(0, 0, 3, 15, 45, 100, 4.0, 1e-3, 1.0, outer=[stats])
+    again = RoundReport.from_dict(msgpack.unpackb(msgpack.packb(report.to_dict())))
+    assert again.outer[0] == stats
+    other = RoundStats(3, 10, 40, 3, 0, segment=0, senders=[0, 1, 2, 3], cosines=[0.2, 0.3, None, -0.5],
+                       weights=[1.0, 1.0, 1.0, 0.0])
+    rec = direction_record([stats, other])  # two workers of one segment: counted once
+    assert rec == {"sender_cosine": {"0": {"0": 0.2, "1": 0.3, "2": None, "3": -0.5}}, "down_weighted": ["0:3"]}
+    assert direction_record([RoundStats(3, 10, 40, 3, 0)]) == {}
+
+
+def test_bounded_mean_is_the_plain_mean_without_bounds():
+    parts = [(torch.tensor([0, 2]), torch.tensor([1.0, 2.0])), (torch.tensor([2, 3]), torch.tensor([3.0, -1.0]))]
+    assert bounded_mean(parts, 5, (1.0, 1.0), "mean_selected", 1, torch.device("cpu")).tolist() == [1, 0, 2.5, -1, 0]
+    assert bounded_mean(parts, 5, (1.0, 1.0), "mean_selected", 2, torch.device("cpu")).tolist() == [.5, 0, 2.5, -.5, 0]
+    assert bounded_mean(parts, 5, (1.0, 3.0), "sum_over_r", 1, torch.device("cpu")).tolist() == [.25, 0, 2.75, -.75, 0]

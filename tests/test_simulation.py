@@ -187,3 +187,28 @@ def test_a_hostile_replica_cannot_derail_the_run(tiny_config):
     assert all(torch.isfinite(t).all() for w in sim.workers for t in w.global_state().values())
     improvement = honest.first_val_loss - honest.final_val_loss
     assert abs(attacked.final_val_loss - honest.final_val_loss) < 0.25 * improvement
+
+
+def test_a_sign_flipping_replica_is_set_aside_and_reported(tiny_config):
+    """Replica 3 of 4 sends its own pseudo-gradient negated at 1.9x its norm (under the norm clip)
+    from round 0: every round's record names it as set aside, with a negative cosine, and nobody
+    else; the honest run sets nobody aside."""
+    from distrain.runtime.faults import Fault
+
+    common = ["--outer.algorithm=sparseloco", "--topology.replicas=4", "--train.steps=15", "--outer.inner_steps=3",
+              "--train.eval_every=15", "--train.lr=3e-3"]
+
+    def records(sim: Simulation) -> list[dict]:
+        return [r for r in map(json.loads, (sim.run_dir / "metrics.jsonl").read_text().splitlines())
+                if r["kind"] == "train"]
+
+    honest = Simulation(tiny_config(*common, "--run.name=honest"))
+    assert honest.run().set_aside == 0
+    assert [r["down_weighted"] for r in records(honest)] == [[]] * 5
+    assert all(c > 0 for r in records(honest) for c in r["sender_cosine"]["0"].values())
+    sim = Simulation(tiny_config(*common, "--run.name=flip"), [Fault.parse("flip:rank=3,round=0")])
+    assert sim.run().set_aside == 5
+    train = records(sim)
+    assert [r["down_weighted"] for r in train] == [["0:3"]] * 5
+    assert all(r["sender_cosine"]["0"]["3"] < 0 for r in train)
+    assert [r["contributors"] for r in train] == [3] * 5 and [r["rejected"] for r in train] == [0] * 5

@@ -17,6 +17,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from distrain.comm.coords import CoordBound, bounded_mean, clip_parts
+from distrain.comm.kernels.geometry import ChunkLayout, chunk_layout
+
 MetaValue = int | float | str
 CodecState = dict[str, torch.Tensor]
 
@@ -102,13 +105,36 @@ class Codec(ABC):
     @abstractmethod
     def decode_aggregate(self, parts: list[EncodedTensor], shape: tuple[int, ...],
                          device: torch.device | str | None = None,
-                         merge: Merge | None = None) -> torch.Tensor:
+                         merge: Merge | None = None, bound: CoordBound | None = None) -> torch.Tensor:
         """Aggregate the replicas' contributions (missing replicas already removed) to fp32.
 
         The result lies on ``device`` (None: CPU), the device of the weights it will update, and
         is bit-identical whatever the device. ``merge``: per-contribution scales and weights for
-        contributions of unequal work (None: every contribution as sent, weight 1).
+        contributions of unequal work (None: every contribution as sent, weight 1). ``bound``:
+        per-coordinate bounds (``distrain.comm.coords``), applied after the merge's scales.
         """
+
+    @abstractmethod
+    def decode(self, et: EncodedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One contribution as (row-major flat indices int64, fp32 values), on the CPU; validates it."""
+
+    def chunk_layout(self, shape: tuple[int, ...], bound: CoordBound) -> ChunkLayout:
+        """The chunks a per-coordinate bound estimates its scales over (the codec's own geometry,
+        else ``bound.chunk`` blocks)."""
+        return chunk_layout(tuple(shape), bound.chunk, 64)
+
+    def bounded_aggregate(self, parts: list[EncodedTensor], shape: tuple[int, ...], device: torch.device,
+                          merge: Merge | None, bound: CoordBound, aggregation: str) -> torch.Tensor:
+        """Decode, scale by the merge, cut per coordinate, and combine (``coords.bounded_mean``)."""
+        decoded = [self.decode(p) for p in parts]
+        weights: tuple[float, ...] = (1.0,) * len(parts)
+        if merge is not None and not merge.plain:
+            decoded = [(g, v * float(s)) if s != 1.0 else (g, v) for (g, v), s in zip(decoded, merge.scales)]
+            weights = merge.weights
+        layout = self.chunk_layout(shape, bound)
+        if bound.clip > 0:
+            decoded, _ = clip_parts(decoded, layout, bound.clip)
+        return bounded_mean(decoded, layout.numel, weights, aggregation, bound.min_selectors, device).reshape(shape)
 
     @abstractmethod
     def expected_meta(self, shape: tuple[int, ...]) -> dict[str, MetaValue]:

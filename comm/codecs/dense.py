@@ -21,6 +21,7 @@ from distrain.comm.codecs.base import (
     check_shape,
     require_choice,
 )
+from distrain.comm.coords import CoordBound
 from distrain.comm.errors import NonFiniteError, SchemaError
 
 DENSE_DTYPES = {"fp32": "f4", "bf16": "u2"}
@@ -81,16 +82,31 @@ class DenseCodec(Codec):
         if not torch.isfinite(self._values(et)).all():
             raise NonFiniteError("dense values contain NaN or Inf")
 
+    def decode(self, et: EncodedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every element, as (flat indices, fp32 values); finite values checked."""
+        values = self._values(et)
+        if not torch.isfinite(values).all():
+            raise NonFiniteError("dense values contain NaN or Inf")
+        return torch.arange(values.numel(), dtype=torch.int64), values
+
     def decode_aggregate(self, parts: list[EncodedTensor], shape: tuple[int, ...],
-                         device: torch.device | str | None = None, merge: Merge | None = None) -> torch.Tensor:
+                         device: torch.device | str | None = None, merge: Merge | None = None,
+                         bound: CoordBound | None = None) -> torch.Tensor:
         """Sum in list order and divide by R (by Σ weights under a merge), on ``device``: fp32 adds
-        are exact IEEE operations everywhere, so the bits do not depend on the device."""
+        are exact IEEE operations everywhere, so the bits do not depend on the device. With a
+        ``bound`` that clips, values are first cut per coordinate (every contribution selects
+        every coordinate, so ``min_selectors`` changes nothing here)."""
         shape = check_shape(shape)
         if not parts:
             raise ValueError("decode_aggregate needs at least one contribution")
         if merge is not None and len(merge.weights) != len(parts):
             raise ValueError(f"a merge of {len(merge.weights)} contributions for {len(parts)}")
         dev = torch.device(device if device is not None else "cpu")
+        if bound is not None and bound.clip > 0:
+            for part in parts:
+                if part.shape != shape:
+                    raise ValueError(f"contribution of shape {part.shape} for a tensor of shape {shape}")
+            return self.bounded_aggregate(parts, shape, dev, merge, bound, "sum_over_r")
         total = torch.zeros(_numel(shape), dtype=torch.float32, device=dev)
         for i, part in enumerate(parts):
             if part.shape != shape:

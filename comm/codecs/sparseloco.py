@@ -46,6 +46,7 @@ from distrain.comm.codecs.base import (
     require_int,
 )
 from distrain.comm import kernels
+from distrain.comm.coords import CoordBound
 from distrain.comm.codecs.bitpack import pack_bits, packed_nbytes, padding_is_zero, unpack_bits
 from distrain.comm.codecs.index_coding import INDEX_CODINGS, decode_indices, encode_indices, index_nbytes
 from distrain.comm.codecs.quantizers import LEVELS, QUANTIZERS, quantize
@@ -331,9 +332,14 @@ class SparseLoCoCodec(Codec):
         lay, ids, local = decoded
         return lay.global_index(ids, local), values_of(self.quantizer, et.buffers, lay.nnz)
 
+    def chunk_layout(self, shape: tuple[int, ...], bound: CoordBound) -> ChunkLayout:
+        return self.layout(shape)
+
     def decode_aggregate(self, parts: list[EncodedTensor], shape: tuple[int, ...],
-                         device: torch.device | str | None = None, merge: Merge | None = None) -> torch.Tensor:
-        """The kernels aggregate plain contributions; a weighted merge takes the reference path."""
+                         device: torch.device | str | None = None, merge: Merge | None = None,
+                         bound: CoordBound | None = None) -> torch.Tensor:
+        """The kernels aggregate plain contributions; a weighted merge or an active per-coordinate
+        bound takes the reference path."""
         shape = check_shape(shape)
         if not parts:
             raise ValueError("decode_aggregate needs at least one contribution")
@@ -343,6 +349,8 @@ class SparseLoCoCodec(Codec):
             if part.shape != shape:
                 raise ValueError(f"contribution of shape {part.shape} for a tensor of shape {shape}")
         dev = torch.device(device if device is not None else "cpu")
+        if bound is not None and bound.active:
+            return self.bounded_aggregate(parts, shape, dev, merge, bound, self.aggregation)
         if kernels.backend(dev) == "reference" or (merge is not None and not merge.plain):
             out = aggregate([self.decode(p) for p in parts], self.layout(shape).numel,
                             self.aggregation, dev, merge)

@@ -108,6 +108,8 @@ def _print_summary(summary) -> None:
             rows.append(("inner steps per replica", " | ".join(map(str, summary.replica_steps))))
         if summary.clipped:
             rows.append(("contributions clipped", str(summary.clipped)))
+        if summary.set_aside:
+            rows.append(("contributions set aside (direction)", str(summary.set_aside)))
         if len(summary.segment_bytes) > 1:
             rows.append(("pseudo-gradient bytes / segment", " | ".join(human_bytes(b) for b in summary.segment_bytes)))
     if summary.boundary_bytes_per_token:
@@ -171,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("-v", "--verbose", action="store_true")
         if fn is cmd_train:
             p.add_argument("--fault", action="append", default=[],
-                           help="fault injection (repeatable): hostile:rank=R,round=N[,delay=FACTOR] or "
+                           help="fault injection (repeatable): hostile:rank=R,round=N[,delay=FACTOR], "
+                                "flip:rank=R,round=N[,factor=F] or "
                                 "slow:rank=R,factor=F[,round=N] (tests, demos)")
     for name, tool in tool_commands().items():
         p = sub.add_parser(name, help=tool.help, description=tool.help)

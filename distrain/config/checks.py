@@ -5,6 +5,7 @@ Each check raises a one-line ``ConfigError`` naming the key, the value and what 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -152,6 +153,13 @@ def _check_outer(cfg: Config) -> None:
     need(o.apply_delay in (0, 1), f"outer.apply_delay must be 0 or 1, got {o.apply_delay}")
     need(o.robust_clip == 0 or 1 <= o.robust_clip <= o.robust_reject,
           f"outer.robust_clip must be 0 (off) or in [1, outer.robust_reject = {o.robust_reject}], got {o.robust_clip}")
+    need(o.robust_coord_clip == 0 or 1 <= o.robust_coord_clip < math.inf,
+          f"outer.robust_coord_clip must be 0 (off) or a finite number >= 1, got {o.robust_coord_clip}")
+    need(isinstance(o.robust_min_selectors, int) and not isinstance(o.robust_min_selectors, bool)
+          and o.robust_min_selectors >= 1,
+          f"outer.robust_min_selectors must be an integer >= 1 (1: off), got {o.robust_min_selectors!r}")
+    need(-1 <= o.robust_direction_cos <= 1,
+          f"outer.robust_direction_cos must be in [-1, 1], got {o.robust_direction_cos}")
 
 
 def _check_topology(cfg: Config) -> None:

@@ -122,6 +122,10 @@ class OuterConfig:
     apply_delay: int = 0  # 1: apply each aggregate one round late (overlap)
     robust_clip: float = 2.0  # clip a contribution above this multiple of the round's low-median norm (0: off)
     robust_reject: float = 10.0  # reject one above this multiple as an outlier
+    robust_coord_clip: float = 1.5  # cut each value above this multiple of its chunk's robust scale (0: off)
+    robust_min_selectors: int = 1  # coordinates fewer replicas selected are divided by R, not by their selectors
+    robust_direction: bool = True  # set aside a contribution that pulls against the others' consensus
+    robust_direction_cos: float = 0.0  # ... when its cosine to the sum of the others is below this
 
     def topk_at(self, round_idx: int) -> int:
         """k of outer round ``round_idx`` (0-based): denser warm-up rounds release the error buffer

@@ -45,6 +45,16 @@ class RoundStats:
     seconds: float = 0.0  # real time spent in encode + exchange + decode + step
     segment: int = 0
     clipped: int = 0  # contributions scaled down by the robust bound
+    # The direction check, per judged sender (member ranks, in order): its cosine to the others'
+    # consensus (None: not judged) and its weight (0: set aside for the round).
+    senders: list[int] = field(default_factory=list)
+    cosines: list[float | None] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+
+    @property
+    def set_aside(self) -> list[int]:
+        """The senders the direction check set aside this round."""
+        return [m for m, w in zip(self.senders, self.weights) if w == 0]
 
 
 def owned_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

@@ -17,12 +17,15 @@ and ``merge_of`` turns the stated work into the merge ``outer.merge`` asks for:
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
 from distrain.comm.codecs import Codec, EncodedTensor, Merge
+from distrain.comm.coords import CoordBound, clip_parts
+from distrain.comm.direction import DirectionPolicy, Verdict, direction_check, gram
 from distrain.comm.errors import FrameError, RoundLateError
 from distrain.comm.robust import RobustPolicy, robust_aggregate_inputs
 from distrain.comm.transport import Transport
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 MERGES = ("mean", "steps", "tokens")
 
 # (tensor name, [(member, its encoded contribution)], shape, device, merge) -> the aggregate
+# (a combine applies the run's per-coordinate bound itself: it was built with it)
 Combine = Callable[[str, list[tuple[int, EncodedTensor]], tuple[int, ...], torch.device, Merge | None], torch.Tensor]
 
 
@@ -60,32 +64,40 @@ def merge_of(kind: str, kept: Sequence[Contribution]) -> Merge | None:
 @dataclass
 class Exchanged:
     """What one exchange gave: the aggregate (None: nothing usable arrived), this worker's frame
-    size, the contributions kept, why the others were not, how many were clipped."""
+    size, the contributions kept, why the others were not, how many were clipped, and each
+    judged member's direction (cosine to the others' consensus; weight 0: set aside)."""
 
     aggregate: Weights | None
     wire_bytes: int
     kept: Contributions = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     clipped: int = 0
+    directions: list[Verdict] = field(default_factory=list)
 
 
 class FrameExchange:
     """Encode named tensors into a frame, all-gather frames, decode the valid ones, bound each
-    contribution's norm per step (``distrain.comm.robust``) and merge on the weights' device.
+    contribution's norm per step (``distrain.comm.robust``), set aside one that pulls against the
+    others (``distrain.comm.direction``) and merge on the weights' device under the per-coordinate
+    bound (``distrain.comm.coords``).
 
     A frame is checked against the member it came from (a member re-sending another's frame does
     not count twice), then judged by its norm against the round's others: clipped, or rejected as
     an outlier. Nothing a peer sends can abort the round: with no usable contribution the
-    aggregate is ``None`` and the step is skipped.
+    aggregate is ``None`` and the step is skipped. ``settle`` is everything after the transport,
+    so a benchmark or a test can aggregate recorded contributions exactly as a round does.
     """
 
-    def __init__(self, codec: Codec, shapes: dict[str, tuple[int, ...]], transport: Transport, group: str,
+    def __init__(self, codec: Codec, shapes: dict[str, tuple[int, ...]], transport: Transport | None, group: str,
                  run_id: str, rank: int, device: torch.device, policy: RobustPolicy | None = None,
-                 combine: Combine | None = None, merge: str = "mean"):
+                 combine: Combine | None = None, merge: str = "mean", bound: CoordBound | None = None,
+                 direction: DirectionPolicy | None = None):
         if merge not in MERGES:
             raise ValueError(f"unknown merge {merge!r} (known: {', '.join(MERGES)})")
         self.device = device
         self.policy = policy
+        self.bound = bound
+        self.direction = direction
         self.combine = combine  # how a tensor's kept contributions become its aggregate (default: the codec's)
         self.merge = merge
         self.codec = codec
@@ -127,19 +139,48 @@ class FrameExchange:
             except FrameError as e:
                 reasons.append(f"{type(e).__name__} from member {member}: {e}")
                 log.warning("round %d: rejected frame from member %d of %s: %s", round_idx, member, self.group, e)
+        got = self.settle(round_idx, decoded, reasons)
+        got.wire_bytes = len(frame)
+        return got
+
+    def settle(self, round_idx: int, decoded: Contributions, reasons: list[str] | None = None) -> Exchanged:
+        """The round's aggregate from its decoded contributions: norm bound, direction check, merge
+        under the per-coordinate bound (``wire_bytes`` left 0)."""
+        reasons = [] if reasons is None else reasons
         kept, clipped = self._judge(round_idx, decoded, reasons)
+        verdicts = self._directions(round_idx, kept)
+        kept = [c for c, v in zip(kept, verdicts) if v.weight > 0] if verdicts else kept
         if not kept:
             log.warning("round %d: no usable contribution in group %s (%s): the outer step is skipped",
                         round_idx, self.group, "; ".join(reasons) or "none arrived")
-            return Exchanged(None, len(frame), [], reasons, clipped)
+            return Exchanged(None, 0, [], reasons, clipped, verdicts)
         merge = merge_of(self.merge, kept)
         if self.combine is not None:
             aggregate = {n: self.combine(n, [(c.member, c.tensors[n]) for c in kept], self.shapes[n], self.device, merge)
-                         for n in tensors}
+                         for n in self.shapes}
         else:
             aggregate = {n: self.codec.decode_aggregate([c.tensors[n] for c in kept], self.shapes[n],
-                                                        device=self.device, merge=merge) for n in tensors}
-        return Exchanged(aggregate, len(frame), kept, reasons, clipped)
+                                                        device=self.device, merge=merge, bound=self.bound)
+                         for n in self.shapes}
+        return Exchanged(aggregate, 0, kept, reasons, clipped, verdicts)
+
+    def _directions(self, round_idx: int, kept: Contributions) -> list[Verdict]:
+        """Each kept member's cosine to the others' consensus (coordinate-bounded values, as the
+        aggregate will see them) and whether it is set aside; [] when the check is off."""
+        if self.direction is None or not kept:
+            return []
+        tensors = []
+        for n, shape in self.shapes.items():
+            parts = [self.codec.decode(c.tensors[n]) for c in kept]
+            if self.bound is not None and self.bound.clip > 0:
+                parts, _ = clip_parts(parts, self.codec.chunk_layout(shape, self.bound), self.bound.clip)
+            tensors.append(parts)
+        numels = [math.prod(s) for s in self.shapes.values()]
+        verdicts = direction_check([c.member for c in kept], gram(tensors, numels), self.direction)
+        for v in verdicts:
+            if v.weight == 0:
+                log.warning("round %d, %s: %s", round_idx, self.group, v.reason)
+        return verdicts
 
     @torch.no_grad()
     def _unsend(self, encoded: dict[str, EncodedTensor], state: Weights) -> None:

@@ -10,12 +10,15 @@ Choices that differ from the SparseLoCo reference code, on purpose:
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
 import torch
 
 from distrain.comm.codecs import Codec
+from distrain.comm.coords import CoordBound
+from distrain.comm.direction import DirectionPolicy
 from distrain.comm.robust import RobustPolicy
 from distrain.comm.transport import Transport
 from distrain.outer.base import Contributions, OuterOptimizer, RoundStats, Weights
@@ -50,7 +53,8 @@ class PseudoGradientOuter(OuterOptimizer):
 
     def __init__(self, initial: Weights, codec: Codec, step: OuterStep, transport: Transport, group: str,
                  run_id: str, rank: int, segment: int = 0, policy: RobustPolicy | None = None,
-                 combine: Combine | None = None, codec_at: Callable[[int], Codec] | None = None, merge: str = "mean"):
+                 combine: Combine | None = None, codec_at: Callable[[int], Codec] | None = None, merge: str = "mean",
+                 bound: CoordBound | None = None, direction: DirectionPolicy | None = None):
         super().__init__(initial)
         self.segment = segment
         self.step = step
@@ -65,7 +69,7 @@ class PseudoGradientOuter(OuterOptimizer):
         self._kept: Contributions = []
         self.device = device = next(iter(initial.values())).device
         self.exchange = FrameExchange(codec, self.shapes, transport, group, run_id, rank, device, policy, combine,
-                                      merge)
+                                      merge, bound, direction)
         self.dense_bytes = sum(t.numel() * 4 for t in initial.values())
 
     def global_state(self) -> Weights:
@@ -107,7 +111,10 @@ class PseudoGradientOuter(OuterOptimizer):
             target = self.global_params
         self._target = target
         return RoundStats(round_idx, got.wire_bytes, self.dense_bytes, len(got.kept), len(got.reasons), got.reasons,
-                          time.perf_counter() - t0, self.segment, got.clipped), target
+                          time.perf_counter() - t0, self.segment, got.clipped,
+                          [int(v.member) for v in got.directions],
+                          [None if math.isnan(v.cosine) else float(v.cosine) for v in got.directions],
+                          [float(v.weight) for v in got.directions]), target
 
     @torch.no_grad()
     def flush(self) -> Weights:

@@ -36,6 +36,9 @@ class Fault:
     - ``stale`` (Ray): worker R re-sends its previous round's frame in round N;
     - ``hostile`` (simulation): from round N on, worker R's pseudo-gradient frames are valid and
       finite but ``delay`` (default 1e30) times too large — what robust aggregation must survive;
+    - ``flip`` (simulation): from round N on, worker R sends its own pseudo-gradient negated and
+      ``factor`` (default 1.9) times its size: under the norm clip, so only the direction check
+      and the per-coordinate bound stand in its way;
     - ``slow`` (every mode): from round N on (default 0), every inner step of worker R takes
       ``factor`` times longer — real time under torchrun and Ray, simulated time in simulation;
     - ``late`` (Ray): in round N worker R waits ``delay`` seconds before its exchange — alive, but
@@ -50,7 +53,12 @@ class Fault:
     delay: float = 0.0
     factor: float = 1.0
 
-    KINDS = ("exit", "kill", "stale", "hostile", "slow", "late", "boundary")
+    KINDS = ("exit", "kill", "stale", "hostile", "flip", "slow", "late", "boundary")
+
+    @property
+    def flip_factor(self) -> float:
+        """A ``flip`` fault's size relative to the honest pseudo-gradient (default 1.9)."""
+        return self.factor if self.factor != 1.0 else 1.9
 
     @classmethod
     def parse(cls, spec: str) -> "Fault":
@@ -117,8 +125,9 @@ class FaultyTransport(RayTransport):
 
 class HostileCodec:
     """A worker's codec gone hostile: frames stay valid and finite, their values ``factor`` times
-    too large (SparseLoCo centroids, dense fp32 values). Everything else is the real codec's, so
-    its own error feedback stays honest and it decodes the others' frames as before."""
+    too large (SparseLoCo centroids, dense fp32 values; a negative factor flips their sign).
+    Everything else is the real codec's, so its own error feedback stays honest and it decodes the
+    others' frames as before."""
 
     def __init__(self, inner: Any, factor: float = 1e30):
         self.inner, self.factor = inner, float(factor)

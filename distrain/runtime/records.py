@@ -12,6 +12,7 @@ import numpy as np
 from distrain.config import Config
 from distrain.layout import Layout
 from distrain.metrics import MetricsLogger, Progress, human_bytes
+from distrain.outer.base import RoundStats
 from distrain.runtime.steps import RoundPlan
 from distrain.worker.worker import RoundReport
 
@@ -36,6 +37,7 @@ class RunSummary:
     replica_step_share: list[float] = field(default_factory=list)  # the same, per replica
     replica_steps: list[int] = field(default_factory=list)  # inner steps each replica ran
     clipped: int = 0  # contributions the robust bound scaled down
+    set_aside: int = 0  # contributions the direction check set aside (each counted once per round)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -127,6 +129,7 @@ def round_record(round_idx: int, step: int, reports: list[RoundReport], layout: 
                    rejected=sum(s.rejected for _, s in stats), clipped=sum(s.clipped for _, s in stats),
                    contributors=min(s.contributors for _, s in stats),
                    segment_bytes=[float(np.mean(per_segment[g])) for g in sorted(per_segment)])
+        rec.update(direction_record([s for _, s in stats]))
     per_token = []
     for replica in sorted({r.replica for r in reports}):
         spec = layout.replicas[replica]
@@ -139,6 +142,22 @@ def round_record(round_idx: int, step: int, reports: list[RoundReport], layout: 
         rec["boundary_bytes_per_token"] = float(np.mean(per_token))
     rec["bytes_sent"] = bytes_sent
     return rec
+
+
+def direction_record(stats: list[RoundStats]) -> dict[str, Any]:
+    """The direction check's account of a round, per sender: ``sender_cosine`` (segment → sender →
+    cosine to the others' consensus, None: not judged) and ``down_weighted`` (the senders set
+    aside, as "segment:rank"). Every worker of a segment judged the same frames, so the first
+    report of each segment stands for all; {} when the check is off."""
+    cos: dict[str, dict[str, float | None]] = {}
+    aside: list[str] = []
+    for s in stats:
+        key = str(s.segment)
+        if not s.senders or key in cos:
+            continue
+        cos[key] = {str(m): c for m, c in zip(s.senders, s.cosines)}
+        aside += [f"{s.segment}:{m}" for m in s.set_aside]
+    return {"sender_cosine": cos, "down_weighted": sorted(aside)} if cos else {}
 
 
 def round_line(rec: dict[str, Any], clock: str = "sim") -> str:
@@ -228,7 +247,8 @@ class RoundLogger:
                           float(np.mean(per_token)) if per_token else 0.0, float(last.get("pipeline_wait_share", 0.0)),
                           step_share({k: list(v) for k, v in total.items()}) if total is not None else 1.0,
                           per_replica, [int(x) for x in np.sum(counts, axis=0)] if counts else [],
-                          int(sum(r.get("clipped", 0) for r in self.records)))
+                          int(sum(r.get("clipped", 0) for r in self.records)),
+                          int(sum(len(r.get("down_weighted", ())) for r in self.records)))
 
     def close(self) -> None:
         self.progress.close()

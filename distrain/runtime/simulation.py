@@ -46,7 +46,7 @@ from distrain.worker.worker import RoundReport, Worker
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
-SIM_FAULTS = ("hostile", "slow", "boundary")
+SIM_FAULTS = ("hostile", "flip", "slow", "boundary")
 # what ends a replica's round, not the run: a rejected boundary frame (or the absent partner it leaves
 # behind), a non-finite loss
 REPLICA_FAILURES = (FrameError, CommError, FloatingPointError)
@@ -159,6 +159,8 @@ class SimulationPool(WorkerPool):
         for f in self.faults:
             if f.round == round_idx and f.kind == "hostile":  # from this round on: valid, finite, huge frames
                 self.workers[f.rank].inject(lambda codec, f=f: HostileCodec(codec, f.delay or 1e30))
+            if f.round == round_idx and f.kind == "flip":  # from this round on: its own update, negated, under the clip
+                self.workers[f.rank].inject(lambda codec, f=f: HostileCodec(codec, -f.flip_factor))
             if f.round == round_idx and f.kind == "slow":
                 self.workers[f.rank].slow_down(f.factor)
         for t in self.transports:

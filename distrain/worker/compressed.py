@@ -17,12 +17,13 @@ from typing import Any, Callable
 import torch
 
 from distrain.comm.codecs import Codec, Merge
+from distrain.comm.coords import CoordBound
 from distrain.comm.transport import Transport
 from distrain.comm.wire import FrameLimits, FrameMeta, decode_frame, encode_frame
 from distrain.config import Config
 from distrain.layout import Layout, WorkerSlot
 from distrain.outer.base import Contribution, Contributions, Weights
-from distrain.outer.build import outer_step_from_config
+from distrain.outer.build import coord_bound_from_config, outer_step_from_config
 from distrain.outer.exchange import merge_of
 from distrain.parallel.pipeline.subspace import make_basis
 from distrain.topology import ReplicaSpec
@@ -67,18 +68,20 @@ class SpanSplit:
     compressed replica cannot move W outside span(U), so its sparsified contribution there is noise
     and its absence of an update there is not a vote for zero."""
 
-    def __init__(self, codec: Codec, u: torch.Tensor, compressed: set[int], sides: dict[str, str]):
+    def __init__(self, codec: Codec, u: torch.Tensor, compressed: set[int], sides: dict[str, str],
+                 bound: CoordBound | None = None):
         self.codec, self.u, self.compressed, self.sides = codec, u, set(compressed), sides
+        self.bound = bound  # the run's per-coordinate bound, on both aggregates
 
     def __call__(self, name: str, kept: list[tuple[int, Any]], shape: tuple[int, ...], device: torch.device,
                  merge: Merge | None = None) -> torch.Tensor:
-        agg = self.codec.decode_aggregate([et for _, et in kept], shape, device=device, merge=merge)
+        agg = self.codec.decode_aggregate([et for _, et in kept], shape, device=device, merge=merge, bound=self.bound)
         side = self.sides.get(name)
         free = [i for i, (m, _) in enumerate(kept) if m not in self.compressed]
         if side is None or not free or len(free) == len(kept):
             return agg
         sub = None if merge is None else Merge(tuple(merge.scales[i] for i in free), tuple(merge.weights[i] for i in free))
-        out = self.codec.decode_aggregate([kept[i][1] for i in free], shape, device=device, merge=sub)
+        out = self.codec.decode_aggregate([kept[i][1] for i in free], shape, device=device, merge=sub, bound=self.bound)
         u = self.u.to(device=device, dtype=agg.dtype)
         diff = agg - out
         return out + (u @ (u.T @ diff) if side == "left" else (diff @ u) @ u.T)
@@ -91,7 +94,7 @@ def span_split(cfg: Config, layout: Layout, codec: Codec, device: torch.device) 
         return None
     u = make_basis(cfg.model.dim, reps[0].compress_k, reps[0].compress_seed, device=device)
     members = {w.rank for w in layout.workers if layout.replicas[w.replica].compressed}
-    return SpanSplit(codec, u, members, constrained_names(reps[0]))
+    return SpanSplit(codec, u, members, constrained_names(reps[0]), coord_bound_from_config(cfg))
 
 
 class EmbeddingShadow:
@@ -101,6 +104,7 @@ class EmbeddingShadow:
         self.combine = combine
         self.codec = codec
         self.merge = cfg.outer.merge
+        self.bound = coord_bound_from_config(cfg)  # the first stage's per-coordinate bound
         self.step = outer_step_from_config(cfg)
         self.weight = {EMBEDDING: initial.detach().float().clone()}
 
@@ -118,7 +122,7 @@ class EmbeddingShadow:
             return {EMBEDDING: self.combine(EMBEDDING, [(c.member, c.tensors[EMBEDDING]) for c in kept], shape, device,
                                             merge)}
         return {EMBEDDING: self.codec.decode_aggregate([c.tensors[EMBEDDING] for c in kept], shape, device=device,
-                                                       merge=merge)}
+                                                       merge=merge, bound=self.bound)}
 
     def receive(self, kept: Contributions, round_idx: int) -> None:
         """The relayed contributions of ``round_idx``: aggregated and stepped as the first stage did."""
