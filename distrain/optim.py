@@ -41,8 +41,8 @@ def build_inner_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=True)
-    return getattr(_torchao_optim(cfg.optimizer), QUANTISED[cfg.optimizer])(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                                              eps=1e-8)
+    quantised = getattr(_torchao_optim(cfg.optimizer), QUANTISED[cfg.optimizer])
+    return quantised(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 
 def _torchao_optim(name: str):  # noqa: ANN202 - the module, untyped: torchao is optional
