@@ -57,6 +57,7 @@ def test_a_missing_torchao_is_one_line_naming_the_extra(tiny_config, monkeypatch
     tiny_config("--train.optimizer=adamw4bit", "--topology.replica=[{optimizer='adamw'}]")  # nobody runs it
 
 
+@needs_torchao
 def test_the_tables_optimizer_overrides_train_optimizer(tiny_config):
     from distrain.topology import resolve_topology
 
