@@ -46,6 +46,7 @@ class ReplicaSpec:
     sp_costs: str = ""  # parallel = "sp": cost-model file (empty: reference costs)
     sp_capacity: int = 0  # parallel = "sp": tokens per device (0: no cap)
     choice: str = ""  # compress = "auto": what the boundary format is, and why
+    optimizer: str = "adamw"  # inner optimiser: adamw | adamw8bit | adamw4bit (the table's, else train.optimizer)
 
     @property
     def compressed(self) -> bool:
@@ -115,9 +116,10 @@ def _replica_spec(index: int, table: ReplicaConfig, cfg: Config) -> ReplicaSpec:
         "memory_mb": _per_worker(table.memory_mb, n, 0),
     }
     workers = tuple(WorkerSpec(**{k: v[i] for k, v in cols.items()}) for i in range(n))
+    optimizer = table.optimizer or cfg.train.optimizer
     if table.kind == "full":
         return ReplicaSpec(index, table.kind, parallel, bounds, workers, sp_costs=table.sp_costs,
-                           sp_capacity=table.sp_capacity)
+                           sp_capacity=table.sp_capacity, optimizer=optimizer)
     c = table.subspace
     microbatches = table.microbatches or auto_microbatches(cfg.train.batch_size * cfg.train.grad_accum, n)
     k, wire, note = c.k, table.wire_dtype, ""
@@ -125,7 +127,7 @@ def _replica_spec(index: int, table: ReplicaConfig, cfg: Config) -> ReplicaSpec:
         fmt, note = auto_format(cfg, bounds, workers, microbatches)
         k, wire = fmt.k, fmt.wire_dtype
     return ReplicaSpec(index, table.kind, parallel, bounds, workers, table.schedule, microbatches, wire, k, c.method,
-                       c.seed, choice=note)
+                       c.seed, choice=note, optimizer=optimizer)
 
 
 def auto_format(cfg: Config, bounds: tuple[int, ...], workers: tuple[WorkerSpec, ...],

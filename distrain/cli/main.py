@@ -59,6 +59,7 @@ _FIELD_COMMENTS = {
     "schedule": "pipeline: 1f1b | gpipe",
     "microbatches": "pipeline: micro-batches per step (0: automatic)",
     "wire_dtype": "pipeline: boundary values bf16 | fp32",
+    "optimizer": "inner optimiser adamw | adamw8bit | adamw4bit (empty: train.optimizer)",
     "compress": "pipeline: subspace compression, k coordinates per token (0: none), method reparam | project",
 }
 

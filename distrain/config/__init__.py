@@ -12,6 +12,7 @@ from distrain.config.load import REMOVED, config_dir, load_config, resolve_confi
 from distrain.config.replica import CompressConfig, ReplicaConfig, TopologyConfig
 from distrain.config.sections import (
     ALGORITHMS,
+    INNER_OPTIMIZERS,
     MODEL_PRESETS,
     Algorithm,
     CheckpointConfig,
@@ -28,7 +29,7 @@ from distrain.config.sections import (
 )
 from distrain.config.tomlconf import ConfigError, to_toml
 
-__all__ = ["ALGORITHMS", "MODEL_PRESETS", "REMOVED", "Algorithm", "CheckpointConfig", "ChunkwiseConfig",
+__all__ = ["ALGORITHMS", "INNER_OPTIMIZERS", "MODEL_PRESETS", "REMOVED", "Algorithm", "CheckpointConfig", "ChunkwiseConfig",
            "CompressConfig", "Config", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig", "NetworkConfig",
            "OuterConfig", "ReplicaConfig", "RunConfig", "RuntimeConfig", "TopologyConfig", "TrainConfig", "config_dir",
            "load_config", "resolve_config_path", "save_config", "to_toml"]

@@ -5,12 +5,13 @@ Each check raises a one-line ``ConfigError`` naming the key, the value and what 
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from distrain.config.replica import CompressConfig, ReplicaConfig
-from distrain.config.sections import ALGORITHMS, Config, ModelConfig
+from distrain.config.sections import ALGORITHMS, INNER_OPTIMIZERS, Config, ModelConfig
 from distrain.config.tomlconf import ConfigError, choice, need, source_of
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 def validate(cfg: Config) -> None:
     """Raise a one-line ConfigError for the first invalid value or combination."""
     for check in (_check_run, _check_model, _check_data, _check_train, _check_outer, _check_topology,
-                  _check_network, _check_checkpoint, _check_logging, _check_runtime):
+                  _check_optimizers, _check_network, _check_checkpoint, _check_logging, _check_runtime):
         check(cfg)
 
 
@@ -110,6 +111,7 @@ def _check_train(cfg: Config) -> None:
           "train.warmup_steps, train.weight_decay and train.grad_clip must be >= 0")
     need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, f"train.beta1/beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")
     choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+    choice("train.optimizer", t.optimizer, INNER_OPTIMIZERS)
     cw = t.chunkwise
     choice("train.chunkwise.mode", cw.mode, ("off", "seco", "spaco"))
     choice("train.chunkwise.sampling", cw.sampling, ("bernoulli", "uniform"))
@@ -203,6 +205,16 @@ def _check_topology(cfg: Config) -> None:
         need(algo.rounds, "topology.straggler_policy = 'fewer_steps' needs outer.algorithm = diloco or sparseloco")
 
 
+def _check_optimizers(cfg: Config) -> None:
+    """A quantised-state optimiser that some replica runs needs torchao (an optional extra, imported
+    only by the replicas that run one): its absence is one line now, not a traceback mid-run."""
+    for i, table in enumerate(cfg.topology.tables()):
+        name = table.optimizer or cfg.train.optimizer
+        if name != "adamw" and importlib.util.find_spec("torchao") is None:
+            key = f"{source_of(table)} (replica table {i}): optimizer" if table.optimizer else "train.optimizer"
+            raise ConfigError(f"{key} = {name!r} needs torchao: pip install 'distrain[lowmem]'")
+
+
 def _check_network(cfg: Config) -> None:
     n = cfg.network
     need(n.up_mbps > 0 and n.down_mbps > 0, f"network.up_mbps/down_mbps must be positive, got {n.up_mbps}, "
@@ -251,6 +263,11 @@ def check_replica(table: ReplicaConfig, index: int, cfg: Config) -> None:
                                                "data.sampler = 'documents'")
     need(not table.sp_costs or Path(table.sp_costs).is_file(), f"{where}: sp_costs: {table.sp_costs} is not a file")
     need(table.sp_capacity >= 0, f"{where}: sp_capacity must be >= 0 (0: no cap), got {table.sp_capacity}")
+    if table.optimizer:
+        choice(f"{where}: optimizer", table.optimizer, INNER_OPTIMIZERS)
+    need(table.parallel != "deepspeed" or (table.optimizer or cfg.train.optimizer) == "adamw",
+          f"{where}: parallel = 'deepspeed' partitions AdamW's fp32 moments itself (ZeRO); its optimizer must "
+          f"be 'adamw', not {table.optimizer or cfg.train.optimizer!r}")
     n_layers = cfg.model.n_layers
     if table.kind == "full":
         need(table.devices >= 1, f"{where}: devices must be >= 1, got {table.devices}")

@@ -45,6 +45,7 @@ class ReplicaConfig:
     compress: CompressConfig | str = field(default_factory=CompressConfig)
     sp_costs: str = ""  # parallel = "sp": cost-model JSON from `distrain profile-sp` (empty: reference GPU costs)
     sp_capacity: int = 0  # parallel = "sp": tokens one device holds (0: no memory cap)
+    optimizer: str = ""  # this replica's inner optimiser: adamw | adamw8bit | adamw4bit (empty: train.optimizer)
 
     @property
     def subspace(self) -> CompressConfig:

@@ -82,6 +82,10 @@ class ChunkwiseConfig:
     sampling: str = "bernoulli"  # SpaCO chunk selection: bernoulli (unbiased) | uniform (exactly t, the paper's)
 
 
+# The inner optimisers a replica may run: the name → what it stores per parameter is in distrain.optim.
+INNER_OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 200  # inner optimiser steps per replica
@@ -95,6 +99,10 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     precision: str = "auto"  # auto | fp32 | bf16
+    # Inner optimiser: adamw (fp32 moments, 8 bytes of state per parameter) | adamw8bit | adamw4bit
+    # (torchao's block-quantised moments, about 2 and 1 bytes: the `lowmem` extra). A replica table
+    # may set its own (`optimizer`), so a worker with less memory can still hold a full replica.
+    optimizer: str = "adamw"
     eval_every: int = 50
     eval_batches: int = 8
     chunkwise: ChunkwiseConfig = field(default_factory=ChunkwiseConfig)

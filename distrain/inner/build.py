@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -65,8 +65,11 @@ def replica_devices(env: WorkerEnv) -> ReplicaDevices | None:
 def build_schedule(env: WorkerEnv, model: nn.Module, sub: Subspace | None, sampler: TokenSampler | DocumentSampler,
                    train_cfg: TrainConfig, grad_sync: GradSync | None = None) -> InnerSchedule:
     """The inner schedule of ``env``'s worker over its stage ``model`` (``sub``: its subspace, when
-    its pipeline is compressed) and data stream ``sampler``."""
+    its pipeline is compressed) and data stream ``sampler``. Its optimiser is the replica's own
+    (``ReplicaSpec.optimizer``: a table may override ``train.optimizer``)."""
     cfg, layout, rep, slot = env.cfg, env.layout, env.replica, env.slot
+    if train_cfg.optimizer != rep.optimizer:
+        train_cfg = replace(train_cfg, optimizer=rep.optimizer)
     clocked: dict[str, Any] = dict(seed=env.seed, clock=env.clock, step_time_s=cfg.network.step_time_s,
                                    speed=rep.speed)
     devices = replica_devices(env)

@@ -25,6 +25,7 @@ from distrain.comm.clock import ComputeClock, WallClock
 from distrain.config import TrainConfig
 from distrain.model import cross_entropy
 from distrain.optim import build_inner_optimizer, lr_multiplier
+from distrain.optim_state import flat_state, restore_state, state_bytes
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -143,7 +144,10 @@ class InnerSchedule:
         """The learning rate at ``progress`` (inner steps of a full-speed replica, global)."""
         lr = self.cfg.lr * lr_multiplier(progress, self.cfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):  # torchao's optimisers keep it a tensor (compiled steps)
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         return lr
 
     def train_step(self, progress: float | None = None, window: Window | None = None) -> StepReport:
@@ -195,19 +199,25 @@ class InnerSchedule:
     def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The schedule's own state: the optimiser's per-parameter state by parameter name
         (``optim/<name>/<key>``, so a pipeline whose split moved regroups it by layer) and the
-        generator as tensors; the step count as JSON. The weights are not in it (the worker's)."""
+        generator as tensors; the step count as JSON. The weights are not in it (the worker's).
+        Quantised moments are stored by their plain parts (``distrain.optim_state``)."""
         names = self.param_names()
         out = {"rng/generator": self.generator.get_state()}
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                for k, v in self.optimizer.state.get(p, {}).items():
-                    if isinstance(v, torch.Tensor):
-                        out[f"optim/{names[id(p)]}/{k}"] = v
+                for k, v in flat_state(self.optimizer.state.get(p, {})).items():
+                    out[f"optim/{names[id(p)]}/{k}"] = v
         return out, {"step": self.step}
+
+    def state_bytes_per_param(self) -> float:
+        """Bytes of optimiser state per trained parameter (0 before the first step creates it)."""
+        params = sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
+        return state_bytes(self.optimizer) / max(1, params)
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[int, int]:
         """Take ``state_tensors`` (possibly regrouped from other workers' by name). A parameter whose
-        state is absent or of another shape starts fresh; (parameters restored, parameters)."""
+        state is absent or of another shape starts fresh; (parameters restored, parameters). State
+        saved by another optimiser is converted to this one's form (``optim_state.restore_state``)."""
         self.step = int(meta["step"])
         if "rng/generator" in tensors:
             self.generator.set_state(tensors["rng/generator"])
@@ -219,9 +229,9 @@ class InnerSchedule:
                 prefix = f"optim/{names[id(p)]}/"
                 got = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
                 self.optimizer.state.pop(p, None)
-                if not got or any(v.dim() and tuple(v.shape) != tuple(p.shape) for v in got.values()):
+                state = restore_state(self.optimizer, p, got) if got else None
+                if state is None:
                     continue
-                self.optimizer.state[p] = {k: v.to(torch.float32, copy=True) if k == "step" else
-                                           v.to(device=p.device, dtype=p.dtype, copy=True) for k, v in got.items()}
+                self.optimizer.state[p] = state
                 restored += 1
         return restored, total
