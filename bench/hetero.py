@@ -60,6 +60,7 @@ def topology(run: str, k: int) -> str:
 
 
 def simulate(out: Path, run: str, k: int, seed: int, steps: int, extra: list[str] = ()) -> dict:
+    """One run of the setting; ``extra`` overrides come last (``--merge-formats`` pins equal steps)."""
     name = f"{run}_k{k}_s{seed}" + ("_" + "_".join(e.split("=")[-1] for e in extra) if extra else "")
     cfg = load_config("default", [
         f"--run.name={name}", f"--run.out_dir={out}", f"--run.seed={seed}", f"--train.steps={steps}",
@@ -167,26 +168,31 @@ def contribution(two_full: float, selective: float, uncompressed: float) -> floa
 
 
 def merge_formats(args: argparse.Namespace) -> None:
-    """Two full replicas alone, and selective with int8 / int4 boundaries (unconstrained stages), on
-    the results file's seeds; the contribution of every format and k."""
+    """Two full replicas alone, selective with bf16, subspace (k = d/32), int8 and int4 boundaries, all
+    run again on the results file's seeds under this commit at equal steps (every replica runs H inner
+    steps a round: ``straggler_policy = "wait"``), so the contribution of each format is measured
+    against a reference of the same code; written under ``formats``."""
     result = json.loads(RESULTS.read_text())
     out = Path(args.out)
     seeds = result["seeds"]
     steps = int(result["setup"].split("inner steps")[0].split(",")[-1])
-    for run in ("two_full", "selective_int8", "selective_int4"):
-        result["runs"][run] = collect([simulate(out, run, 0, s, steps) for s in seeds])
-    runs = result["runs"]
+    equal_steps = ["--topology.straggler_policy=wait"]
+    runs = {run: collect([simulate(out, run, k, s, steps, equal_steps) for s in seeds])
+            for run, k in (("two_full", 0), ("selective_uncompressed", 0), ("selective", DEFAULT_K),
+                           ("selective_int8", 0), ("selective_int4", 0))}
     two, unc = mean(runs["two_full"]["final_val_loss"]), mean(runs["selective_uncompressed"]["final_val_loss"])
     contrib = {}
-    for k, row in result["k_sweep"].items():
-        b = bd.message_bytes(2, 128, int(k), "bf16") / 256  # a micro-batch: 2 sequences of 128 tokens
-        contrib[f"subspace k={k}"] = {"contribution": contribution(two, row["selective"], unc), "bytes_per_token": b}
-    for fmt in ("int8", "int4"):
-        r = runs[f"selective_{fmt}"]
-        contrib[fmt] = {"contribution": contribution(two, mean(r["final_val_loss"]), unc),
-                        "bytes_per_token": r["boundary_bytes_per_token"]}
-    result["contribution"] = contrib
-    result["command"] += " ; " + command("bench/hetero.py")
+    for run, label in (("selective", f"subspace k={DEFAULT_K}"), ("selective_int8", "int8"),
+                       ("selective_int4", "int4"), ("selective_uncompressed", "bf16")):
+        losses = runs[run]["final_val_loss"]
+        contrib[label] = {"contribution": contribution(two, mean(losses), unc),
+                          "per_seed": [contribution(t, s, u) for t, s, u in zip(
+                              runs["two_full"]["final_val_loss"], losses, runs["selective_uncompressed"]["final_val_loss"])],
+                          "bytes_per_token": runs[run]["boundary_bytes_per_token"],
+                          "below_bf16": 256.0 / runs[run]["boundary_bytes_per_token"]}
+    result["formats"] = {"setting": "the setting above, every replica H = 15 inner steps a round (straggler_policy wait)",
+                         "runs": runs, "contribution": contrib, "command": command("bench/hetero.py"),
+                         "machine": machine()}
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(contrib, indent=1))
 
