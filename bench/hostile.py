@@ -107,6 +107,62 @@ class Recorder:
         return et
 
 
+def boundary_fail_fast(out: Path) -> dict[str, Any]:
+    """Real seconds of the round in which a pipeline stage receives a NaN (or 1e30) boundary frame,
+    against the honest round before it: the replica must leave the round at once, not after the
+    collective timeout (``topology.round_timeout_s``, 600 s)."""
+    import time
+
+    from distrain.metrics import read_metrics
+    from distrain.runtime.simulation import SimulationPool
+    from distrain.worker.worker import Worker
+
+    rows: dict[str, Any] = {}
+    original, worker_round = SimulationPool.run_round, Worker.run_round
+    for label, value in (("nan", 0.0), ("1e30", 1e30)):
+        seconds: list[float] = []
+        ends: list[dict[int, float]] = []  # per round: seconds from the round's start to each worker's exit
+
+        def timed(self: SimulationPool, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            ends.append({"start": t0})
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                seconds.append(time.perf_counter() - t0)
+
+        def worker_timed(self: Worker, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return worker_round(self, *args, **kwargs)
+            finally:
+                ends[-1][self.rank] = time.perf_counter() - ends[-1]["start"]
+
+        cfg = load_config("default", [
+            f"--run.name=boundary_{label}", f"--run.out_dir={out}", "--train.steps=45", "--train.eval_every=45",
+            "--checkpoint.every=0", "--logging.progress=false", "--logging.tensorboard=false",
+            "--logging.plots=false", "--runtime.torch_threads=1", "--topology.round_timeout_s=600",
+            "--topology.replica=[{count=1}, {kind='pipeline', stages=2, speed=0.5, compress={k=4}}]"])
+        SimulationPool.run_round = timed  # type: ignore[method-assign]
+        Worker.run_round = worker_timed  # type: ignore[method-assign]
+        threads = torch.get_num_threads()
+        try:
+            sim = Simulation(cfg, [Fault("boundary", 1, 1, delay=value)])
+            sim.run()
+        finally:
+            SimulationPool.run_round, Worker.run_round = original, worker_round  # type: ignore[method-assign]
+            torch.set_num_threads(threads)
+        left = [r for r in read_metrics(sim.run_dir) if r.get("event") == "left_round"]
+        pipeline = [1, 2]  # ranks of the pipeline's two stages
+        rows[label] = {"round_real_s": seconds, "honest_round_real_s": seconds[0], "bad_round_real_s": seconds[1],
+                       "pipeline_left_after_s": max(ends[1][r] for r in pipeline),
+                       "pipeline_round_0_s": max(ends[0][r] for r in pipeline),
+                       "left": [{"round": r["round"], "why": r["why"]} for r in left]}
+        print(label, rows[label], flush=True)
+    return {"setup": "the embedded default's model, 1 full replica + a 2-stage pipeline (k = d/32), H = 15, 3 rounds; "
+                     "from round 1 stage 0 sends every boundary frame as NaN (or x1e30); round_timeout_s = 600",
+            **rows, "command": command("bench/hostile.py")}
+
+
 # ----- attacks on one frame ------------------------------------------------------------------------
 def flipped(frame: Frame, factor: float) -> Frame:
     """The same frame with every value multiplied by ``factor`` (< 0: sign flipped)."""
@@ -230,7 +286,7 @@ def table(result: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--part", choices=("agg", "runs", "all"), default="all")
+    ap.add_argument("--part", choices=("agg", "runs", "boundary", "all"), default="all")
     ap.add_argument("--steps", type=int, default=300, help="inner steps of the R = 4 runs")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--agg-rounds", type=int, default=10, help="rounds of the recorded 8-replica run")
@@ -266,6 +322,8 @@ def main() -> None:
             **aggregation_level(recorded, cfg, [4, 5, 8]),
             "command": command("bench/hostile.py"),
         }
+    if args.part in ("boundary", "all"):
+        result["boundary"] = boundary_fail_fast(out)
     if args.part in ("runs", "all"):
         honest, flip, aside, total = [], [], 0, 0
         variants: dict[str, list[float]] = {v: [] for v in args.variants}
