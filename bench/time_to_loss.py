@@ -10,14 +10,15 @@ SparseLoCo every 15 inner steps, 0.25 simulated seconds per inner step at speed 
 
 - ``full2``: 2 full replicas alone (the reference);
 - ``full3``: 3 full-speed replicas (the ideal a weak replica is measured against);
-- ``full2+pipe``: the embedded default — 2 full replicas + a 2-stage compressed pipeline replica of
-  half-speed workers on 50 Mbit/s links;
+- ``full2+pipe``: the embedded default of before — 2 full replicas + a 2-stage pipeline replica of
+  half-speed workers on 50 Mbit/s links, k = d/32 subspace boundaries;
 - ``full2+half``: 2 full + one uncompressed full replica at speed 0.5;
-- ``full2+pipe-auto`` / ``full2+pipe-bf16``: the embedded default's pipeline with ``compress = "auto"``
-  (the format chosen from its 50 Mbit/s links) / with uncompressed bf16 boundaries, window policy only;
-- ``slow-auto`` / ``slow-k4`` / ``slow-bf16``: the slow-link setting, 2 full replicas + the pipeline on
-  20 Mbit/s, 50 ms links (bf16 boundaries would take 84 % of its compute): the automatic choice,
-  always the subspace at k = d/32, never compressed.
+- ``full2+pipe-auto`` / ``full2+pipe-bf16``: that pipeline with ``compress = "auto"`` (int4 on its
+  50 Mbit/s links: the embedded default now) / with uncompressed bf16 boundaries, window policy only;
+- ``slow-int4`` / ``slow-k8`` / ``slow-k4`` / ``slow-bf16``: the slow-link setting, 2 full replicas +
+  the pipeline on 20 Mbit/s, 50 ms links (bf16 boundaries would take 84 % of its compute): int4
+  (what ``auto`` picks there), the d/16 subspace (what ``auto`` picked before it left subspaces to
+  the user), the d/32 subspace, never compressed.
 
 The last two run under ``straggler_policy`` = wait, fewer_steps, and window with each merge
 (``outer.merge`` = mean, steps, tokens). Per run and seed: final validation loss, utilisation (the
@@ -57,14 +58,15 @@ def pipe(compress: str, mbps: float = 50.0, ms: float = 5.0) -> str:
 TOPOLOGIES = {
     "full2": "[{count=2}]",
     "full3": "[{count=3}]",
-    "full2+pipe": None,  # the embedded default's tables
+    "full2+pipe": pipe("{k=4}"),  # the embedded default of before: k = d/32 subspace boundaries
     "full2+half": f"[{{count=2}}, {HALF}]",
     "full2+pipe-auto": pipe('"auto"'),
     "full2+pipe-bf16": pipe("{k=0}"),
     # the slow-link setting: the pipeline's links at 20 Mbit/s, 50 ms, where bf16 boundaries take 84 % of a step
-    "slow-auto": pipe('"auto"', 20.0, 50.0),
+    "slow-k8": pipe("{k=8}", 20.0, 50.0),
     "slow-k4": pipe("{k=4}", 20.0, 50.0),
     "slow-bf16": pipe("{k=0}", 20.0, 50.0),
+    "slow-int4": pipe('{k=0}, wire_dtype="int4"', 20.0, 50.0),
 }
 POLICIES = [("wait", "mean"), ("fewer_steps", "mean"), ("window", "mean"), ("window", "steps"), ("window", "tokens")]
 
@@ -76,7 +78,7 @@ def runs() -> list[tuple[str, str, str, str]]:
         for policy, merge in POLICIES:
             suffix = policy if policy != "window" else f"window-{merge}"
             out.append((f"{topo}/{suffix}", topo, policy, merge))
-    for topo in ("full2+pipe-auto", "slow-auto", "slow-k4", "slow-bf16", "full2+pipe-bf16"):  # boundary formats
+    for topo in ("full2+pipe-auto", "slow-int4", "slow-k8", "slow-k4", "slow-bf16", "full2+pipe-bf16"):  # formats
         out.append((f"{topo}/window-mean", topo, "window", "mean"))
     return out
 
@@ -112,8 +114,7 @@ def simulate(name: str, topo: str, policy: str, merge: str, seed: int, steps: in
         "--logging.tensorboard=false", "--logging.plots=false", "--runtime.torch_threads=1",
         f"--topology.straggler_policy={policy}", f"--outer.merge={merge}",
     ]
-    if TOPOLOGIES[topo] is not None:
-        overrides.append(f"--topology.replica={TOPOLOGIES[topo]}")
+    overrides.append(f"--topology.replica={TOPOLOGIES[topo]}")
     cfg = load_config("default", overrides)
     t0 = time.perf_counter()
     s = Simulation(cfg).run()
