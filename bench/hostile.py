@@ -3,6 +3,7 @@
     python bench/hostile.py                 # aggregation level (R = 4, 5, 8) + 3 seeds of runs at R = 4
     python bench/hostile.py --quick         # 4 recorded rounds, 1 seed of 60 steps
     python bench/hostile.py --part agg      # the aggregation level only (a few minutes)
+    python bench/hostile.py --part boundary # how fast a NaN / 1e30 pipeline boundary frame ends its replica's round
 
 SparseLoCo on the embedded corpus with the embedded default's model (d = 128, 4 layers), H = 15.
 
@@ -121,7 +122,7 @@ def boundary_fail_fast(out: Path) -> dict[str, Any]:
     original, worker_round = SimulationPool.run_round, Worker.run_round
     for label, value in (("nan", 0.0), ("1e30", 1e30)):
         seconds: list[float] = []
-        ends: list[dict[int, float]] = []  # per round: seconds from the round's start to each worker's exit
+        ends: list[dict[int | str, float]] = []  # per round: its start, and seconds from it to each worker's exit
 
         def timed(self: SimulationPool, *args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
