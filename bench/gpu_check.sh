@@ -105,7 +105,9 @@ if [ "$DRY" != 1 ] && [ -f "$WORK/kernels_gpu.json" ]; then
 fi
 DISTRAIN=${DISTRAIN:-$(command -v distrain || echo "$PY -m distrain.cli")}
 for algo in $ALGORITHMS; do
-  step "simulate_$algo" 120 $DISTRAIN simulate --config default --run.device="$DEV" \
+  TOPO=()  # the default's replicas; ddp's gradient all-reduce needs replicas of one worker each
+  if [ "$algo" = ddp ]; then TOPO=(--topology.replica='[{count=2}]'); fi
+  step "simulate_$algo" 120 $DISTRAIN simulate --config default --run.device="$DEV" "${TOPO[@]}" \
     --train.steps=30 --outer.inner_steps=15 --outer.algorithm="$algo" \
     --topology.straggler_policy=wait --train.eval_every=30 --train.eval_batches=2 \
     --data.max_bytes=4000000 --logging.plots=false --logging.tensorboard=false \
