@@ -207,7 +207,7 @@ def plot(res: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     shown = ["full2", "full3", "full2+pipe/wait", "full2+pipe/fewer_steps", "full2+pipe/window-mean",
              "full2+pipe-auto/window-mean",
-             "full2+half/wait", "full2+half/window-steps"]
+             "full2+half/wait", "full2+half/fewer_steps", "full2+half/window-mean"]
     for ax, prefix in zip(axes, ("full2+pipe", "full2+half")):
         for name in shown:
             if name in res["runs"] and (name.startswith(prefix) or "/" not in name):
