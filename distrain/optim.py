@@ -3,8 +3,10 @@ learning-rate schedule."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import threading
 import warnings
 
 import torch
@@ -40,9 +42,35 @@ def build_inner_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Opt
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=True)
-    quantised = getattr(_torchao_optim(cfg.optimizer), QUANTISED[cfg.optimizer])
-    return quantised(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=True)
+    else:
+        quantised = getattr(_torchao_optim(cfg.optimizer), QUANTISED[cfg.optimizer])
+        optimizer = quantised(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    return _one_step_at_a_time(optimizer)
+
+
+# torch.compile marks the whole *process* as compiling while it traces: torch.compiler.is_compiling() reads
+# one global flag, and eager optimiser code branches on it (torch.optim's bias corrections become float32
+# tensors instead of Python floats, and a flag that flips mid-step raises a TypeError in _multi_tensor_adam).
+# In the simulation every worker is a thread of one process, so a torchao replica compiling its first step
+# would change, or crash, the step another replica takes at that moment. One lock around every inner
+# optimiser step keeps the compiling step apart from the eager ones; under torchrun and Ray each process
+# holds one worker and the lock is never contended. (Forward and backward never read the flag on our paths:
+# no module hooks.)
+_STEP_LOCK = threading.Lock()
+
+
+def _one_step_at_a_time(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """``optimizer`` with its ``step`` taken under the process-wide step lock."""
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def locked_step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the optimiser's own signature
+        with _STEP_LOCK:
+            return step(*args, **kwargs)
+
+    optimizer.step = locked_step  # type: ignore[method-assign]
+    return optimizer
 
 
 def _torchao_optim(name: str):  # noqa: ANN202 - the module, untyped: torchao is optional

@@ -5,9 +5,8 @@ torchao's quantised moments (``adamw8bit`` / ``adamw4bit``) are tensor subclasse
 scale per block and the map from code to value — which safetensors cannot store. A checkpoint
 stores their parts as plain tensors under ``<state>.<format>.<part>`` (format ``int8 | uint8 |
 int4 | uint4``: the code width, and whether the map is signed; part ``codes | scale | qmap``), and
-a resume rebuilds exactly those tensors: no dequantise → requantise round trip. (The continuation
-after a resume is not always bit-identical to an uninterrupted run when other work ran earlier in
-the same process: an open defect around torchao's compiled update, see tests/test_lowmem.py.) A replica whose optimiser changed across a resume (a table's
+a resume rebuilds exactly those tensors: no dequantise → requantise round trip, and the resumed run
+ends on the uninterrupted run's weights. A replica whose optimiser changed across a resume (a table's
 ``optimizer`` may change) converts instead: quantised moments are dequantised for fp32 AdamW, and
 fp32 moments are quantised by torchao for an 8-/4-bit one.
 """
