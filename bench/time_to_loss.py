@@ -18,7 +18,12 @@ SparseLoCo every 15 inner steps, 0.25 simulated seconds per inner step at speed 
 - ``slow-int4`` / ``slow-k8`` / ``slow-k4`` / ``slow-bf16``: the slow-link setting, 2 full replicas +
   the pipeline on 20 Mbit/s, 50 ms links (bf16 boundaries would take 84 % of its compute): int4
   (what ``auto`` picks there), the d/16 subspace (what ``auto`` picked before it left subspaces to
-  the user), the d/32 subspace, never compressed.
+  the user), the d/32 subspace, never compressed. There every format ran the same 163 pipeline steps:
+  50 ms of latency per hop, not bytes, bounds the step, so compression cannot pay;
+- ``thin-auto`` / ``thin-k8`` / ``thin-bf16``: a setting where bytes bound the step — the pipeline's
+  links at 5 Mbit/s, 5 ms (bf16 boundaries would take 3.4× its compute, int4 0.86×): ``compress =
+  "auto"`` (int4 there), always compressed to the d/16 subspace (16× fewer bytes than bf16), never
+  compressed.
 
 The last two run under ``straggler_policy`` = wait, fewer_steps, and window with each merge
 (``outer.merge`` = mean, steps, tokens). Per run and seed: final validation loss, utilisation (the
@@ -67,6 +72,10 @@ TOPOLOGIES = {
     "slow-k4": pipe("{k=4}", 20.0, 50.0),
     "slow-bf16": pipe("{k=0}", 20.0, 50.0),
     "slow-int4": pipe('{k=0}, wire_dtype="int4"', 20.0, 50.0),
+    # the thin-link setting: 5 Mbit/s, 5 ms, where bytes (not latency) bound the pipeline's step
+    "thin-auto": pipe('"auto"', 5.0, 5.0),
+    "thin-k8": pipe("{k=8}", 5.0, 5.0),
+    "thin-bf16": pipe("{k=0}", 5.0, 5.0),
 }
 POLICIES = [("wait", "mean"), ("fewer_steps", "mean"), ("window", "mean"), ("window", "steps"), ("window", "tokens")]
 
@@ -78,7 +87,8 @@ def runs() -> list[tuple[str, str, str, str]]:
         for policy, merge in POLICIES:
             suffix = policy if policy != "window" else f"window-{merge}"
             out.append((f"{topo}/{suffix}", topo, policy, merge))
-    for topo in ("full2+pipe-auto", "slow-int4", "slow-k8", "slow-k4", "slow-bf16", "full2+pipe-bf16"):  # formats
+    for topo in ("full2+pipe-auto", "slow-int4", "slow-k8", "slow-k4", "slow-bf16", "full2+pipe-bf16",
+                 "thin-auto", "thin-k8", "thin-bf16"):  # formats
         out.append((f"{topo}/window-mean", topo, "window", "mean"))
     return out
 
