@@ -98,7 +98,7 @@ def runs() -> list[tuple[str, str, str, str]]:
 
 def reference_of(name: str) -> str:
     """The run a row's time to loss is measured against: ``full2`` on the same code."""
-    return "full2-now" if name.startswith("thin-") else "full2"
+    return "full2-now" if name.startswith("thin-") or name == "full2-now" else "full2"
 
 
 def row_of(name: str, seed: int, run_dir: Path, real_s: float | None = None) -> dict:
