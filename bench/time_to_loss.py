@@ -21,7 +21,7 @@ SparseLoCo every 15 inner steps, 0.25 simulated seconds per inner step at speed 
   the user), the d/32 subspace, never compressed. There every format ran the same 163 pipeline steps:
   50 ms of latency per hop, not bytes, bounds the step, so compression cannot pay;
 - ``thin-auto`` / ``thin-k8`` / ``thin-bf16``: a setting where bytes bound the step — the pipeline's
-  links at 5 Mbit/s, 5 ms (bf16 boundaries would take 3.4× its compute, int4 0.86×): ``compress =
+  links at 5 Mbit/s, 5 ms (bf16 boundaries would take 3.4× its compute, int4 0.87×): ``compress =
   "auto"`` (int4 there), always compressed to the d/16 subspace (16× fewer bytes than bf16), never
   compressed. These rows were run after issue 21's coordinate bounds, which change every run a
   little (``full2`` seed 0: 4.7265 against 4.7137 before), so they are measured against
