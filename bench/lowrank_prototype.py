@@ -2,6 +2,7 @@
 
     python bench/lowrank_prototype.py            # 3 seeds: two_full, selective bf16, low-rank r = 26 and 16
     python bench/lowrank_prototype.py --quick    # 60 steps, 1 seed (a smoke run)
+    python bench/lowrank_prototype.py --errors RUN_DIR   # reconstruction errors on a trained run's boundary
 
 Issue 18 asks two compressed pipeline replicas to bring >= 70 % of the gain two uncompressed ones
 bring over two full replicas alone, at >= 16x fewer boundary bytes than bf16. Per-token int4 brings
@@ -18,7 +19,7 @@ with it); r = 16 is 10 B/token (25.6x; 24.8x).
 It is a measurement, not the product: the stage's ``forward`` is patched in the simulation (the
 boundary itself still carries bf16, so the loss is what the format would give, and the bytes are
 computed, not sent), and the receiver's embedding is the sender's own (in the product it would be
-the round's global embedding: |e| is 1.7 % of |h| on the trained default model). Setting:
+the round's global embedding: |e| is 1.7 % of |h| on the trained default model, ``--errors``). Setting:
 ``bench/hetero.py``'s, at equal steps (``straggler_policy = "wait"``), on this commit, with its
 references (two full replicas alone; two full + two bf16 pipeline replicas) run again beside it.
 Writes bench/results/lowrank_prototype.json.
@@ -40,7 +41,7 @@ from common import command, machine
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import hetero  # noqa: E402
+import hetero  # noqa: E402 - after the path insert
 
 RESULTS = REPO / "bench" / "results" / "lowrank_prototype.json"
 REFRESH = 60  # forward calls between basis rebuilds: one round (15 steps x 4 micro-batches)
@@ -57,12 +58,12 @@ class LowRankBoundary(torch.autograd.Function):
     """Forward: U q(Uᵀδ); backward: U q(Uᵀg) — what the r int4 coordinates each way would carry."""
 
     @staticmethod
-    def forward(ctx, delta: torch.Tensor, u: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, delta: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(u)
         return per_token(delta @ u) @ u.T
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
         (u,) = ctx.saved_tensors
         return per_token(g @ u) @ u.T, None
 
@@ -74,7 +75,7 @@ def patch_first_stages(rank: int) -> None:
     original = Transformer.forward
     bases: dict[int, list] = {}
 
-    def forward(self, x, start_pos=0, prefixes=None):  # noqa: ANN001, ANN202
+    def forward(self, x, start_pos=0, prefixes=None):
         out = original(self, x, start_pos, prefixes)
         if not self.is_first or self.is_last:
             return out
@@ -88,6 +89,44 @@ def patch_first_stages(rank: int) -> None:
         return e + LowRankBoundary.apply(delta, state[0].to(delta.dtype))
 
     Transformer.forward = forward
+
+
+@torch.no_grad()
+def reconstruction_errors(run_dir: str, windows: int = 64) -> dict[str, dict[str, float]]:
+    """Relative error ||x^ - h|| / ||h|| of each format on the boundary activations (after layer 2 of 4)
+    of a trained run's global weights, over ``windows`` x 128 tokens of the stdlib's last 40 modules."""
+    import glob
+    import os
+    import sysconfig
+
+    from distrain.inference import load_model, text_ids
+
+    loaded = load_model(run_dir, None, "cpu")
+    model = loaded.model
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))[-40:]
+    ids: list[int] = []
+    for f in files:
+        ids += text_ids(loaded.tokenizer, Path(f).read_text(encoding="utf-8", errors="ignore"))
+    x = torch.tensor(ids[: windows * 128]).view(windows, 128)
+    e = model.embed(x)
+    h = e
+    cos, sin = model.rope(0, 128)
+    for layer in list(model.layers.values())[: model.cfg.n_layers // 2]:
+        h = layer(h, cos, sin, None)
+    h, e = h.reshape(-1, h.shape[-1]), e.reshape(-1, e.shape[-1])
+    delta = h - e
+    basis = torch.linalg.svd(delta, full_matrices=False)[2]  # the activations' own best basis (an oracle)
+
+    def rel(approx: torch.Tensor) -> float:
+        return float((approx - h).norm() / h.norm())
+
+    out = {"int8 per token": {"bytes_per_token": 130.0, "error": rel(per_token(h, 127))},
+           "int4 per token": {"bytes_per_token": 66.0, "error": rel(per_token(h))}}
+    for r in (16, 26, 28, 32, 64):
+        u = basis[:r].T
+        out[f"rank {r}, fp32"] = {"bytes_per_token": 4.0 * r, "error": rel(e + delta @ u @ u.T)}
+        out[f"rank {r}, int4"] = {"bytes_per_token": r / 2 + 2, "error": rel(e + per_token(delta @ u) @ u.T)}
+    return {"run": run_dir, "embedding_share": float(e.norm() / h.norm()), "formats": out}
 
 
 def bytes_per_token(rank: int, tokens_per_round: int) -> float:
@@ -108,7 +147,16 @@ def main() -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--out", default="/tmp/distrain_lowrank_prototype")
+    p.add_argument("--errors", metavar="RUN_DIR", help="only the reconstruction errors on RUN_DIR's global weights "
+                   "(e.g. a finished `distrain simulate`), added to the results file")
     args = p.parse_args()
+    if args.errors:
+        res = json.loads(RESULTS.read_text())
+        res["reconstruction"] = reconstruction_errors(args.errors)
+        res["reconstruction"]["command"] = command("bench/lowrank_prototype.py")
+        RESULTS.write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps(res["reconstruction"], indent=1))
+        return 0
     steps, seeds = (60, [0]) if args.quick else (300, [0, 1, 2])
     names = ["two_full", "bf16", "lowrank_r26", "lowrank_r16"]
     jobs = [(n, s, steps, args.out) for n in names for s in seeds]

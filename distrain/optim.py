@@ -65,7 +65,7 @@ def _one_step_at_a_time(optimizer: torch.optim.Optimizer) -> torch.optim.Optimiz
     step = optimizer.step
 
     @functools.wraps(step)
-    def locked_step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the optimiser's own signature
+    def locked_step(*args, **kwargs):  # the optimiser's own signature
         with _STEP_LOCK:
             return step(*args, **kwargs)
 
