@@ -55,8 +55,8 @@ def build_inner_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 # In the simulation every worker is a thread of one process, so a torchao replica compiling its first step
 # would change, or crash, the step another replica takes at that moment. One lock around every inner
 # optimiser step keeps the compiling step apart from the eager ones; under torchrun and Ray each process
-# holds one worker and the lock is never contended. (Forward and backward never read the flag on our paths:
-# no module hooks.)
+# holds one worker and the lock is never contended. (Eager forward code reads the flag too, where it does not
+# matter to us: module hooks, which distrain registers none of, and DDP's set-up of optimisers-in-backward.)
 _STEP_LOCK = threading.Lock()
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import threading
+import time
 
 import pytest
 import torch
@@ -119,9 +121,6 @@ def test_quantised_state_is_rebuilt_exactly_and_converts(name, most):
 def test_an_eager_step_never_runs_while_another_thread_compiles():
     """The simulation's workers are threads; torch.compile's "compiling" flag is process-wide, and
     AdamW's eager step reads it (it crashed CI: a float among tensors in _multi_tensor_adam)."""
-    import threading
-    import time
-
     torch._dynamo.reset()  # the 8-bit step below compiles afresh, for seconds
     compiling = threading.Thread(target=stepped, args=("adamw8bit", 1))
     eager_model, eager = stepped("adamw", 0)
