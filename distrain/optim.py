@@ -8,6 +8,7 @@ import logging
 import math
 import threading
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -61,13 +62,16 @@ _STEP_LOCK = threading.Lock()
 
 
 def _one_step_at_a_time(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """``optimizer`` with its ``step`` taken under the process-wide step lock."""
-    step = optimizer.step
+    """``optimizer`` with its ``step`` taken under the process-wide step lock. The wrapper holds the
+    optimiser weakly: a cycle would leave it (and the tensors of a ZeRO partition it steps) to the
+    garbage collector, possibly until interpreter shutdown, after the process groups are gone."""
+    step = type(optimizer).step
+    owner = weakref.ref(optimizer)
 
     @functools.wraps(step)
     def locked_step(*args, **kwargs):  # the optimiser's own signature
         with _STEP_LOCK:
-            return step(*args, **kwargs)
+            return step(owner(), *args, **kwargs)
 
     optimizer.step = locked_step  # type: ignore[method-assign]
     return optimizer

@@ -8,10 +8,12 @@ and state converts between the optimisers when a replica's ``optimizer`` changes
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import math
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -136,6 +138,20 @@ def test_an_eager_step_never_runs_while_another_thread_compiles():
     compiling.join(timeout=max(1.0, deadline - time.monotonic()))
     assert not compiling.is_alive() and len(seen) >= 2
     assert not any(seen), f"{sum(seen)} of {len(seen)} eager steps ran while the other thread compiled"
+
+
+@pytest.mark.parametrize("name", ["adamw", pytest.param("adamw8bit", marks=needs_torchao)])
+def test_the_locked_step_leaves_no_cycle(name):
+    """The optimiser is freed when its last reference goes, not at some later collection (a ZeRO
+    partition it steps must not outlive the process groups into interpreter shutdown)."""
+    _, opt = stepped(name, 1)
+    gone = weakref.ref(opt)
+    gc.disable()
+    try:
+        del opt
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 # ----- in a run ----------------------------------------------------------------------------------
