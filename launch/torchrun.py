@@ -11,6 +11,7 @@ devices, a pipeline's stages).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -77,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         return 3
     finally:
+        # the run's objects that sit in reference cycles (engines, optimisers, pending collectives'
+        # tensors) are freed now, while the process groups and the interpreter are alive: freed at
+        # interpreter shutdown instead, gloo's worker threads can abort the process after a good run
+        gc.collect()
         dist.destroy_process_group()
     return 0
 
