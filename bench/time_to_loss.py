@@ -222,19 +222,25 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    shown = ["full2", "full3", "full2+pipe/wait", "full2+pipe/fewer_steps", "full2+pipe/window-mean",
-             "full2+pipe-auto/window-mean",
-             "full2+half/wait", "full2+half/fewer_steps", "full2+half/window-mean"]
-    for ax, prefix in zip(axes, ("full2+pipe", "full2+half")):
-        for name in shown:
-            if name in res["runs"] and (name.startswith(prefix) or "/" not in name):
-                curve = res["runs"][name]["curves"][0]
-                ax.plot([c[0] for c in curve], [c[1] for c in curve], label=name,
-                        linestyle="--" if "/" not in name else "-")
+    panels = [  # (title, reference, runs)
+        ("full2+pipe (50 Mbit/s)", "full2", ["full3", "full2+pipe/wait", "full2+pipe/fewer_steps", "full2+pipe/window-mean",
+                                              "full2+pipe-auto/window-mean", "full2+pipe-bf16/window-mean"]),
+        ("full2+half", "full2", ["full3", "full2+half/wait", "full2+half/fewer_steps", "full2+half/window-mean"]),
+        ("thin links (5 Mbit/s, 5 ms)", "full2-now", ["thin-auto/window-mean", "thin-k8/window-mean",
+                                                       "thin-bf16/window-mean"]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(19, 4.8))
+    seed = res["runs"]["full2"]["seeds"][0]
+    for ax, (title, reference, names) in zip(axes, panels):
+        for name in [reference, *names]:
+            if name not in res["runs"]:
+                continue
+            curve = res["runs"][name]["curves"][0]
+            ax.plot([c[0] for c in curve], [c[1] for c in curve], label=name,
+                    linestyle="--" if "/" not in name else "-")
         ax.set_xlabel("simulated seconds")
         ax.set_ylabel("validation loss")
-        ax.set_title(f"{prefix} against full2 / full3 (seed {res['runs']['full2']['seeds'][0]})")
+        ax.set_title(f"{title} against {reference} (seed {seed})")
         ax.set_ylim(top=6.0)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
