@@ -2,6 +2,7 @@
 
     python bench/optim_states.py                     # the recorded configuration (150 steps, 3 seeds)
     python bench/optim_states.py --steps 20 --seeds 0 --out /tmp/x.json   # a quick look
+    python bench/optim_states.py --merge-pair "adamw+adamw8bit/no-norm-clip"  # one heterogeneous row, added
 
 The embedded default's model (dim 128, 4 layers, 4096-token vocabulary, 1.79M parameters) on its
 data. Per optimiser, one replica (outer.algorithm = none) per seed: the optimiser's state in bytes
@@ -33,7 +34,11 @@ from distrain.runtime.simulation import Simulation
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "optim_states.json"
 OPTIMIZERS = ("adamw", "adamw8bit", "adamw4bit")
-HETERO = {"adamw+adamw": "[{count=2}]", "adamw+adamw8bit": "[{count=1}, {count=1, optimizer='adamw8bit'}]"}
+PAIR8 = "[{count=1}, {count=1, optimizer='adamw8bit'}]"
+# name -> (replica tables, extra overrides); the last row turns the norm clip off: with two contributors
+# its reference is the smaller norm, and it scaled the pair's larger early pseudo-gradients down
+HETERO = {"adamw+adamw": ("[{count=2}]", []), "adamw+adamw8bit": (PAIR8, []),
+          "adamw+adamw8bit/no-norm-clip": (PAIR8, ["--outer.robust_clip=0"])}
 WARM = 5  # steps left out of the step time (compilation)
 
 
@@ -74,8 +79,12 @@ def main() -> None:
     ap.add_argument("--data-cache", default=".cache/distrain")
     ap.add_argument("--runs", default="/tmp/distrain_bench_optim_states")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--merge-pair", choices=list(HETERO), help="run only this heterogeneous row and add it to --out")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.merge_pair:
+        merge_pair(args.merge_pair, args)
+        return
     base = [f"--data.cache_dir={args.data_cache}"]
     single: dict[str, list[dict[str, Any]]] = {o: [] for o in OPTIMIZERS}
     hetero: dict[str, list[dict[str, Any]]] = {h: [] for h in HETERO}
@@ -85,10 +94,8 @@ def main() -> None:
                                  [*base, "--topology.replica=[{count=1}]", "--outer.algorithm=none",
                                   f"--train.optimizer={o}"]))
             print(o, seed, single[o][-1], flush=True)
-        for h, tables in HETERO.items():
-            hetero[h].append(run(args.steps, seed, Path(args.runs) / f"{h}-{seed}",
-                                 [*base, f"--topology.replica={tables}", "--outer.algorithm=sparseloco"]))
-            print(h, seed, hetero[h][-1], flush=True)
+        for h in HETERO:
+            hetero[h].append(run_pair(h, args, seed, base))
     adamw_step = [r["step_s"][0] for r in single["adamw"]]
     result: dict[str, Any] = {
         "conditions": {"model": "the embedded default's (dim 128, 4 layers, 4 heads, 2 kv heads, vocab 4096)",
@@ -102,14 +109,35 @@ def main() -> None:
             "step_s": [r["step_s"][0] for r in rows],
             "step_time_vs_adamw": statistics.mean(r["step_s"][0] / a for r, a in zip(rows, adamw_step))}
     for h, rows in hetero.items():
-        result["hetero"][h] = {
-            "replicas": h.split("+"), "state_bytes_per_param": rows[0]["state_bytes_per_param"],
-            "final_val_loss": [r["final_val_loss"] for r in rows], **_prefix("final_val_loss", rows),
-            "step_s": [r["step_s"] for r in rows]}
+        result["hetero"][h] = pair_row(h, rows)
     result["machine"] = machine()
     result["command"] = command("bench/optim_states.py")
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
+
+
+def run_pair(name: str, args: argparse.Namespace, seed: int, base: list[str]) -> dict[str, Any]:
+    tables, extra = HETERO[name]
+    row = run(args.steps, seed, Path(args.runs) / f"{name.replace('/', '_')}-{seed}",
+              [*base, f"--topology.replica={tables}", "--outer.algorithm=sparseloco", *extra])
+    print(name, seed, row, flush=True)
+    return row
+
+
+def pair_row(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"replicas": name.split("/")[0].split("+"), "overrides": HETERO[name][1],
+            "state_bytes_per_param": rows[0]["state_bytes_per_param"],
+            "final_val_loss": [r["final_val_loss"] for r in rows], **_prefix("final_val_loss", rows),
+            "step_s": [r["step_s"] for r in rows]}
+
+
+def merge_pair(name: str, args: argparse.Namespace) -> None:
+    """One heterogeneous row run on the results file's seeds and added to it."""
+    result = json.loads(Path(args.out).read_text())
+    base = [f"--data.cache_dir={args.data_cache}"]
+    rows = [run_pair(name, args, seed, base) for seed in result["conditions"]["seeds"]]
+    result["hetero"][name] = {**pair_row(name, rows), "command": command("bench/optim_states.py")}
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
 
 def _prefix(key: str, rows: list[dict[str, Any]]) -> dict[str, float]:
