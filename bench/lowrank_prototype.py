@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import hetero  # noqa: E402 - after the path insert
+from distrain.comm import boundary as bd  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "lowrank_prototype.json"
 REFRESH = 60  # forward calls between basis rebuilds: one round (15 steps x 4 micro-batches)
@@ -49,7 +50,8 @@ BF16 = 256.0
 
 
 def per_token(t: torch.Tensor, levels: int = 7) -> torch.Tensor:
-    """Symmetric per-token quantisation to +-levels (int4: 7), as comm/boundary.py's int4 does."""
+    """Symmetric per-token quantisation to +-levels (int4: 7) as comm/boundary.py's int4 does, values
+    only (the codec packs bytes, and rounds the scales to fp16; kept fp32 here)."""
     scale = t.abs().amax(-1, keepdim=True).clamp_min(1e-12) / levels
     return (t / scale).round().clamp(-levels, levels) * scale
 
@@ -130,7 +132,8 @@ def reconstruction_errors(run_dir: str, windows: int = 64) -> dict[str, dict[str
 
 
 def bytes_per_token(rank: int, tokens_per_round: int) -> float:
-    return rank / 2 + 2 + 128 * rank * 2 / tokens_per_round
+    """The codec's int4 bytes for r coordinates, plus the bf16 basis (d x r) sent once a round."""
+    return bd.bytes_per_token(rank, "int4") + hetero.D_MODEL * rank * 2 / tokens_per_round
 
 
 def run(name: str, seed: int, steps: int, out: str) -> dict:
