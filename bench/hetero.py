@@ -55,6 +55,7 @@ def topology(run: str, k: int) -> str:
         "all_full": "[{count=4}]",
         "all_compressed": f"[{{count=4, {PIPE}{comp}}}]",
         "selective": f"[{{count=2}}, {{count=2, {PIPE}{comp}}}]",
+        "selective_embedding": f"[{{count=2}}, {{count=2, {PIPE}, compress={{k={k}, basis='embedding'}}}}]",
         "selective_uncompressed": f"[{{count=2}}, {{count=2, {PIPE}}}]",
     }[run]
 
@@ -197,6 +198,46 @@ def merge_formats(args: argparse.Namespace) -> None:
     print(json.dumps(contrib, indent=1))
 
 
+def _simulate_job(out: str, run: str, k: int, seed: int, steps: int, extra: list[str]) -> dict:
+    return {"run": run, "k": k, "seed": seed, **simulate(Path(out), run, k, seed, steps, extra)}
+
+
+def merge_basis(args: argparse.Namespace) -> None:
+    """The subspace basis that follows the model (``compress.basis = "embedding"``: U rebuilt every
+    round from the global embedding) against the seeded one, at d/32 and d/16, beside both
+    references, all run again under this commit at equal steps; written under ``basis``."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    result = json.loads(RESULTS.read_text())
+    seeds = result["seeds"]
+    steps = int(result["setup"].split("inner steps")[0].split(",")[-1])
+    equal_steps = ["--topology.straggler_policy=wait"]
+    plan = [("two_full", 0), ("selective_uncompressed", 0)] + [
+        (run, k) for k in (DEFAULT_K, D_MODEL // 16) for run in ("selective", "selective_embedding")]
+    jobs = [(args.out, run, k, s, steps, equal_steps) for run, k in plan for s in seeds]
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:
+        rows = list(pool.map(_simulate_job, *zip(*jobs)))
+    runs = {f"{run}_k{k}" if k else run: collect([r for r in rows if (r["run"], r["k"]) == (run, k)])
+            for run, k in plan}
+    two, unc = runs["two_full"]["final_val_loss"], runs["selective_uncompressed"]["final_val_loss"]
+    contrib = {}
+    for name, row in runs.items():
+        if name.startswith("selective_") and name != "selective_uncompressed":
+            per_seed = [contribution(t, s, u) for t, s, u in zip(two, row["final_val_loss"], unc)]
+            contrib[name] = {"contribution": contribution(mean(two), mean(row["final_val_loss"]), mean(unc)),
+                             "per_seed": per_seed, "loss_vs_all_full": mean(row["final_val_loss"]) / mean(
+                                 result["runs"]["all_full"]["final_val_loss"]) - 1,
+                             "bytes_per_token": row["boundary_bytes_per_token"],
+                             "below_bf16": 256.0 / row["boundary_bytes_per_token"]}
+    result["basis"] = {"setting": "the setting above, every replica H = 15 inner steps a round (straggler_policy wait)",
+                       "runs": runs, "contribution": contrib, "command": command("bench/hetero.py"),
+                       "machine": machine()}
+    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(contrib, indent=1))
+
+
 def merge_split(args: argparse.Namespace) -> None:
     """The span-split reconciliation beside the two in the results file, on the same seeds."""
     result = json.loads(RESULTS.read_text())
@@ -233,7 +274,14 @@ def main() -> None:
     ap.add_argument("--merge-formats", action="store_true",
                     help="add two_full and selective with int8 / int4 boundaries (all seeds) and the contribution "
                          "of every format to an existing results file")
+    ap.add_argument("--merge-basis", action="store_true",
+                    help="add compress.basis = 'embedding' against the seeded basis at d/32 and d/16, beside both "
+                         "references (all seeds, --jobs processes) to an existing results file")
+    ap.add_argument("--jobs", type=int, default=2, help="parallel runs of --merge-basis")
     args = ap.parse_args()
+    if args.merge_basis:
+        merge_basis(args)
+        return
     if args.merge_formats:
         merge_formats(args)
         return

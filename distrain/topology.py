@@ -43,6 +43,7 @@ class ReplicaSpec:
     compress_k: int = 0  # pipeline: boundary coordinates per token (0: uncompressed)
     compress_method: str = "reparam"
     compress_seed: int = 1337
+    compress_basis: str = "seeded"  # seeded | embedding (rebuilt from the global embedding every round)
     sp_costs: str = ""  # parallel = "sp": cost-model file (empty: reference costs)
     sp_capacity: int = 0  # parallel = "sp": tokens per device (0: no cap)
     choice: str = ""  # compress = "auto": what the boundary format is, and why
@@ -127,7 +128,7 @@ def _replica_spec(index: int, table: ReplicaConfig, cfg: Config) -> ReplicaSpec:
         fmt, note = auto_format(cfg, bounds, workers, microbatches)
         k, wire = fmt.k, fmt.wire_dtype
     return ReplicaSpec(index, table.kind, parallel, bounds, workers, table.schedule, microbatches, wire, k, c.method,
-                       c.seed, choice=note, optimizer=optimizer)
+                       c.seed, c.basis, choice=note, optimizer=optimizer)
 
 
 def auto_format(cfg: Config, bounds: tuple[int, ...], workers: tuple[WorkerSpec, ...],

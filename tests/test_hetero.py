@@ -8,7 +8,7 @@ import torch
 
 from distrain.layout import Layout
 from distrain.runtime.simulation import Simulation
-from distrain.parallel.pipeline.subspace import make_basis
+from distrain.parallel.pipeline.subspace import basis_fingerprint, embedding_basis, make_basis
 
 COMMON = ["--outer.algorithm=sparseloco", "--train.steps=9", "--outer.inner_steps=3", "--train.eval_every=9",
           "--runtime.torch_threads=1"]
@@ -41,15 +41,19 @@ def test_per_segment_rounds_equal_one_whole_model_round(tiny_config, monkeypatch
         assert len(b.syncs) == 2 and len(a.syncs) == 1
 
 
-@pytest.mark.parametrize("method,sync", [("reparam", "project_start"), ("project", "project_start"),
-                                         ("reparam", "split")])
-def test_mixed_topology_keeps_the_constraint_and_the_full_replicas_on_the_global_weights(tiny_config, method, sync):
+@pytest.mark.parametrize("method,sync,basis", [("reparam", "project_start", "seeded"),
+                                               ("project", "project_start", "seeded"), ("reparam", "split", "seeded"),
+                                               ("reparam", "project_start", "embedding"),
+                                               ("project", "project_start", "embedding")])
+def test_mixed_topology_keeps_the_constraint_and_the_full_replicas_on_the_global_weights(tiny_config, method, sync,
+                                                                                          basis):
     """Two full replicas and a 2-stage compressed pipeline (k = 8 of d = 64): after every outer
     round the full replicas hold the global weights and the compressed stages satisfy
-    ‖(I − UUᵀ)W‖/‖W‖ ≤ 1e-6 for attention-out and MLP-down."""
+    ‖(I − UUᵀ)W‖/‖W‖ ≤ 1e-6 for attention-out and MLP-down. With ``basis = "embedding"`` U is
+    rebuilt every round from the global embedding, the same on both stages."""
     cfg = tiny_config(*COMMON, "--topology.replica=[{count=2}, {kind='pipeline', stages=2, "
-                               f"compress={{k=8, method='{method}'}}}}]", f"--run.name=mixed_{method}_{sync}",
-                      f"--topology.compress_sync={sync}")
+                               f"compress={{k=8, method='{method}', basis='{basis}'}}}}]",
+                      f"--run.name=mixed_{method}_{sync}_{basis}", f"--topology.compress_sync={sync}")
     sim = Simulation(cfg)
     pool = sim.pool
     full, stage0, stage1 = pool.workers[0], pool.workers[2], pool.workers[3]
@@ -63,6 +67,12 @@ def test_mixed_topology_keeps_the_constraint_and_the_full_replicas_on_the_global
                 assert torch.equal(p, glob[n]), n  # the full replica starts the next round from them
         assert stage0.sub.max_residual() <= 1e-6
         u = make_basis(64, 8, 1337)
+        if basis == "embedding":
+            rebuilt = embedding_basis(glob["tok_embeddings.weight"], 8, u)
+            assert float((rebuilt - u).abs().max()) > 0.1  # it moved off the seeded basis
+            u = rebuilt
+        assert torch.equal(stage0.sub.u, u) and torch.equal(stage1.sub.u, u)  # every stage: one basis
+        assert stage0.sub.fingerprint == stage1.sub.fingerprint == basis_fingerprint(u)
         local = stage0.view.read()
         for name in ("layers.0.attention.wo.weight", "layers.0.feed_forward.w2.weight"):
             w = local[name]

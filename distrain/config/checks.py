@@ -187,6 +187,9 @@ def _check_topology(cfg: Config) -> None:
     compressed = {(r.subspace.k, r.subspace.seed, str(r.stages)) for r in t.tables()
                   if r.kind == "pipeline" and r.subspace.k}
     if t.compress_sync != "project_start":
+        need(not any(r.kind == "pipeline" and r.subspace.k and r.subspace.basis != "seeded" for r in t.tables()),
+             f"topology.compress_sync = {t.compress_sync!r} reconciles on the seeded basis: it does not combine "
+             "with compress.basis = 'embedding' (use project_start)")
         need(len(compressed) <= 1, f"topology.compress_sync = {t.compress_sync!r} works with one subspace: every "
                                     "compressed pipeline needs the same compress.k, seed and stages")
     need(0 < t.quorum <= 1, f"topology.quorum must be in (0, 1], got {t.quorum}")
@@ -305,6 +308,10 @@ def check_replica(table: ReplicaConfig, index: int, cfg: Config) -> None:
         need(0 <= c.k <= cfg.model.dim, f"{where}: compress.k = {c.k} must be in [0, model.dim = {cfg.model.dim}] "
                                          "(0: uncompressed)")
         choice(f"{where}: compress.method", c.method, ("reparam", "project"))
+        choice(f"{where}: compress.basis", c.basis, ("seeded", "embedding"))
+        need(c.basis == "seeded" or cfg.algorithm.rounds, f"{where}: compress.basis = 'embedding' follows the global "
+                                                          "embedding round by round: it needs an outer algorithm "
+                                                          "with rounds (sparseloco, diloco)")
     need(table.kind == "pipeline" or (table.compress == CompressConfig() and table.microbatches == 0),
           f"{where}: compress and microbatches are for kind = 'pipeline'")
     n = table.workers(n_layers)

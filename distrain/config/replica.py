@@ -15,6 +15,9 @@ class CompressConfig:
     k: int = 0  # coordinates per token at a boundary (0: send the d-dim activations uncompressed)
     method: str = "reparam"  # reparam (W = U·Z, Z trainable) | project (W ← U·UᵀW after every step)
     seed: int = 1337  # of U (d×k, orthonormal): the same on every worker
+    # seeded: U is the seed's, fixed | embedding: rebuilt whenever the stage loads the global weights
+    # (every round) from the global embedding's top-k principal directions, turned towards the seed's U
+    basis: str = "seeded"
 
 
 @dataclass

@@ -97,7 +97,8 @@ def write_worker(tmp: Path, worker: Worker, writers: dict[int, int], own: bool =
 
 def _describe_replica(rep: ReplicaSpec) -> dict[str, Any]:
     return {"kind": rep.kind, "parallel": rep.parallel, "bounds": list(rep.bounds), "devices": rep.devices,
-            "compress": [rep.compress_k, rep.compress_method, rep.compress_seed] if rep.compressed else None}
+            "compress": ([rep.compress_k, rep.compress_method, rep.compress_seed]
+                         + ([rep.compress_basis] if rep.compress_basis != "seeded" else [])) if rep.compressed else None}
 
 
 def describe_topology(layout: Layout) -> dict[str, Any]:

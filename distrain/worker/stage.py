@@ -14,13 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from distrain.config import Config
 from distrain.layout import Layout, WorkerSlot
 from distrain.model import build_model
 from distrain.outer.base import Weights, owned_parameters
-from distrain.parallel.pipeline.subspace import Subspace, compress_stage, make_basis, split_embedding
+from distrain.parallel.pipeline.subspace import (
+    Subspace,
+    compress_stage,
+    embedding_basis,
+    make_basis,
+    split_embedding,
+)
 from distrain.topology import ReplicaSpec
 from distrain.worker.initial import initial_weights, start_from_init
 
@@ -45,17 +51,26 @@ class ExactView:
 
 
 class SubspaceView:
-    """A compressed stage: ordinary weights materialised (``U·Z``), written back onto the constraint."""
+    """A compressed stage: ordinary weights materialised (``U·Z``), written back onto the constraint.
+
+    With ``follow`` (``compress.basis = "embedding"``), every write first rebuilds U from the global
+    embedding it brings (the first stage's own, a later stage's shadow copy), so U follows the model
+    round by round and is the same function of the same weights on every stage of the replica.
+    """
 
     exact = False
 
-    def __init__(self, sub: Subspace):
+    def __init__(self, sub: Subspace, follow: Tensor | None = None):
         self.sub = sub
+        self.seeded = follow  # the seeded U the rebuilt ones are turned towards (None: U stays fixed)
 
     def read(self) -> Weights:
         return {n: t.float() for n, t in self.sub.ordinary_parameters().items()}
 
     def write(self, values: Weights, embedding: torch.Tensor | None = None) -> None:
+        e = values.get(EMBEDDING) if self.sub.embed else embedding
+        if self.seeded is not None and e is not None:
+            self.sub.rebase(embedding_basis(e, self.sub.k, self.seeded))
         self.sub.load_ordinary(values, embedding=embedding)
 
 
@@ -80,7 +95,8 @@ def build_stage(cfg: Config, slot: WorkerSlot, rep: ReplicaSpec, device: torch.d
         e0 = initial_embedding(cfg).to(device)
         table = split_embedding(e0, u)[1]
     sub = compress_stage(model, u, token_table=table, method=rep.compress_method)
-    return BuiltStage(model, SubspaceView(sub), initial, sub)
+    follow = u.clone() if rep.compress_basis == "embedding" else None
+    return BuiltStage(model, SubspaceView(sub, follow), initial, sub)
 
 
 def initial_embedding(cfg: Config) -> torch.Tensor:

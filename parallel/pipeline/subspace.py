@@ -58,6 +58,29 @@ def make_basis(dim: int, k: int, seed: int, *, dtype: torch.dtype = torch.float3
     return q.to(dtype=dtype, device=device)
 
 
+def embedding_basis(embedding: Tensor, k: int, reference: Tensor) -> Tensor:
+    """U (d×k) spanning the top-k principal directions of the embedding's rows (a basis that follows
+    the model: every stage of a compressed pipeline holds the global embedding), turned within that
+    span to lie as close as possible to ``reference`` (the seeded basis; orthogonal Procrustes).
+
+    Why turned: a stage's trainable ``Z`` (and its AdamW moments) are coordinates in U; a span that
+    moves a little between rebuilds should move them a little, not permute or flip them as raw
+    eigenvectors would. Why towards the seeded basis and not the previous U: U stays a function of
+    (embedding, seed) alone, so a resumed run rebuilds the one the uninterrupted run had. fp64 on
+    the CPU; compare fingerprints across workers (every boundary frame carries one).
+    """
+    d = embedding.shape[1]
+    if not 1 <= k <= d or tuple(reference.shape) != (d, k):
+        raise ValueError(f"embedding_basis: k = {k} and a reference of shape {tuple(reference.shape)} for an "
+                         f"embedding of width {d}")
+    e = embedding.detach().to("cpu", torch.float64)
+    e = e - e.mean(0)
+    vals, vecs = torch.linalg.eigh(e.T @ e)
+    top = vecs[:, torch.argsort(vals, descending=True)[:k]]
+    a, _, bt = torch.linalg.svd(top.T @ reference.detach().to("cpu", torch.float64))
+    return (top @ (a @ bt)).to(dtype=reference.dtype, device=reference.device)
+
+
 def basis_fingerprint(u: Tensor) -> int:
     """crc32 of U's fp64 bytes: workers of one replica must agree on it."""
     return zlib.crc32(u.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
@@ -162,6 +185,19 @@ class Subspace:
         if self._fingerprint is None:
             self._fingerprint = basis_fingerprint(self.u)
         return self._fingerprint
+
+    def rebase(self, u: Tensor) -> None:
+        """Use a new basis from now on (``embedding_basis``): every constrained module reads it; call
+        ``load_ordinary`` next, which maps the (global) weights and T_fix onto the new constraint."""
+        if tuple(u.shape) != tuple(self.u.shape):
+            raise ValueError(f"a new basis must be {tuple(self.u.shape)}, got {tuple(u.shape)}")
+        u = u.to(self.u)
+        self.u = u
+        self._fingerprint = None
+        for m in self.modules + (("tok_embeddings",) if self.embed else ()):
+            module = _get(self.stage, m)
+            if isinstance(module, (SubspaceLinear, SubspaceEmbedding)):
+                module.u = u
 
     def to_coords(self, x: Tensor, ids: Tensor) -> Tensor:
         return to_coords(x, ids, self.u.to(x.dtype), self.token_table.to(x.dtype))
