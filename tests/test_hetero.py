@@ -159,6 +159,33 @@ def test_chunkwise_training_inside_a_compressed_pipeline_stage(tiny_config):
     assert s.final_val_loss < s.first_val_loss - 0.3
 
 
+def test_stages_that_rebuild_different_bases_are_stopped_by_the_first_frame(tiny_config, monkeypatch):
+    """Two stages of one compressed pipeline that disagree on a rebuilt U (as different LAPACK builds
+    could): the first boundary frame names both fingerprints, the replica leaves every round, and the
+    full replica trains on."""
+    from distrain.metrics import read_metrics
+    from distrain.worker.stage import SubspaceView
+
+    write = SubspaceView.write
+
+    def skewed(self, values, embedding=None):  # the later stage turns its rebuilt U a little
+        write(self, values, embedding)
+        if not self.sub.embed:
+            q, _ = torch.linalg.qr(self.sub.u + 1e-6 * torch.ones_like(self.sub.u))
+            self.sub.rebase(q)
+
+    monkeypatch.setattr(SubspaceView, "write", skewed)
+    cfg = tiny_config(*COMMON, "--topology.replica=[{}, {kind='pipeline', stages=2, compress={k=8, "
+                               "basis='embedding'}}]", "--run.name=skewed_basis")
+    summary = Simulation(cfg).run()
+    left = [r for r in read_metrics(summary.run_dir) if r.get("event") == "left_round"]
+    assert [r["round"] for r in left] == [0, 1, 2]
+    for r in left:
+        assert "BasisMismatchError: boundary frame was built on subspace basis" in r["why"], r["why"]
+        assert "the stages disagree on U" in r["why"]
+    assert summary.final_val_loss < summary.first_val_loss  # the full replica trained on
+
+
 @pytest.mark.parametrize("value", [0.0, 1e30])
 def test_a_bad_boundary_frame_ends_its_replicas_round_at_once(tiny_config, value, capsys):
     """From round 1 the pipeline's first stage sends boundary frames of NaN (or 1e30): the second

@@ -338,22 +338,27 @@ def test_a_bad_boundary_frame_drops_its_pipeline_replica_at_once(cluster, baseli
     assert train[2]["replicas"] == 2 and train[2]["contributors"] == 2  # round 1: the full replicas alone
 
 
-def test_mixed_topology_ray_job_equals_the_simulation(cluster, baseline, tiny_corpus, data_cache):
+@pytest.mark.parametrize("basis", ["seeded", "embedding"])
+def test_mixed_topology_ray_job_equals_the_simulation(cluster, baseline, tiny_corpus, data_cache, basis):
     """Two full replicas and a 2-stage compressed pipeline replica (its stages are actors that
-    pass boundaries actor to actor): the Ray job ends on the simulation's weights, bit for bit."""
+    pass boundaries actor to actor): the Ray job ends on the simulation's weights, bit for bit —
+    also when both stage actors rebuild U from the global embedding every round."""
     from distrain.runtime.simulation import Simulation
 
     root, _ = baseline
-    cfg = tiny_config(root / "mixed.toml", tiny_corpus, data_cache, root / "runs", "mixed", MIXED)
+    name = f"mixed_{basis}"
+    topology = MIXED.replace("compress={k=8}", f"compress={{k=8, basis='{basis}'}}")
+    cfg = tiny_config(root / f"{name}.toml", tiny_corpus, data_cache, root / "runs", name, topology)
     res = run([sys.executable, "-m", "distrain.launch.ray", "--address", cluster["gcs"], "--config", str(cfg)], cluster["env"])
     assert res.returncode == 0, res.stdout[-4000:]
     threads = torch.get_num_threads()
     try:
-        sim = Simulation(load_config(cfg, ["--run.name=mixed_sim"]))
+        sim = Simulation(load_config(cfg, [f"--run.name={name}_sim"]))
         sim.run()
     finally:
         torch.set_num_threads(threads)
-    run_dir = root / "runs" / "mixed"
+    run_dir = root / "runs" / name
+    assert not [m for m in metrics(run_dir) if m.get("event") in ("left_round", "dropped")]  # no frame rejected
     for r in range(4):
         assert_global(sim.workers[r].global_state(), run_dir)
     assert_same(content(sim.run_dir), content(run_dir))

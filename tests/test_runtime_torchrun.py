@@ -303,25 +303,31 @@ def test_a_bad_boundary_frame_ends_the_attempt_at_once_in_one_line(setup):
     assert "NonFiniteError" in lines[0]
 
 
-def test_mixed_full_and_compressed_pipeline_torchrun_equals_simulation(setup):
+@pytest.mark.parametrize("basis", ["seeded", "embedding"])
+def test_mixed_full_and_compressed_pipeline_torchrun_equals_simulation(setup, basis):
     """A full replica beside a 2-stage compressed pipeline replica (k = 8), 3 gloo processes:
     boundaries over torch.distributed point-to-point, two segment groups; the job ends on the
-    simulation's weights and losses, bit for bit."""
+    simulation's weights and losses, bit for bit. With ``basis = "embedding"`` the two stage
+    processes rebuild U every round, each from its own copy of the global embedding: every frame
+    carries the sender's fingerprint and the receiver checks it against its own, so a run that ends
+    on the simulation's weights had equal fingerprints in both processes at every step."""
     from distrain.runtime.simulation import Simulation
 
     over, root = setup
     over = [o for o in over if not o.startswith("--topology.replicas=")]
-    mixed = over + ["--topology.replica=[{}, {kind='pipeline', stages=2, compress={k=8}}]"]
-    cfg = write_config(root / "mixed.toml", mixed + ["--run.name=mixed"])
+    mixed = over + [f"--topology.replica=[{{}}, {{kind='pipeline', stages=2, compress={{k=8, basis='{basis}'}}}}]"]
+    name = f"mixed_{basis}"
+    cfg = write_config(root / f"{name}.toml", mixed + [f"--run.name={name}"])
     res = torchrun(cfg, 3)
     assert res.returncode == 0, res.stdout[-4000:]
     threads = torch.get_num_threads()
     try:
-        sim = Simulation(load_config(cfg, ["--run.name=mixed_sim"]))
+        sim = Simulation(load_config(cfg, [f"--run.name={name}_sim"]))
         sim.run()
     finally:
         torch.set_num_threads(threads)
-    run = root / "runs" / "mixed"
+    run = root / "runs" / name
+    assert not [m for m in metrics(run) if m.get("event") == "left_round"]  # no frame was rejected
     for r in range(3):
         assert_global(sim.workers[r].global_state(), run)
     assert_same(content(sim.run_dir), content(run))

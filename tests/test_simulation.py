@@ -23,14 +23,16 @@ def losses(run_dir) -> list[float]:
 
 
 MIXED = "--topology.replica=[{count=2}, {kind='pipeline', stages=2, compress={k=8}}]"
+FOLLOWING = "--topology.replica=[{count=2}, {kind='pipeline', stages=2, compress={k=8, basis='embedding'}}]"
 
 
 @pytest.mark.parametrize("algo,topology", [
     ("none", "--topology.replicas=1"), ("sparseloco", "--topology.replicas=2"),
     ("sparseloco", MIXED),  # the default's shape: a compressed pipeline's stages rebuild from the global weights
+    ("sparseloco", FOLLOWING),  # its U rebuilt from the global embedding every round: the same U after a resume
     ("sparseloco", "--outer.apply_delay=1"),  # each replica keeps its own progress: stored per worker
     ("diloco", MIXED),  # outer momentum, stored once with the global weights
-], ids=["none", "sparseloco", "mixed", "delayed", "diloco-mixed"])
+], ids=["none", "sparseloco", "mixed", "mixed-following", "delayed", "diloco-mixed"])
 def test_resume_gives_the_same_run(tiny_config, monkeypatch, algo, topology):
     common = [f"--outer.algorithm={algo}", topology, "--train.steps=12",
               "--outer.inner_steps=3", "--logging.log_every=3", "--train.eval_every=6", "--checkpoint.every=6"]

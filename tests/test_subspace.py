@@ -194,3 +194,47 @@ def test_compress_stage_rejects_inconsistent_requests():
         ss.compress_stage(model(0, 2), u, method="other")
     with pytest.raises(ValueError, match="tied"):
         ss.compress_stage(model(tie_embeddings=True), u, layers=range(3), embed=True)
+
+
+def test_embedding_basis_spans_the_top_principal_directions_turned_towards_the_reference():
+    """U spans the embedding's top-k principal directions, is orthonormal, is the member of that span
+    closest to the seeded basis (UᵀU_ref symmetric, positive definite: orthogonal Procrustes), and is
+    a function of the span alone: the embedding's rows in another order give the same U."""
+    g = torch.Generator().manual_seed(3)
+    scales = torch.linspace(3.0, 0.1, D, dtype=torch.float64)
+    e = torch.randn(V, D, generator=g, dtype=torch.float64) * scales + 0.5
+    ref = basis()
+    u = ss.embedding_basis(e, K, ref)
+    assert torch.allclose(u.T @ u, torch.eye(K, dtype=torch.float64), atol=1e-12)
+    centred = e - e.mean(0)
+    vals, vecs = torch.linalg.eigh(centred.T @ centred)
+    top = vecs[:, torch.argsort(vals, descending=True)[:K]]
+    assert torch.allclose(u @ u.T, top @ top.T, atol=1e-10)  # the same span
+    m = u.T @ ref
+    assert torch.allclose(m, m.T, atol=1e-12) and float(torch.linalg.eigvalsh(m).min()) > 0
+    assert float((u - ref).norm()) < float((top - ref).norm())  # nearer the seeded basis than raw eigenvectors
+    assert torch.equal(ss.embedding_basis(e, K, ref), u)  # deterministic
+    assert torch.allclose(ss.embedding_basis(e[torch.randperm(V, generator=g)], K, ref), u, atol=1e-10)
+    with pytest.raises(ValueError, match="k = 40"):
+        ss.embedding_basis(e, 40, ref)
+
+
+@pytest.mark.parametrize("method", ss.METHODS)
+def test_rebase_keeps_boundaries_exact_and_the_constraint_on_the_new_basis(method):
+    """A stage rebuilt on a new U (and the weights mapped onto it) rebuilds its boundary exactly,
+    satisfies ‖(I − UUᵀ)W‖/‖W‖ < 1e-6 on the new U, and its frames carry the new fingerprint."""
+    x = ids()
+    first = model(0, 2)
+    sub = ss.compress_stage(first, basis(), method=method)
+    ordinary = sub.ordinary_parameters()
+    old = sub.fingerprint
+    new = ss.embedding_basis(ordinary[ss.EMBED], K, basis())
+    sub.rebase(new)
+    sub.load_ordinary(ordinary)
+    assert torch.equal(sub.u, new) and sub.fingerprint == ss.basis_fingerprint(new) != old
+    assert sub.max_residual() < 1e-6
+    h = first(x)
+    assert (sub.from_coords(sub.to_coords(h, x), x) - h).abs().max() <= 1e-12 * h.abs().max()
+    assert torch.allclose(sub.ordinary_parameters()[ss.EMBED], ordinary[ss.EMBED], atol=1e-12)  # kept exactly
+    with pytest.raises(ValueError, match="new basis must be"):
+        sub.rebase(new[:, :3])

@@ -58,9 +58,10 @@ _FIELD_COMMENTS = {
     "memory_mb": "Ray memory reservation (default none)",
     "schedule": "pipeline: 1f1b | gpipe",
     "microbatches": "pipeline: micro-batches per step (0: automatic)",
-    "wire_dtype": "pipeline: boundary values bf16 | fp32",
+    "wire_dtype": "pipeline: boundary values bf16 | fp32 | int8 | int4",
     "optimizer": "inner optimiser adamw | adamw8bit | adamw4bit (empty: train.optimizer)",
-    "compress": "pipeline: subspace compression, k coordinates per token (0: none), method reparam | project",
+    "compress": "pipeline: \"auto\", or a subspace: k coordinates per token (0: none), method reparam | project, "
+                "basis seeded | embedding (rebuilt every round from the global embedding)",
 }
 
 

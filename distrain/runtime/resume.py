@@ -127,7 +127,7 @@ def _name(rep: dict[str, Any]) -> str:
     if rep["kind"] == "pipeline":
         s += f", stages {rep['bounds']}"
     if rep["compress"]:
-        s += f", k={rep['compress'][0]}"
+        s += f", k={rep['compress'][0]}" + (f", basis {rep['compress'][3]}" if len(rep["compress"]) > 3 else "")
     return s
 
 
@@ -164,7 +164,7 @@ def _topology_ok(topo: Any) -> bool:
         if not (isinstance(r, dict) and r.get("kind") in ("full", "pipeline") and isinstance(r.get("parallel"), str)
                 and _ints(r.get("bounds")) and len(r["bounds"]) >= 2 and r["bounds"] == sorted(r["bounds"])
                 and type(r.get("devices")) is int and r["devices"] >= 1
-                and (r.get("compress") is None or (isinstance(r["compress"], list) and len(r["compress"]) == 3))):
+                and (r.get("compress") is None or (isinstance(r["compress"], list) and len(r["compress"]) in (3, 4)))):
             return False
     return all(_ints(s, 2) for s in segs) and all(_ints(s, 2) for s in shards)
 
