@@ -16,6 +16,10 @@ Two ways to keep the constraint (``method``):
   * ``"project"`` (node0-style): modules stay ordinary; ``Subspace.after_step()`` projects
     ``W ← U·UᵀW`` and ``E ← T_fix + (E − T_fix)·U·Uᵀ`` after every optimiser step.
 
+The basis: ``make_basis`` (seeded, fixed for the run) or ``embedding_basis`` (the global
+embedding's top-k principal directions, rebuilt at every round start by the worker that holds the
+stage; ``Subspace.rebase`` swaps it in before ``load_ordinary`` maps the global weights onto it).
+
 Pseudo-gradients are exchanged in the ordinary parameterisation: ``Subspace.ordinary_parameters``
 materialises ``wo.weight = U·Z`` and ``tok_embeddings.weight = E_k·Uᵀ + T_fix`` under the ordinary
 names, and ``Subspace.load_ordinary`` maps ordinary (e.g. global) weights onto the constraint
@@ -47,8 +51,8 @@ def make_basis(dim: int, k: int, seed: int, *, dtype: torch.dtype = torch.float3
     """U (dim×k) with orthonormal columns: QR of a seeded fp64 Gaussian drawn on the CPU.
 
     The signs are fixed (diag R > 0), so U is a function of (dim, k, seed) alone; every worker builds
-    the same one. Bit-identity across different LAPACK builds is not guaranteed: compare
-    ``basis_fingerprint`` across workers at start-up.
+    the same one. Bit-identity across different LAPACK builds is not guaranteed: every boundary
+    frame carries the sender's ``basis_fingerprint`` and the receiver refuses one that is not its own.
     """
     if not 1 <= k <= dim:
         raise ValueError(f"subspace rank k must be in [1, {dim}] for model dim {dim}, got {k}")
