@@ -238,33 +238,34 @@ def merge_basis(args: argparse.Namespace) -> None:
     print(json.dumps(contrib, indent=1))
 
 
-DEFENCES_OFF = {"no_norm_clip": ["--outer.robust_clip=0"],
-                "no_bounds": ["--outer.robust_clip=0", "--outer.robust_coord_clip=0", "--outer.robust_direction=false"]}
+BOUNDS_OFF = ["--outer.robust_clip=0", "--outer.robust_coord_clip=0", "--outer.robust_direction=false"]
 
 
 def merge_defences(args: argparse.Namespace) -> None:
-    """Selective at d/32 (seeded basis) with issue 21's defences off — the norm clip, then every bound
-    — against the references of ``basis`` (same seeds, equal steps): what the defences cost the
-    compressed replicas' contribution; written under ``defences``."""
+    """What issue 21's bounds (the norm clip, the per-coordinate clip, the direction check) cost the
+    compressed replicas: selective at d/32 (seeded basis) with them off, and int4 boundaries with them
+    on and off, against the references of ``basis`` (same seeds, equal steps); under ``defences``."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     result = json.loads(RESULTS.read_text())
     ref = result["basis"]["runs"]
     seeds, steps = result["seeds"], int(result["setup"].split("inner steps")[0].split(",")[-1])
-    equal_steps = ["--topology.straggler_policy=wait"]
-    jobs = [(args.out, "selective", DEFAULT_K, s, steps, equal_steps + off) for off in DEFENCES_OFF.values() for s in seeds]
+    wait = ["--topology.straggler_policy=wait"]
+    plan = {"subspace_d32_bounds_off": ("selective", DEFAULT_K, wait + BOUNDS_OFF),
+            "int4": ("selective_int4", 0, wait), "int4_bounds_off": ("selective_int4", 0, wait + BOUNDS_OFF)}
+    jobs = [(args.out, run, k, s, steps, extra) for run, k, extra in plan.values() for s in seeds]
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
                              max_tasks_per_child=1) as pool:
         rows = list(pool.map(_simulate_job, *zip(*jobs)))
     two, unc = ref["two_full"]["final_val_loss"], ref["selective_uncompressed"]["final_val_loss"]
-    out = {"with_defences": ref[f"selective_k{DEFAULT_K}"]["final_val_loss"]}
-    for i, name in enumerate(DEFENCES_OFF):
+    out = {"subspace_d32": ref[f"selective_k{DEFAULT_K}"]["final_val_loss"]}
+    for i, name in enumerate(plan):
         out[name] = [r["final_val_loss"] for r in rows[i * len(seeds):(i + 1) * len(seeds)]]
     contrib = {name: {"per_seed": [contribution(t, s, u) for t, s, u in zip(two, losses, unc)],
                       "contribution": contribution(mean(two), mean(losses), mean(unc))} for name, losses in out.items()}
-    result["defences"] = {"setting": f"selective, k = {DEFAULT_K} (seeded), references of 'basis'", "runs": out,
-                          "contribution": contrib, "overrides": DEFENCES_OFF, "command": command("bench/hetero.py"),
+    result["defences"] = {"setting": "selective (2 full + 2 pipelines), references of 'basis'", "runs": out,
+                          "contribution": contrib, "bounds_off": BOUNDS_OFF, "command": command("bench/hetero.py"),
                           "machine": machine()}
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(contrib, indent=1))
@@ -310,7 +311,8 @@ def main() -> None:
                     help="add compress.basis = 'embedding' against the seeded basis at d/32 and d/16, beside both "
                          "references (all seeds, --jobs processes) to an existing results file")
     ap.add_argument("--merge-defences", action="store_true",
-                    help="add selective (d/32) with issue 21's defences off, against --merge-basis's references")
+                    help="add selective at d/32 with issue 21's bounds off, and int4 with them on and off, against "
+                         "--merge-basis's references")
     ap.add_argument("--jobs", type=int, default=2, help="parallel runs of --merge-basis / --merge-defences")
     args = ap.parse_args()
     if args.merge_defences:
