@@ -253,20 +253,23 @@ def merge_defences(args: argparse.Namespace) -> None:
     seeds, steps = result["seeds"], int(result["setup"].split("inner steps")[0].split(",")[-1])
     wait = ["--topology.straggler_policy=wait"]
     plan = {"subspace_d32_bounds_off": ("selective", DEFAULT_K, wait + BOUNDS_OFF),
-            "int4": ("selective_int4", 0, wait), "int4_bounds_off": ("selective_int4", 0, wait + BOUNDS_OFF)}
+            "int4": ("selective_int4", 0, wait), "int4_bounds_off": ("selective_int4", 0, wait + BOUNDS_OFF),
+            "subspace_d32_coord_clip_off": ("selective", DEFAULT_K, wait + ["--outer.robust_coord_clip=0"])}
+    done = result.get("defences", {}).get("runs", {})
+    plan = {name: row for name, row in plan.items() if name not in done}  # a rerun adds only what is missing
     jobs = [(args.out, run, k, s, steps, extra) for run, k, extra in plan.values() for s in seeds]
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
                              max_tasks_per_child=1) as pool:
         rows = list(pool.map(_simulate_job, *zip(*jobs)))
     two, unc = ref["two_full"]["final_val_loss"], ref["selective_uncompressed"]["final_val_loss"]
-    out = {"subspace_d32": ref[f"selective_k{DEFAULT_K}"]["final_val_loss"]}
+    out = {"subspace_d32": ref[f"selective_k{DEFAULT_K}"]["final_val_loss"], **done}
     for i, name in enumerate(plan):
         out[name] = [r["final_val_loss"] for r in rows[i * len(seeds):(i + 1) * len(seeds)]]
     contrib = {name: {"per_seed": [contribution(t, s, u) for t, s, u in zip(two, losses, unc)],
                       "contribution": contribution(mean(two), mean(losses), mean(unc))} for name, losses in out.items()}
+    commands = result.get("defences", {}).get("commands", []) + [command("bench/hetero.py")]
     result["defences"] = {"setting": "selective (2 full + 2 pipelines), references of 'basis'", "runs": out,
-                          "contribution": contrib, "bounds_off": BOUNDS_OFF, "command": command("bench/hetero.py"),
-                          "machine": machine()}
+                          "contribution": contrib, "bounds_off": BOUNDS_OFF, "commands": commands, "machine": machine()}
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(contrib, indent=1))
 
