@@ -267,7 +267,8 @@ def merge_defences(args: argparse.Namespace) -> None:
         out[name] = [r["final_val_loss"] for r in rows[i * len(seeds):(i + 1) * len(seeds)]]
     contrib = {name: {"per_seed": [contribution(t, s, u) for t, s, u in zip(two, losses, unc)],
                       "contribution": contribution(mean(two), mean(losses), mean(unc))} for name, losses in out.items()}
-    commands = result.get("defences", {}).get("commands", []) + [command("bench/hetero.py")]
+    before = result.get("defences", {})
+    commands = before.get("commands", [before["command"]] if "command" in before else []) + [command("bench/hetero.py")]
     result["defences"] = {"setting": "selective (2 full + 2 pipelines), references of 'basis'", "runs": out,
                           "contribution": contrib, "bounds_off": BOUNDS_OFF, "commands": commands, "machine": machine()}
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
