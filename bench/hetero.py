@@ -202,13 +202,21 @@ def _simulate_job(out: str, run: str, k: int, seed: int, steps: int, extra: list
     return {"run": run, "k": k, "seed": seed, **simulate(Path(out), run, k, seed, steps, extra)}
 
 
+def simulate_all(jobs: list[tuple], workers: int) -> list[dict]:
+    """``simulate`` for every (out, run, k, seed, steps, extra), ``workers`` at a time, each in a fresh
+    process (a run sets process-wide torch threads), in the order given."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:
+        return list(pool.map(_simulate_job, *zip(*jobs)))
+
+
 def merge_basis(args: argparse.Namespace) -> None:
     """The subspace basis that follows the model (``compress.basis = "embedding"``: U rebuilt every
     round from the global embedding) against the seeded one, at d/32 and d/16, beside both
     references, all run again under this commit at equal steps; written under ``basis``."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     result = json.loads(RESULTS.read_text())
     seeds = result["seeds"]
     steps = int(result["setup"].split("inner steps")[0].split(",")[-1])
@@ -216,9 +224,7 @@ def merge_basis(args: argparse.Namespace) -> None:
     plan = [("two_full", 0), ("selective_uncompressed", 0)] + [
         (run, k) for k in (DEFAULT_K, D_MODEL // 16) for run in ("selective", "selective_embedding")]
     jobs = [(args.out, run, k, s, steps, equal_steps) for run, k in plan for s in seeds]
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                             max_tasks_per_child=1) as pool:
-        rows = list(pool.map(_simulate_job, *zip(*jobs)))
+    rows = simulate_all(jobs, args.jobs)
     runs = {f"{run}_k{k}" if k else run: collect([r for r in rows if (r["run"], r["k"]) == (run, k)])
             for run, k in plan}
     two, unc = runs["two_full"]["final_val_loss"], runs["selective_uncompressed"]["final_val_loss"]
@@ -245,9 +251,6 @@ def merge_defences(args: argparse.Namespace) -> None:
     """What issue 21's bounds (the norm clip, the per-coordinate clip, the direction check) cost the
     compressed replicas: selective at d/32 (seeded basis) with them off, and int4 boundaries with them
     on and off, against the references of ``basis`` (same seeds, equal steps); under ``defences``."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     result = json.loads(RESULTS.read_text())
     ref = result["basis"]["runs"]
     seeds, steps = result["seeds"], int(result["setup"].split("inner steps")[0].split(",")[-1])
@@ -258,9 +261,7 @@ def merge_defences(args: argparse.Namespace) -> None:
     done = result.get("defences", {}).get("runs", {})
     plan = {name: row for name, row in plan.items() if name not in done}  # a rerun adds only what is missing
     jobs = [(args.out, run, k, s, steps, extra) for run, k, extra in plan.values() for s in seeds]
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                             max_tasks_per_child=1) as pool:
-        rows = list(pool.map(_simulate_job, *zip(*jobs)))
+    rows = simulate_all(jobs, args.jobs)
     two, unc = ref["two_full"]["final_val_loss"], ref["selective_uncompressed"]["final_val_loss"]
     out = {"subspace_d32": ref[f"selective_k{DEFAULT_K}"]["final_val_loss"], **done}
     for i, name in enumerate(plan):

@@ -206,22 +206,14 @@ class CodedVariant:
 
 def patch_first_stages_coded(variant: CodedVariant) -> None:
     """Every first pipeline stage sends its output (less the token embedding) through the transform coder."""
-    from distrain.model import Transformer
-
-    original = Transformer.forward
     states: dict[int, CoderState] = {}
 
-    def forward(self, x, start_pos=0, prefixes=None):
-        out = original(self, x, start_pos, prefixes)
-        if not self.is_first or self.is_last:
-            return out
-        e = self.embed(x).detach()
-        delta = out - e
-        state = states.setdefault(id(self), CoderState(delta.shape[-1], variant))
+    def code(stage, delta: torch.Tensor) -> torch.Tensor:
+        state = states.setdefault(id(stage), CoderState(delta.shape[-1], variant))
         state.observe(delta)
-        return e + TransformCodedBoundary.apply(delta, state, variant.bits)
+        return TransformCodedBoundary.apply(delta, state, variant.bits)
 
-    Transformer.forward = forward
+    patch_boundary(code)
 
 
 def coded_bytes_per_token(variant: CodedVariant, tokens_per_round: int) -> float:
@@ -236,27 +228,36 @@ def coded_bytes_per_token(variant: CodedVariant, tokens_per_round: int) -> float
     return (forward + backward) / 2
 
 
-def patch_first_stages(rank: int) -> None:
-    """Every first pipeline stage (one that is not the whole model) sends its output through the format."""
+def patch_boundary(send) -> None:
+    """Every first pipeline stage (one that is not the whole model) sends ``e + send(stage, h − e)``
+    instead of its output h, e the token embedding (which the receiver could rebuild from the ids)."""
     from distrain.model import Transformer
 
     original = Transformer.forward
-    bases: dict[int, list] = {}
 
     def forward(self, x, start_pos=0, prefixes=None):
         out = original(self, x, start_pos, prefixes)
         if not self.is_first or self.is_last:
             return out
         e = self.embed(x).detach()
-        delta = out - e
-        state = bases.setdefault(id(self), [None, 0])
+        return e + send(self, out - e)
+
+    Transformer.forward = forward
+
+
+def patch_first_stages(rank: int) -> None:
+    """The low-rank format: the r leading principal directions of the stage's own output, rebuilt once a round."""
+    bases: dict[int, list] = {}
+
+    def low_rank(stage, delta: torch.Tensor) -> torch.Tensor:
+        state = bases.setdefault(id(stage), [None, 0])
         if state[0] is None or state[1] % REFRESH == 0:
             flat = delta.detach().reshape(-1, delta.shape[-1]).float()
             state[0] = torch.linalg.svd(flat, full_matrices=False)[2][:rank].T.contiguous()
         state[1] += 1
-        return e + LowRankBoundary.apply(delta, state[0].to(delta.dtype))
+        return LowRankBoundary.apply(delta, state[0].to(delta.dtype))
 
-    Transformer.forward = forward
+    patch_boundary(low_rank)
 
 
 @torch.no_grad()
